@@ -1,0 +1,33 @@
+# Two commands matter: `make demo` (a short training run on the embedded server) and `make test`.
+# Both bootstrap .venv from nothing but python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test soak lab bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/streamtrain train --config streamtrain/demo/demo.toml
+
+test: $(STAMP)
+	$(PY) -m pytest --nbmake tests notebooks
+
+soak: $(STAMP)
+	STREAMTRAIN_SOAK=1 $(PY) -m pytest tests -m soak
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis data

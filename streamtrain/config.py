@@ -1,0 +1,247 @@
+"""Run configuration: pydantic models, TOML/JSON loading, and the resume compatibility rule.
+
+Every top-level field is classified for resume (``json_schema_extra={"resume": ...}``):
+
+* ``must_match``: it decides *what* is trained or *where* it goes (dataset identity, tokenizer, layers,
+  run_name). A checkpoint written under another value cannot be continued exactly, so resuming is refused.
+* ``may_change``: it decides *how* or *how far* (max_samples, workers, intervals, server_url, timeouts).
+
+A test checks that every field carries one of the two, so a new field cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, ResumeMismatch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+MUST_MATCH = {"resume": "must_match"}
+MAY_CHANGE = {"resume": "may_change"}
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(StrictModel):
+    """What to stream: the arguments of ``datasets.load_dataset(..., streaming=True)`` plus the text filter."""
+
+    path: str = Field(min_length=1, description="Hub name, or a builder such as 'parquet', 'json', 'text'.")
+    name: str | None = Field(None, description="Hub config name.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Local files (or globs) for builders such as 'parquet', 'json', 'text'."
+    )
+    split: str = "train"
+    text_field: str = Field("text", min_length=1)
+    min_chars: int = Field(1, ge=0, description="Records whose text is shorter are counted as filtered.")
+
+
+class LayerConfig(StrictModel):
+    """One level of the hierarchy: how its symbols are chunked, and the KATO settings of its node."""
+
+    chunk_size: int = Field(8, ge=2, description="Symbols per chunk; one chunk is learned as one pattern.")
+    max_pattern_length: int = Field(
+        0, ge=0, description="KATO auto-learn: learn every N events of a chunk (0 = off, learn whole chunks)."
+    )
+    stm_mode: Literal["CLEAR", "ROLLING"] = Field("CLEAR", description="KATO auto-learn mode.")
+    recall_threshold: float = Field(0.1, ge=0.0, le=1.0, description="Used by predictions on this node.")
+    max_predictions: int = Field(100, ge=1, le=10000, description="Used by predictions on this node.")
+
+    def session_config(self) -> dict[str, Any]:
+        """The KATO session config for this level's node during training.
+
+        Auto-learn is applied by the trainer (see ``hierarchy.learn_units``), never by the server, so every
+        request has an effect the client can verify; predictions are off while training (KATO would scan
+        every pattern on every observe).
+        """
+        return {
+            "max_pattern_length": 0,
+            "stm_mode": "CLEAR",
+            "process_predictions": False,
+            "recall_threshold": self.recall_threshold,
+            "max_predictions": self.max_predictions,
+        }
+
+
+class ClientConfig(StrictModel):
+    """Timeouts and the retry budget of every server call."""
+
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    retry_total_seconds: float = Field(
+        120.0, gt=0, description="Give up on a call after this long; rides out a server restart."
+    )
+    retry_max_attempts: int = Field(50, ge=1)
+    backoff_initial: float = Field(0.1, gt=0)
+    backoff_max: float = Field(5.0, gt=0)
+
+
+def _default_layers() -> list[LayerConfig]:
+    return [LayerConfig(chunk_size=8) for _ in range(4)]
+
+
+class RunConfig(StrictModel):
+    """A training run. Load one with :func:`load_config`, or build it in Python."""
+
+    run_name: str = Field(
+        json_schema_extra=MUST_MATCH, description="Names the checkpoint folder and the server nodes."
+    )
+    server_url: str | None = Field(
+        None, json_schema_extra=MAY_CHANGE, description="A KATO server; absent = start the embedded server."
+    )
+    server_token: str | None = Field(None, json_schema_extra=MAY_CHANGE, description="Bearer token, if any.")
+    dataset: DatasetConfig = Field(json_schema_extra=MUST_MATCH)
+    tokenizer: Literal["words", "gpt2"] = Field(
+        "words",
+        json_schema_extra=MUST_MATCH,
+        description="'words': offline words-and-punctuation; 'gpt2': tiktoken BPE (needs its file locally).",
+    )
+    layers: list[LayerConfig] = Field(default_factory=_default_layers, min_length=1, json_schema_extra=MUST_MATCH)
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        json_schema_extra=MAY_CHANGE,
+        description="Stop at this raw stream position (records read, filtered ones included); absent = to the end.",
+    )
+    checkpoint_dir: Path = Field(Path("checkpoints"), json_schema_extra=MAY_CHANGE)
+    checkpoint_every: int = Field(1000, ge=1, json_schema_extra=MAY_CHANGE, description="Samples between checkpoints.")
+    checkpoint_every_seconds: float | None = Field(
+        300.0, gt=0, json_schema_extra=MAY_CHANGE, description="Seconds between checkpoints (also)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=MAY_CHANGE)
+    num_workers: int = Field(1, ge=1, le=64, json_schema_extra=MAY_CHANGE)
+    max_failures: int = Field(
+        100, ge=0, json_schema_extra=MAY_CHANGE, description="Stop the run when more samples than this have failed."
+    )
+    client: ClientConfig = Field(default_factory=ClientConfig, json_schema_extra=MAY_CHANGE)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if ".." in v or not _RUN_NAME.match(v):
+            raise ValueError(
+                "must be 1-100 characters of letters, digits, '_', '-' or '.', start with a letter or digit, "
+                "and contain no '..' (it names a folder and the server's nodes)"
+            )
+        return v
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        return v.rstrip("/")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder: checkpoints, journal and (embedded server) knowledge base."""
+        return Path(self.checkpoint_dir) / self.run_name
+
+    def node_id(self, level: int) -> str:
+        """The KATO node of a level: deterministic in run_name and level."""
+        return f"{self.run_name}-L{level}"
+
+
+def resume_policy() -> dict[str, str]:
+    """Field name -> 'must_match' or 'may_change', read from the model itself."""
+    return {name: (f.json_schema_extra or {}).get("resume", "") for name, f in RunConfig.model_fields.items()}
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        out = {f"{prefix}.length": len(value)}
+        for i, v in enumerate(value):
+            out.update(_leaves(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def resume_differences(checkpoint: RunConfig, current: RunConfig) -> list[tuple[str, Any, Any]]:
+    """Every must-match leaf that differs, as (dotted path, checkpoint value, current value)."""
+    diffs: list[tuple[str, Any, Any]] = []
+    old, new = checkpoint.model_dump(mode="json"), current.model_dump(mode="json")
+    for name, policy in resume_policy().items():
+        if policy != "must_match":
+            continue
+        a, b = _leaves(old[name], name), _leaves(new[name], name)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<absent>") != b.get(key, "<absent>"):
+                diffs.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
+    return diffs
+
+
+def check_resume(checkpoint: RunConfig, current: RunConfig, checkpoint_path: Path | str) -> None:
+    """Refuse to continue a run whose must-match fields changed; name each field and the ways out."""
+    diffs = resume_differences(checkpoint, current)
+    if not diffs:
+        return
+    lines = [f"  {path}: checkpoint={json.dumps(a)} current={json.dumps(b)}" for path, a, b in diffs]
+    raise ResumeMismatch(
+        f"cannot resume run '{current.run_name}' from {checkpoint_path}: the config differs in "
+        f"{len(diffs)} field(s) that must match on resume:\n" + "\n".join(lines) + "\n"
+        "Ways out: restore these values in the config; or start a new run under another run_name; "
+        f"or move the folder {current.run_dir} aside (or train with --fresh) to start this run over."
+    )
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per bad field, with its dotted path: every problem at once, not just the first."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {loc or '<root>'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and err["type"] != "extra_forbidden" else ""))
+    return f"invalid config {source}: {len(lines)} problem(s):\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a mapping into a RunConfig, raising ConfigError that lists every bad field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a RunConfig from a .toml or .json file (decided by the file's suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (or is not a file); pass the path of a .toml or .json run config")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold an object/table at the top level")
+    return parse_config(data, str(path))
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON Schema of a run config (``streamtrain schema``)."""
+    return RunConfig.model_json_schema()
