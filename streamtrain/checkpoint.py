@@ -1,0 +1,358 @@
+"""Checkpoints: one versioned JSON record of everything needed to continue a run, written atomically.
+
+Layout of a run folder (``config.run_dir``)::
+
+    ckpt-00000001.json ...   one file per checkpoint, the newest ``keep`` kept
+    .ckpt-00000002.json.<pid>.tmp   a write in progress (never read; removed on the next save)
+    .lock                    held (flock) by the one process that trains the run
+
+A checkpoint file appears under its final name only through ``os.replace`` of a fully written and fsynced
+temp file, so a crash at any moment leaves either the previous set of files or the previous set plus one
+complete new file. The folder is fsynced after the rename so the new name itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .config import RunConfig
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+_TEMP = re.compile(r"^\.ckpt-\d{8}\.json\.\d+\.tmp$")
+
+
+class _Record(BaseModel):
+    # Checkpoints are a file format: an unknown key means another writer, never something to drop silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FailedSample(_Record):
+    """A sample that failed for good: the run goes on without it, and it is listed here."""
+
+    raw_index: int = Field(ge=0)
+    error: str
+
+
+class StreamPosition(_Record):
+    """Where to continue reading the raw stream (filtered records included)."""
+
+    raw_offset: int = Field(ge=0, description="Number of raw records before the first unfinished one.")
+    done_above: list[int] = Field(
+        default_factory=list,
+        description="Raw indices >= raw_offset already finished (parallel out-of-order completions), sorted.",
+    )
+    state_dict: dict[str, Any] | None = Field(
+        None, description="DatasetStream.state_for(raw_offset): exact state of the dataset at raw_offset, else None."
+    )
+
+
+class Counters(_Record):
+    samples_trained: int = 0
+    samples_filtered: int = 0
+    samples_failed: int = 0
+    tokens: int = 0
+    patterns_learned: list[int] = Field(default_factory=list, description="Learns per level.")
+
+
+class ServerInfo(_Record):
+    url: str | None
+    embedded: bool
+    idempotency: bool
+
+
+class Checkpoint(_Record):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    library_version: str = __version__
+    sequence: int = Field(ge=1, description="1, 2, 3... per run; the file name is ckpt-{sequence:08d}.json.")
+    run_name: str
+    config: RunConfig
+    position: StreamPosition
+    counters: Counters
+    failures: list[FailedSample] = Field(default_factory=list)
+    reason: Literal["interval", "error", "interrupt", "end"]
+    error: str | None = Field(None, description="The message when reason == 'error'.")
+    started_at: datetime = Field(description="When the run first started.")
+    created_at: datetime = Field(description="When this checkpoint was written.")
+    elapsed_seconds: float = Field(ge=0, description="Training time summed over all sessions of the run.")
+    server: ServerInfo | None = None
+
+    @property
+    def file_name(self) -> str:
+        return checkpoint_file_name(self.sequence)
+
+
+def checkpoint_file_name(sequence: int) -> str:
+    return f"ckpt-{sequence:08d}.json"
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint file as found on disk, valid or not (for ``inspect`` and the notebooks)."""
+
+    path: Path
+    sequence: int
+    valid: bool
+    error: str | None
+    checkpoint: Checkpoint | None
+
+    @property
+    def reason(self) -> str | None:
+        return self.checkpoint.reason if self.checkpoint else None
+
+    @property
+    def position(self) -> StreamPosition | None:
+        return self.checkpoint.position if self.checkpoint else None
+
+    @property
+    def created_at(self) -> datetime | None:
+        return self.checkpoint.created_at if self.checkpoint else None
+
+
+class _Unreadable(CheckpointError):
+    """Internal: the file is damaged (a fallback to an older checkpoint is safe)."""
+
+
+class _Incompatible(CheckpointError):
+    """Internal: the file is whole but of another format or version (falling back would silently lose work)."""
+
+
+def _read(path: Path) -> Checkpoint:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _Unreadable(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _Unreadable(f"checkpoint {path} is not valid JSON (torn or damaged file): {exc}") from None
+    if not isinstance(data, dict):
+        raise _Unreadable(f"checkpoint {path} holds a JSON {type(data).__name__}, not a checkpoint object")
+    version = data.get("schema_version")
+    if version is None:
+        looks_old = {"config", "position", "offset", "run_name", "step"} & data.keys()
+        what = "an old-format streamtrain checkpoint (it has no schema_version)" if looks_old else "not a streamtrain checkpoint (no schema_version)"
+        raise _Incompatible(
+            f"checkpoint {path} is {what}. Resume it with the streamtrain version that wrote it, or move "
+            f"{path.parent} aside (or train with --fresh) to start the run over."
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _Incompatible(
+            f"checkpoint {path} has an unknown schema_version {version!r} (this streamtrain {__version__} reads "
+            f"schema {SCHEMA_VERSION}). Move {path.parent} aside (or train with --fresh) to start the run over."
+        )
+    if version > SCHEMA_VERSION:
+        raise _Incompatible(
+            f"checkpoint {path} has schema_version {version}, written by a newer streamtrain "
+            f"({data.get('library_version', 'unknown version')}); this streamtrain {__version__} reads schema "
+            f"{SCHEMA_VERSION}. Upgrade streamtrain to resume this run."
+        )
+    try:
+        return Checkpoint.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:10]
+        )
+        raise _Unreadable(f"checkpoint {path} is not a valid schema {version} checkpoint: {problems}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "the disk is full (free some space, or point checkpoint_dir at another disk)"
+    if exc.errno == errno.EDQUOT:
+        return "the disk quota is exceeded (free some space, or point checkpoint_dir at another disk)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable (fix its permissions, or point checkpoint_dir elsewhere)"
+    return exc.strerror or str(exc)
+
+
+class CheckpointStore:
+    """The checkpoint files of one run folder: atomic durable saves, newest-valid lookup, pruning, a writer lock."""
+
+    def __init__(self, run_dir: Path | str, keep: int = 3, *, fsync: bool = True) -> None:
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+        # fsync=False exists only for the benchmark's baseline; a run always fsyncs.
+        self._fsync = fsync
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _check_folder(self) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CheckpointError(
+                f"checkpoint folder {self.run_dir} is a file, not a folder; move it aside or set checkpoint_dir "
+                "to another place"
+            )
+
+    def paths(self) -> list[tuple[int, Path]]:
+        """(sequence, path) of every checkpoint file, oldest first; temp files are never listed."""
+        self._check_folder()
+        if not self.run_dir.is_dir():
+            return []
+        found = []
+        for p in self.run_dir.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def next_sequence(self) -> int:
+        """The sequence number the next save should use (1 for an empty folder)."""
+        paths = self.paths()
+        return paths[-1][0] + 1 if paths else 1
+
+    @staticmethod
+    def load(path: Path | str) -> Checkpoint:
+        """Read one checkpoint file; any problem is a CheckpointError naming the file and what to do."""
+        return _read(Path(path))
+
+    def latest_with_path(self) -> tuple[Checkpoint, Path] | None:
+        """The newest valid checkpoint and its file; None when the folder holds no checkpoint file.
+
+        A damaged newest file is skipped with a warning naming it; a file of another format or schema version
+        stops the lookup (falling back past it would silently repeat finished work).
+        """
+        paths = self.paths()
+        if not paths:
+            return None
+        problems = []
+        for _, path in reversed(paths):
+            try:
+                ckpt = _read(path)
+            except _Unreadable as exc:
+                problems.append(str(exc))
+                logger.warning("%s; falling back to the previous checkpoint", exc)
+                continue
+            if problems:
+                logger.warning("resuming from %s instead of the newer damaged checkpoint(s)", path)
+            return ckpt, path
+        raise CheckpointError(
+            f"every checkpoint in {self.run_dir} is damaged, so the run cannot be resumed:\n  "
+            + "\n  ".join(problems)
+            + f"\nMove {self.run_dir} aside (or train with --fresh) to start the run over."
+        )
+
+    def latest(self) -> Checkpoint | None:
+        found = self.latest_with_path()
+        return found[0] if found else None
+
+    def entries(self) -> list[CheckpointEntry]:
+        """Every checkpoint file, oldest first, with its validity (never raises for a bad file)."""
+        out = []
+        for seq, path in self.paths():
+            try:
+                ckpt = _read(path)
+                out.append(CheckpointEntry(path, seq, True, None, ckpt))
+            except CheckpointError as exc:
+                out.append(CheckpointEntry(path, seq, False, str(exc), None))
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def _ensure_folder(self) -> None:
+        self._check_folder()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CheckpointError(
+                f"cannot create checkpoint folder {self.run_dir}: a file is in the way; move it aside or set "
+                "checkpoint_dir to another place"
+            ) from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot create checkpoint folder {self.run_dir}: {_describe_os_error(exc)}") from None
+
+    def save(self, ckpt: Checkpoint) -> Path:
+        """Write ckpt durably as ckpt-{sequence:08d}.json, then prune to the newest ``keep`` files.
+
+        On any failure (disk full, no permission) the temp file is removed, the earlier checkpoints are
+        untouched, and a CheckpointError says what happened.
+        """
+        self._ensure_folder()
+        final = self.run_dir / ckpt.file_name
+        tmp = self.run_dir / f".{ckpt.file_name}.{os.getpid()}.tmp"
+        data = ckpt.model_dump_json(indent=1).encode("utf-8")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            if self._fsync:
+                _fsync_dir(self.run_dir)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: {_describe_os_error(exc)}; the previous checkpoints are untouched"
+            ) from None
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        paths = self.paths()
+        for _, path in paths[: max(0, len(paths) - self.keep)]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        # Temp files left by a killed writer; the lock guarantees none of them is being written now.
+        for p in self.run_dir.iterdir():
+            if _TEMP.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's writer lock (non-blocking): a second process training the same run is refused."""
+        self._ensure_folder()
+        lock_path = self.run_dir / ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open the lock file {lock_path}: {_describe_os_error(exc)}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise CheckpointError(
+                    f"another streamtrain process is training run {self.run_dir.name} (pid {holder}); wait for it "
+                    f"to finish or stop it (lock: {lock_path})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            # Closing the descriptor releases the flock.
+            os.close(fd)

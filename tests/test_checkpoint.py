@@ -1,0 +1,260 @@
+"""Checkpoint store: atomic durable writes, fallback past damaged files, clear errors, the writer lock."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from streamtrain.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    Counters,
+    FailedSample,
+    StreamPosition,
+)
+from streamtrain.config import DatasetConfig, RunConfig
+from streamtrain.errors import CheckpointError
+
+SOAK = os.environ.get("STREAMTRAIN_SOAK") == "1"
+
+
+def make_ckpt(seq: int, run_name: str = "run1", **kw) -> Checkpoint:
+    config = RunConfig(run_name=run_name, dataset=DatasetConfig(path="text", data_files="x.txt"))
+    now = datetime.now(timezone.utc)
+    fields = dict(
+        sequence=seq,
+        run_name=run_name,
+        config=config,
+        position=StreamPosition(raw_offset=seq * 10, done_above=[seq * 10 + 2]),
+        counters=Counters(samples_trained=seq * 9, samples_filtered=seq, patterns_learned=[seq, 1]),
+        failures=[FailedSample(raw_index=3, error="boom")],
+        reason="interval",
+        started_at=now,
+        created_at=now,
+        elapsed_seconds=1.5 * seq,
+    )
+    fields.update(kw)
+    return Checkpoint(**fields)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "run1", keep=3)
+
+
+def test_round_trip_and_names(store: CheckpointStore) -> None:
+    """A saved checkpoint loads back equal, under ckpt-{sequence:08d}.json."""
+    assert store.latest() is None
+    assert store.next_sequence() == 1
+    ckpt = make_ckpt(1)
+    path = store.save(ckpt)
+    assert path.name == "ckpt-00000001.json"
+    assert CheckpointStore.load(path) == ckpt
+    assert store.latest() == ckpt
+    assert store.latest_with_path() == (ckpt, path)
+    assert store.next_sequence() == 2
+
+
+def test_keeps_newest_and_removes_stale_temp_files(store: CheckpointStore) -> None:
+    """Only the newest `keep` files survive a save, and temp files of a killed writer are cleaned up."""
+    store.save(make_ckpt(1))
+    stale = store.run_dir / ".ckpt-00000002.json.999999.tmp"
+    stale.write_text('{"torn')
+    for seq in range(2, 7):
+        store.save(make_ckpt(seq))
+    names = sorted(p.name for p in store.run_dir.iterdir() if p.name != ".lock")
+    assert names == ["ckpt-00000004.json", "ckpt-00000005.json", "ckpt-00000006.json"]
+    assert store.latest().sequence == 6
+
+
+def test_temp_files_are_never_listed(store: CheckpointStore) -> None:
+    """A complete-looking temp file is still not a checkpoint: only ckpt-NNNNNNNN.json names count."""
+    store.save(make_ckpt(1))
+    (store.run_dir / ".ckpt-00000002.json.123.tmp").write_text(make_ckpt(2).model_dump_json())
+    (store.run_dir / "ckpt-2.json").write_text(make_ckpt(2).model_dump_json())
+    assert [s for s, _ in store.paths()] == [1]
+    assert store.latest().sequence == 1
+
+
+def test_corrupt_newest_falls_back_with_warning(store: CheckpointStore, caplog: pytest.LogCaptureFixture) -> None:
+    """A torn newest file is skipped with a warning naming it; the previous one is used."""
+    store.save(make_ckpt(1))
+    store.save(make_ckpt(2))
+    newest = store.save(make_ckpt(3))
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="streamtrain.checkpoint"):
+        ckpt, path = store.latest_with_path()
+    assert ckpt.sequence == 2 and path.name == "ckpt-00000002.json"
+    assert str(newest) in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"", b"\x00\x00\x00", b"[1, 2]", b'{"schema_version": 1, "run_name": "run1"}', b'{"schema_version": 1'],
+    ids=["empty", "zeros", "list", "missing-fields", "truncated"],
+)
+def test_all_corrupt_is_a_clear_error(store: CheckpointStore, damage: bytes) -> None:
+    """When no file is valid, the error names every damaged file and the way out."""
+    paths = [store.save(make_ckpt(s)) for s in (1, 2)]
+    for p in paths:
+        p.write_bytes(damage)
+    with pytest.raises(CheckpointError) as info:
+        store.latest()
+    msg = str(info.value)
+    assert all(str(p) in msg for p in paths)
+    assert "--fresh" in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [
+        ({"schema_version": 2, "library_version": "9.0"}, "newer streamtrain"),
+        ({"schema_version": 0}, "unknown schema_version 0"),
+        ({"schema_version": "1"}, "unknown schema_version '1'"),
+        ({"run_name": "x", "offset": 20000, "config": {}}, "old-format"),
+        ({"hello": "world"}, "not a streamtrain checkpoint"),
+    ],
+    ids=["future", "zero", "string", "old-format", "foreign-json"],
+)
+def test_incompatible_files_are_clear_errors_not_fallbacks(
+    store: CheckpointStore, content: dict, expect: str
+) -> None:
+    """Another format or version is an error naming the file (never a KeyError, never a silent fallback)."""
+    store.save(make_ckpt(1))
+    bad = store.run_dir / "ckpt-00000002.json"
+    bad.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=expect) as info:
+        CheckpointStore.load(bad)
+    assert str(bad) in str(info.value)
+    with pytest.raises(CheckpointError, match=expect):
+        store.latest()
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        CheckpointStore.load(tmp_path / "nope.json")
+
+
+def test_entries_report_validity(store: CheckpointStore) -> None:
+    """entries() lists each file with its validity, reason and position, without raising."""
+    store.save(make_ckpt(1, reason="interval"))
+    p2 = store.save(make_ckpt(2, reason="end"))
+    p2.write_text("{")
+    entries = store.entries()
+    assert [(e.sequence, e.valid, e.reason) for e in entries] == [(1, True, "interval"), (2, False, None)]
+    assert entries[0].position.raw_offset == 10
+    assert entries[0].created_at is not None
+    assert "not valid JSON" in entries[1].error
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_disk_full_leaves_previous_checkpoint(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """ENOSPC during a write (simulated: a disk can't be filled on demand) -> clear error, nothing lost."""
+    first = store.save(make_ckpt(1))
+    before = first.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, where, full)
+    with pytest.raises(CheckpointError, match="disk is full") as info:
+        store.save(make_ckpt(2))
+    monkeypatch.undo()
+    assert "previous checkpoints are untouched" in str(info.value)
+    assert sorted(p.name for p in store.run_dir.iterdir() if p.name != ".lock") == ["ckpt-00000001.json"]
+    assert first.read_bytes() == before
+    assert store.latest().sequence == 1
+
+
+def test_folder_is_a_file(tmp_path: Path) -> None:
+    """A checkpoint folder that is a file is a clear error for reading and writing."""
+    target = tmp_path / "run1"
+    target.write_text("not a folder")
+    store = CheckpointStore(target)
+    with pytest.raises(CheckpointError, match="is a file"):
+        store.save(make_ckpt(1))
+    with pytest.raises(CheckpointError, match="is a file"):
+        store.latest()
+    parent_is_file = CheckpointStore(target / "sub")
+    with pytest.raises(CheckpointError, match=str(target)):
+        parent_is_file.save(make_ckpt(1))
+
+
+def test_folder_not_writable(store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EACCES on creating the temp file -> clear error (simulated: the tests run as root, which ignores modes)."""
+    store.save(make_ckpt(1))
+    real_open = os.open
+
+    def denied(path, flags, *a, **k):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(CheckpointError, match="not writable"):
+        store.save(make_ckpt(2))
+    monkeypatch.undo()
+    assert store.latest().sequence == 1
+
+
+def test_second_writer_is_refused(store: CheckpointStore, tmp_path: Path) -> None:
+    """The lock is exclusive across processes: a second writer gets a message with the run and the pid."""
+    with store.lock():
+        with pytest.raises(CheckpointError, match=rf"another streamtrain process is training run run1 \(pid {os.getpid()}\)"):
+            with CheckpointStore(store.run_dir).lock():
+                pass
+        code = (
+            "import sys\nfrom streamtrain.checkpoint import CheckpointStore\n"
+            "try:\n    CheckpointStore(sys.argv[1]).lock().__enter__()\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(store.run_dir)], capture_output=True, text=True, check=True)
+        assert "CheckpointError another streamtrain process" in out.stdout
+    with store.lock():  # released on exit
+        pass
+
+
+@pytest.mark.soak
+def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
+    """A writer SIGKILLed at random moments: every checkpoint file is whole, the newest one loads, none is lost."""
+    run_dir = tmp_path / "killed"
+    store = CheckpointStore(run_dir, keep=3)
+    writer = Path(__file__).with_name("checkpoint_writer.py")
+    rng = random.Random(1234)
+    kills = 200 if SOAK else 20
+    last_seq = 0
+    temp_seen = 0
+    for _ in range(kills):
+        proc = subprocess.Popen(
+            [sys.executable, str(writer), str(run_dir), str(last_seq + 1)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 0.08))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        temp_seen += any(p.name.endswith(".tmp") for p in run_dir.iterdir())
+        entries = store.entries()
+        assert entries and all(e.valid for e in entries), [e.error for e in entries if not e.valid]
+        ckpt, path = store.latest_with_path()
+        assert path.name.startswith("ckpt-") and not path.name.endswith(".tmp")
+        assert ckpt.sequence > last_seq  # the "ready" checkpoint at least is there
+        assert ckpt.position.raw_offset == ckpt.sequence * 10
+        last_seq = ckpt.sequence
+    # The next save cleans up whatever temp file the last kill left.
+    store.save(make_ckpt(last_seq + 1, run_name="killed"))
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    print(f"{kills} kills, {temp_seen} left a temp file behind")
