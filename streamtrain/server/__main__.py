@@ -1,0 +1,3 @@
+from streamtrain.server.cli import main
+
+raise SystemExit(main())

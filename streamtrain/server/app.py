@@ -1,0 +1,508 @@
+"""The FastAPI application: KATO 3.10.1's HTTP API (paths, fields, status codes, error bodies) plus
+idempotency keys and the /nodes extensions.
+
+Every handler is `async` and does its work synchronously on the event loop: requests are serialized,
+which gives per-session (and per-database) serialization without locks, and makes an idempotency key
+check and the commit of its effects one atomic step.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from streamtrain.server import session_config as sc
+from streamtrain.server.engine import Engine, Session, body_fingerprint, iso
+from streamtrain.server.store import Store
+
+log = logging.getLogger(__name__)
+
+KATO_VERSION = "3.10.1"
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ schemas
+class ObservationData(BaseModel):
+    strings: list[str] = []
+    vectors: list[list[float]] = []
+    emotives: dict[str, float] = {}
+    metadata: dict[str, Any] = {}
+
+
+class ObservationItem(ObservationData):
+    unique_id: Optional[str] = None
+
+
+class ObservationSequence(BaseModel):
+    observations: list[ObservationItem]
+    learn_after_each: bool = False
+    learn_at_end: bool = False
+    clear_stm_between: bool = False
+
+
+class CreateSession(BaseModel):
+    node_id: str
+    metadata: Optional[dict[str, Any]] = {}
+    ttl_seconds: Optional[int] = None
+    config: Optional[dict[str, Any]] = None
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def render(payload: Any) -> bytes:
+    # Same encoding as Starlette's JSONResponse.
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(render(payload), status_code=status, media_type="application/json")
+
+
+class _Answer(Exception):
+    """A finished response raised out of a dependency (404, idempotent replay, key conflict)."""
+
+    def __init__(self, status: int, body: bytes, media_type: str = "application/json") -> None:
+        self.status, self.body, self.media_type = status, body, media_type
+
+
+def session_not_found(session_id: str) -> _Answer:
+    return _Answer(404, render({"error": {"code": "SESSION_NOT_FOUND",
+                                          "message": f"Session {session_id} not found or expired",
+                                          "session_id": session_id}}))
+
+
+@dataclass(frozen=True)
+class Guard:
+    key: str | None = None
+    fingerprint: str = ""
+    request: str = ""
+
+
+NO_GUARD = Guard()
+
+
+class _Rollback(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body = status, body
+
+
+class Server:
+    """State shared by the routes: the store, the engine and the idempotency settings."""
+
+    def __init__(self, store: Store, *, idempotency: bool, idempotency_ttl: float) -> None:
+        self.store = store
+        self.engine = Engine(store)
+        self.idempotency = idempotency
+        self.idempotency_ttl = idempotency_ttl
+
+    def stored_answer(self, g: Guard) -> _Answer | None:
+        row = self.store.conn.execute(
+            "SELECT fingerprint, request, status, body, created_at FROM idempotency WHERE key=?", (g.key,)).fetchone()
+        if row is None or row[4] < time.time() - self.idempotency_ttl:
+            return None
+        if row[0] == g.fingerprint:
+            return _Answer(row[2], bytes(row[3]))
+        detail = (f"Idempotency-Key {g.key!r} was already used for a different request ({row[1]} with another "
+                  f"body); this request ({g.request}) was not applied. Send a new request with a new key.")
+        return _Answer(422, render({"detail": detail}))
+
+    def mutate(self, g: Guard, session_id: str | None, fn: Callable[[], tuple[int, Any]]) -> Response:
+        """Run `fn` (returns status, payload) in one transaction; a 2xx answer is committed together with
+        the idempotency key, anything else is rolled back (nothing applied, key not stored)."""
+        if g.key:
+            hit = self.stored_answer(g)
+            if hit is not None:
+                return Response(hit.body, status_code=hit.status, media_type=hit.media_type)
+        try:
+            with self.store.transaction() as c:
+                status, payload = fn()
+                body = render(payload)
+                if not 200 <= status < 300:
+                    raise _Rollback(status, body)
+                if g.key:
+                    c.execute("INSERT OR REPLACE INTO idempotency(key,fingerprint,request,status,body,created_at) "
+                              "VALUES(?,?,?,?,?,?)", (g.key, g.fingerprint, g.request, status, body, time.time()))
+        except _Rollback as r:
+            self.engine.forget(session_id)
+            return Response(r.body, status_code=r.status, media_type="application/json")
+        except BaseException:
+            self.engine.forget(session_id)
+            raise
+        try:
+            self.engine.sweep(self.idempotency_ttl)
+        except Exception:  # housekeeping must never fail a request that was applied
+            log.warning("sweeping expired sessions/keys failed", exc_info=True)
+        return Response(body, status_code=status, media_type="application/json")
+
+
+class Guardrails:
+    """ASGI middleware: bearer token (every route but /health) and the request body size limit."""
+
+    def __init__(self, app, *, token: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_body = max_body_bytes
+
+    async def _send_json(self, send, status: int, payload: Any, headers: list | None = None) -> None:
+        body = render(payload)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())] + (headers or [])})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.token is not None and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + self.token):
+                return await self._send_json(
+                    send, 401, {"detail": "Missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                                          "with the token the server was started with (--token)"},
+                    [(b"www-authenticate", b"Bearer")])
+        too_big = {"detail": f"Request body exceeds the server limit of {self.max_body} bytes (--max-body-bytes); "
+                             "send smaller batches"}
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > self.max_body:
+                    return await self._send_json(send, 413, too_big)
+            except ValueError:
+                return await self._send_json(send, 400, {"detail": "Invalid Content-Length header"})
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            # Buffer the (bounded) body so a chunked upload is limited too, then replay it to the app.
+            chunks, size = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    return await self._send_json(send, 413, too_big)
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------ app
+def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
+               idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL, token: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, sync: str = "normal",
+               store: Store | None = None) -> FastAPI:
+    """The server as an ASGI app over the SQLite file `db_path` (or an already opened `store`)."""
+    if store is None:
+        if db_path is None:
+            raise ValueError("create_app needs db_path or store")
+        store = Store(db_path, sync=sync)
+    srv = Server(store, idempotency=idempotency, idempotency_ttl=idempotency_ttl)
+    eng = srv.engine
+    app = FastAPI(title="streamtrain embedded KATO-compatible server", version=KATO_VERSION)
+    app.state.server = srv
+
+    @app.exception_handler(_Answer)
+    async def _answer(request: Request, exc: _Answer) -> Response:
+        return Response(exc.body, status_code=exc.status, media_type=exc.media_type)
+
+    # ---- dependencies (async: they run on the loop, never in a thread pool)
+    async def guard(request: Request) -> Guard:
+        if not srv.idempotency:
+            return NO_GUARD
+        key = request.headers.get("idempotency-key")
+        if not key:
+            return NO_GUARD
+        body = await request.body()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        g = Guard(key, body_fingerprint(request.method, path, body), f"{request.method} {path}")
+        hit = srv.stored_answer(g)      # BEFORE the session lookup: a replay answers even if it is gone
+        if hit is not None:
+            raise hit
+        return g
+
+    async def mutating_session(session_id: str, g: Guard = Depends(guard)) -> tuple[Session, Guard]:
+        s = eng.get_session(session_id)
+        if s is None:
+            raise session_not_found(session_id)
+        return s, g
+
+    async def reading_session(session_id: str) -> Session:
+        s = eng.get_session(session_id)
+        if s is None:
+            raise session_not_found(session_id)
+        eng.persist_expiry(s)
+        return s
+
+    # ---- service
+    @app.get("/")
+    async def root() -> Response:
+        return json_response({"service": "KATO API", "version": KATO_VERSION,
+                              "description": "Embedded KATO-compatible memory server (streamtrain)",
+                              "docs": "/docs", "health": "/health", "status": "running",
+                              "uptime_seconds": time.time() - eng.started, "architecture": "modular",
+                              "session_support": True, "idempotency": srv.idempotency})
+
+    @app.get("/health")
+    async def health() -> Response:
+        now = time.time()
+        active = store.conn.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()[0]
+        return json_response({"status": "healthy", "processor_status": "healthy", "service_name": "kato",
+                              "uptime_seconds": now - eng.started, "issues": [], "metrics_collected": 0,
+                              "last_collection": now, "active_sessions": active, "timestamp": iso(now)})
+
+    # ---- sessions
+    def session_body(s: Session, ttl: int) -> dict[str, Any]:
+        return {"session_id": s.session_id, "node_id": s.node_id, "created_at": iso(s.created_at),
+                "expires_at": iso(s.expires_at), "ttl_seconds": ttl, "metadata": s.metadata,
+                "session_config": s.effective_config()}
+
+    @app.post("/sessions")
+    async def create_session(req: CreateSession, g: Guard = Depends(guard)) -> Response:
+        config = req.config or {}
+        errors = sc.validate_create(config)   # DEVIATION create-invalid-config: 400, not a silent drop
+
+        def fn():
+            if errors:
+                return 400, {"detail": {"error": "Configuration validation failed", "validation_errors": errors}}
+            s = eng.create_session(req.node_id, req.metadata, req.ttl_seconds, sc.create_overrides(config))
+            return 200, session_body(s, req.ttl_seconds if req.ttl_seconds is not None else 3600)
+        return srv.mutate(g, None, fn)
+
+    @app.get("/sessions/{session_id}")
+    async def get_session(session_id: str) -> Response:
+        s = eng.get_session(session_id)
+        if s is None:
+            return json_response({"detail": f"Session {session_id} not found or expired"}, 404)
+        eng.persist_expiry(s)
+        return json_response(session_body(s, int(s.expires_at - time.time())))
+
+    @app.delete("/sessions/{session_id}")
+    async def delete_session(sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            eng.delete_session(s.session_id)
+            return 200, {"status": "deleted", "session_id": s.session_id}
+        return srv.mutate(g, s.session_id, fn)
+
+    @app.get("/sessions/{session_id}/exists")
+    async def session_exists(session_id: str) -> Response:
+        return json_response({"exists": eng.session_exists(session_id), "expired": False,
+                              "session_id": session_id})
+
+    @app.post("/sessions/{session_id}/extend")
+    async def extend(ttl_seconds: int = 3600, sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            s.expires_at = time.time() + ttl_seconds     # once; the next access slides back to the session ttl
+            eng.save_session(s)
+            return 200, {"status": "extended", "session_id": s.session_id, "ttl_seconds": ttl_seconds}
+        return srv.mutate(g, s.session_id, fn)
+
+    @app.get("/sessions/{session_id}/config")
+    async def get_config(s: Session = Depends(reading_session)) -> Response:
+        return json_response({"session_id": s.session_id, "config": s.effective_config()})
+
+    @app.post("/sessions/{session_id}/config")
+    async def set_config(request_data: dict[str, Any], sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+        config_data = request_data.get("config", request_data)
+
+        def fn():
+            if not isinstance(config_data, dict):
+                return 400, {"detail": {"error": "Configuration validation failed",
+                                        "validation_errors": {"config": "Must be an object"}}}
+            errors = sc.validate_update(config_data)
+            if errors:
+                return 400, {"detail": {"error": "Configuration validation failed", "validation_errors": errors}}
+            s.config = sc.apply_update(s.config, config_data)
+            eng.save_session(s)
+            return 200, {"status": "okay", "message": "Configuration updated", "session_id": s.session_id}
+        return srv.mutate(g, s.session_id, fn)
+
+    # ---- observe
+    def reject_vectors(vectors: list, index: int | None = None) -> tuple[int, Any] | None:
+        if vectors:   # DEVIATION vectors: no vector store in the embedded server
+            detail = {"error": "VectorsNotSupported",
+                      "message": "The embedded server does not support vector observations; send strings only "
+                                 "or use a KATO deployment with Qdrant"}
+            if index is not None:
+                detail["observation_index"] = index
+            return 400, {"detail": detail}
+        return None
+
+    @app.post("/sessions/{session_id}/observe")
+    async def observe(obs: ObservationData, sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            bad = reject_vectors(obs.vectors)
+            if bad:
+                return bad
+            cfg = s.effective_config()
+            auto = eng.observe(s, obs.strings, obs.vectors, obs.emotives, obs.metadata, cfg, predict=True)
+            stm_length = len(s.stm)
+            eng.save_session(s)
+            return 200, {"status": "okay", "session_id": s.session_id, "processor_id": s.node_id,
+                         "stm_length": stm_length, "time": s.time, "unique_id": f"obs-{uuid.uuid4().hex}",
+                         "auto_learned_pattern": auto}
+        return srv.mutate(g, s.session_id, fn)
+
+    @app.post("/sessions/{session_id}/observe-sequence")
+    async def observe_sequence(seq: ObservationSequence, sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            for i, item in enumerate(seq.observations):
+                bad = reject_vectors(item.vectors, i)
+                if bad:
+                    return bad
+            cfg = s.effective_config()
+            initial = len(s.stm)
+            results, learned = [], []
+            last = len(seq.observations) - 1
+            for i, item in enumerate(seq.observations):
+                if seq.clear_stm_between and i > 0:
+                    s.stm = []
+                auto = eng.observe(s, item.strings, item.vectors, item.emotives, item.metadata, cfg,
+                                   predict=(i == last))
+                if auto:
+                    learned.append(auto)
+                if seq.learn_after_each and s.stm:
+                    learned.append(eng.learn(s))
+                results.append({"status": "okay", "sequence_position": i, "stm_length": len(s.stm),
+                                "time": s.time, "unique_id": item.unique_id or f"seq-obs-{uuid.uuid4().hex}",
+                                "auto_learned_pattern": auto})
+            final = None
+            if seq.learn_at_end and s.stm:
+                final = eng.learn(s)         # "" when under 2 symbols, as KATO reports it
+                learned.append(final)
+            final_len = len(s.stm)
+            eng.save_session(s)
+            return 200, {"status": "completed", "processor_id": s.node_id,
+                         "observations_processed": len(seq.observations), "initial_stm_length": initial,
+                         "final_stm_length": final_len, "results": results, "auto_learned_patterns": learned,
+                         "final_learned_pattern": final, "isolated": seq.clear_stm_between}
+        return srv.mutate(g, s.session_id, fn)
+
+    # ---- STM / learn
+    @app.get("/sessions/{session_id}/stm")
+    async def get_stm(s: Session = Depends(reading_session)) -> Response:
+        return json_response({"stm": s.stm, "session_id": s.session_id, "length": len(s.stm)})
+
+    @app.post("/sessions/{session_id}/learn")
+    async def learn(sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            if not s.stm:
+                return 400, {"detail": "Cannot learn from empty STM"}
+            name = eng.learn(s)
+            eng.save_session(s)
+            return 200, {"status": "learned", "pattern_name": name, "session_id": s.session_id,
+                         "processor_id": None, "message": f"Learned pattern {name} from 0 events"}
+        return srv.mutate(g, s.session_id, fn)
+
+    @app.post("/sessions/{session_id}/clear-stm")
+    async def clear_stm(sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            eng.clear_stm(s)
+            eng.save_session(s)
+            return 200, {"status": "cleared", "session_id": s.session_id}
+        return srv.mutate(g, s.session_id, fn)
+
+    @app.post("/sessions/{session_id}/clear-all")
+    async def clear_all(sg=Depends(mutating_session)) -> Response:
+        s, g = sg
+
+        def fn():
+            eng.clear_kb(s.kb_id)
+            s.stm = []
+            eng.save_session(s)
+            return 200, {"status": "cleared", "session_id": s.session_id, "scope": "all"}
+        return srv.mutate(g, s.session_id, fn)
+
+    # ---- predictions and introspection
+    @app.get("/sessions/{session_id}/predictions")
+    async def predictions(s: Session = Depends(reading_session)) -> Response:
+        preds, futures = eng.predictions(s)
+        return json_response({"predictions": preds, "future_potentials": futures, "session_id": s.session_id,
+                              "processor_id": None, "count": len(preds), "time": None, "unique_id": None})
+
+    @app.get("/sessions/{session_id}/percept-data")
+    async def percept_data(s: Session = Depends(reading_session)) -> Response:
+        pd = s.percept or {"strings": [], "vectors": [], "emotives": {}, "path": [], "metadata": {}}
+        return json_response({"percept_data": pd, "session_id": s.session_id, "node_id": s.node_id})
+
+    @app.get("/sessions/{session_id}/cognition-data")
+    async def cognition_data(s: Session = Depends(reading_session)) -> Response:
+        from streamtrain.server.engine import average_emotives
+        cd = {"predictions": s.predictions, "emotives": average_emotives(s.emotives_acc),
+              "symbols": [sym for e in s.stm for sym in e], "command": "", "metadata": {}, "path": [],
+              "strings": [], "vectors": [], "short_term_memory": s.stm, "time": s.time}
+        return json_response({"cognition_data": cd, "session_id": s.session_id, "node_id": s.node_id})
+
+    def node_of(request: Request, node_id: str | None) -> str:
+        if node_id:
+            return node_id
+        if request.headers.get("x-test-id"):
+            return f"test_{request.headers['x-test-id']}"
+        return request.headers.get("x-node-id") or "default_node"
+
+    @app.get("/pattern/{pattern_id}")
+    async def get_pattern(request: Request, pattern_id: str, node_id: Optional[str] = None) -> Response:
+        kb = eng.kb_id(node_of(request, node_id))
+        p = eng.get_pattern(kb, pattern_id)
+        if p is None:
+            return json_response({"pattern": {"status": "error", "message": f"Pattern {pattern_id} not found"},
+                                  "node_id": kb})
+        return json_response({"pattern": {"status": "okay", "pattern": p}, "node_id": kb})
+
+    @app.get("/symbols/stats")
+    async def symbol_stats(request: Request, node_id: Optional[str] = None) -> Response:
+        kb = eng.kb_id(node_of(request, node_id))
+        return json_response({"symbols": eng.symbol_stats(kb), "node_id": kb})
+
+    # ---- extensions (not in KATO)
+    @app.get("/nodes")
+    async def nodes() -> Response:
+        return json_response({"nodes": eng.nodes()})
+
+    @app.get("/nodes/{node_id}/patterns")
+    async def node_patterns(node_id: str, offset: int = Query(0, ge=0),
+                            limit: int = Query(1000, ge=1, le=100_000)) -> Response:
+        return json_response(eng.node_patterns(node_id, offset, limit))
+
+    @app.get("/nodes/{node_id}/stats")
+    async def node_stats(node_id: str) -> Response:
+        return json_response(eng.node_stats(node_id))
+
+    app.add_middleware(Guardrails, token=token, max_body_bytes=max_body_bytes)
+
+    return app

@@ -1,0 +1,142 @@
+"""The embedded server's SQLite store: knowledge bases, sessions and idempotency keys in one WAL file.
+
+One connection, used by one thread at a time (the server runs every request on its event loop, so
+requests are serialized); each mutating request runs inside :meth:`Store.transaction`, which commits
+once at the end, so a crash leaves either all of a request's effects or none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from streamtrain.errors import StreamtrainError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kbs (
+    kb_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,                 -- the node id that first created this knowledge base
+    unique_patterns INTEGER NOT NULL DEFAULT 0,
+    total_pattern_frequencies INTEGER NOT NULL DEFAULT 0,   -- KATO: only counts NEW patterns
+    total_symbols_in_patterns_frequencies INTEGER NOT NULL DEFAULT 0,
+    total_frequency INTEGER NOT NULL DEFAULT 0               -- sum of pattern frequencies
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS patterns (
+    kb_id TEXT NOT NULL,
+    name TEXT NOT NULL,                    -- bare sha1
+    pattern_data TEXT NOT NULL,            -- JSON list of sorted events
+    length INTEGER NOT NULL,               -- total number of symbols
+    frequency INTEGER NOT NULL,
+    emotives TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (kb_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS symbols (
+    kb_id TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    frequency INTEGER NOT NULL,            -- occurrences in learned patterns, re-learns included
+    pmf INTEGER NOT NULL,                  -- number of distinct patterns holding the symbol
+    PRIMARY KEY (kb_id, symbol)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS symbol_index (
+    kb_id TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (kb_id, symbol, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    ttl_seconds INTEGER NOT NULL,
+    state TEXT NOT NULL                    -- JSON: metadata, config, stm, accumulators, time
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,             -- sha256 of method, path and body
+    request TEXT NOT NULL,                 -- "METHOD /path" for error messages
+    status INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
+"""
+
+
+class StoreError(StreamtrainError):
+    """The server's database file cannot be opened or used."""
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class Store:
+    """A SQLite database in WAL mode; `sync` is "normal" (survives process kills) or "full" (power loss)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, sync: str = "normal") -> None:
+        self.path = Path(path)
+        if sync not in ("normal", "full"):
+            raise StoreError(f"sync must be 'normal' or 'full', got {sync!r}")
+        if self.path.is_dir():
+            raise StoreError(f"database path {self.path} is a directory; give a file path")
+        if not self.path.parent.is_dir():
+            raise StoreError(f"database folder {self.path.parent} does not exist; create it first")
+        try:
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                        cached_statements=256)
+            self.conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            self.conn.execute(f"PRAGMA synchronous={sync.upper()}")
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            self.conn.executescript(_SCHEMA)
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StoreError(f"{self.path} has schema version {row[0]}, this server reads {SCHEMA_VERSION}; "
+                                 "use a new database file")
+        except sqlite3.DatabaseError as e:
+            msg = str(e)
+            if "readonly" in msg or "read-only" in msg or "unable to open" in msg:
+                hint = "make the file and its folder writable, or give another --db path"
+            elif "not a database" in msg or "malformed" in msg:
+                hint = "this file is not a streamtrain server database; give another --db path"
+            else:
+                hint = "check the path and its permissions"
+            raise StoreError(f"cannot use database {self.path}: {msg}; {hint}") from e
+        self._depth = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE .. COMMIT); rolls back on any exception. Not re-entrant."""
+        if self._depth:
+            raise RuntimeError("nested Store.transaction")
+        self._depth = 1
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:  # closing is best effort at shutdown
+            log.debug("closing %s failed", self.path, exc_info=True)
