@@ -1,0 +1,521 @@
+"""KatoClient and NodeSession edge cases that a real peer cannot produce on demand (httpx.MockTransport).
+
+The end-to-end behaviour against the embedded server through real faults is in test_client_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from streamtrain.client import (
+    KatoClient,
+    KeyAlreadyUsed,
+    MaybeApplied,
+    NodeSession,
+    SessionNotFound,
+    _Transient,
+    is_retryable,
+    parse_retry_after,
+    unit_took_effect,
+)
+from streamtrain.config import ClientConfig
+from streamtrain.errors import (
+    AmbiguousEffect,
+    ConfigError,
+    ConfigRejected,
+    ProtocolError,
+    ServerUnavailable,
+    SessionLost,
+)
+from streamtrain.patterns import pattern_hash, pattern_name
+
+FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=5, retry_max_attempts=6,
+                    backoff_initial=0.001, backoff_max=0.01)
+URL = "http://kato.test"
+UNIT = [["the"], ["quick"], ["brown"], ["fox"]]
+DEFAULTS = {"max_pattern_length": 0, "persistence": 5, "recall_threshold": 0.1, "max_predictions": 100,
+            "process_predictions": True, "stm_mode": "CLEAR"}
+TRAIN_CONFIG = {"max_pattern_length": 0, "process_predictions": False, "stm_mode": "CLEAR"}
+
+
+def not_found(sid: str) -> httpx.Response:
+    return httpx.Response(404, json={"error": {"code": "SESSION_NOT_FOUND",
+                                               "message": f"Session {sid} not found or expired", "session_id": sid}})
+
+
+class FakeKato:
+    """A tiny in-memory KATO with scripted faults: enough state to check the exactly-once decisions.
+
+    ``faults`` holds (method, path suffix, action) entries; the first matching request consumes one:
+    ``lost`` applies the request and loses the answer; ``unsent`` loses it without applying;
+    ``lost_and_expire`` applies, then the session vanishes, and the answer is lost; ``expire`` makes the
+    session vanish before the request (-> 404).
+    """
+
+    def __init__(self, *, idempotency: bool = False, reject_config: bool = False) -> None:
+        self.idempotency = idempotency
+        self.reject_config = reject_config
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.kb: Counter[tuple[str, str]] = Counter()
+        self.patterns: dict[str, list[list[str]]] = {}
+        self.keys: dict[str, tuple[str, bytes, httpx.Response]] = {}
+        self.faults: list[tuple[str, str, str]] = []
+        self.log: list[str] = []
+        self.n = 0
+
+    def client(self, **kw: Any) -> KatoClient:
+        return KatoClient(URL, settings=kw.pop("settings", FAST), transport=httpx.MockTransport(self), **kw)
+
+    def _learn(self, node: str, stm: list[list[str]]) -> str:
+        if sum(len(e) for e in stm) < 2:
+            return ""
+        self.kb[(node, pattern_hash(stm))] += 1
+        self.patterns[pattern_hash(stm)] = [list(e) for e in stm]
+        return pattern_name(stm)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        method, path = request.method, request.url.path
+        self.log.append(f"{method} {path}")
+        action = None
+        for i, (m, suffix, act) in enumerate(self.faults):
+            if m == method and path.endswith(suffix):
+                action = act
+                del self.faults[i]
+                break
+        if action == "unsent":
+            raise httpx.ReadTimeout("timed out", request=request)
+        sid_match = re.match(r"^/sessions/([^/]+)", path)
+        if action == "expire" and sid_match:
+            self.sessions.pop(sid_match.group(1), None)
+        key = request.headers.get("idempotency-key") if self.idempotency else None
+        if key and key in self.keys:
+            stored_path, body, answer = self.keys[key]
+            if stored_path == path and body == request.content:
+                response = answer
+            else:
+                response = httpx.Response(422, json={"detail": f"Idempotency-Key {key!r} was already used for a "
+                                                               "different request"})
+        else:
+            response = self._route(method, path, request)
+            if key and response.status_code < 300:
+                self.keys[key] = (path, request.content, response)
+        if action in ("lost", "lost_and_expire"):
+            if action == "lost_and_expire" and sid_match:
+                self.sessions.pop(sid_match.group(1), None)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return response
+
+    def _route(self, method: str, path: str, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if path == "/":
+            return httpx.Response(200, json={"service": "KATO API", "idempotency": self.idempotency})
+        if path == "/sessions" and method == "POST":
+            self.n += 1
+            sid = f"session-{self.n}"
+            cfg = dict(DEFAULTS)
+            if not self.reject_config:
+                cfg.update(body.get("config") or {})
+            self.sessions[sid] = {"node": body["node_id"], "stm": [], "config": cfg}
+            return httpx.Response(200, json={"session_id": sid, "node_id": body["node_id"], "session_config": cfg})
+        if path.startswith("/pattern/"):
+            node, name = request.url.params["node_id"], path.rsplit("/", 1)[1]
+            if (node, name) not in self.kb:
+                return httpx.Response(200, json={"pattern": {"status": "error", "message": "not found"}})
+            return httpx.Response(200, json={"pattern": {"status": "okay", "pattern": {
+                "name": name, "pattern_data": self.patterns[name], "frequency": self.kb[(node, name)]}},
+                "node_id": node + "_kato"})
+        sid, _, sub = path[len("/sessions/"):].partition("/")
+        s = self.sessions.get(sid)
+        if s is None:
+            return not_found(sid)
+        if method == "DELETE":
+            del self.sessions[sid]
+            return httpx.Response(200, json={"status": "deleted", "session_id": sid})
+        if sub == "stm":
+            return httpx.Response(200, json={"stm": s["stm"], "session_id": sid, "length": len(s["stm"])})
+        if sub == "clear-stm":
+            s["stm"] = []
+            return httpx.Response(200, json={"status": "cleared", "session_id": sid})
+        if sub == "observe-sequence":
+            initial = len(s["stm"])
+            for o in body["observations"]:
+                s["stm"].append(sorted(o["strings"]))
+            final = self._learn(s["node"], s["stm"]) if body.get("learn_at_end") else None
+            if body.get("learn_at_end"):
+                s["stm"] = []
+            return httpx.Response(200, json={"status": "completed", "observations_processed": len(body["observations"]),
+                                             "initial_stm_length": initial, "final_stm_length": len(s["stm"]),
+                                             "final_learned_pattern": final})
+        if sub == "learn":
+            if not s["stm"]:
+                return httpx.Response(400, json={"detail": "Cannot learn from empty STM"})
+            name = self._learn(s["node"], s["stm"])
+            s["stm"] = []
+            return httpx.Response(200, json={"status": "learned", "pattern_name": name, "session_id": sid})
+        return httpx.Response(500, text="Internal Server Error")
+
+    def freq(self, node: str, events: list[list[str]]) -> int:
+        return self.kb[(node, pattern_hash(events))]
+
+
+# ---- the retry predicate and the classification of failures -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "resend_ambiguous", "expected"),
+    [
+        (_Transient("connect refused", ambiguous=False), False, True),
+        (_Transient("connect refused", ambiguous=False), True, True),
+        (_Transient("read timeout", ambiguous=True), False, False),
+        (_Transient("read timeout", ambiguous=True), True, True),
+        (ProtocolError("HTTP 400"), True, False),
+        (ValueError("bug"), True, False),
+    ],
+)
+def test_retry_predicate(exc: BaseException, resend_ambiguous: bool, expected: bool) -> None:
+    """Only transient failures are retried, and ambiguous ones only where resending is harmless."""
+    assert is_retryable(exc, resend_ambiguous=resend_ambiguous) is expected
+
+
+def scripted(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Response | Exception]):
+    """A MockTransport handler that answers from a script, recording every request it sees."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        step = responses[min(len(seen), len(responses)) - 1]
+        if isinstance(step, Exception):
+            raise step
+        return step(request) if callable(step) else step
+
+    return handler, seen
+
+
+LEARNED = httpx.Response(200, json={"status": "learned", "pattern_name": "PTRN|x", "session_id": "s"})
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow connect"), httpx.Response(503, text="busy"),
+     httpx.Response(429, text="slow down")],
+    ids=["connect-error", "connect-timeout", "503", "429"],
+)
+def test_unkeyed_learn_is_resent_after_a_failure_that_never_reached_the_app(failure: Any) -> None:
+    """A request that surely was not applied is resent even without a key."""
+    handler, seen = scripted([failure, LEARNED])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        assert client.learn("s").pattern_name == "PTRN|x"
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("Server disconnected"),
+     httpx.ReadError("reset"), httpx.Response(502, text="bad gateway"), httpx.Response(504, text="gw timeout")],
+    ids=["read-timeout", "disconnected", "read-error", "502", "504"],
+)
+def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) -> None:
+    """A learn that may have been applied is surfaced as MaybeApplied after ONE attempt."""
+    handler, seen = scripted([failure, LEARNED])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(MaybeApplied) as info:
+            client.learn("s")
+    assert len(seen) == 1
+    assert isinstance(info.value, AmbiguousEffect)
+    assert "1 attempt(s)" in str(info.value) and URL in str(info.value)
+
+
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(502, text="bad gateway")],
+                         ids=["read-timeout", "502"])
+def test_keyed_calls_and_reads_are_resent_after_an_ambiguous_failure(failure: Any) -> None:
+    """With an Idempotency-Key (or for a read) the same request is simply sent again."""
+    handler, seen = scripted([failure, LEARNED])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        client.learn("s", idempotency_key="k-1")
+    assert [r.headers["Idempotency-Key"] for r in seen] == ["k-1", "k-1"]
+    stm = httpx.Response(200, json={"stm": [["a"]], "session_id": "s", "length": 1})
+    handler, seen = scripted([failure, stm])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        assert client.stm("s") == [["a"]]
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 500])
+def test_client_errors_are_never_retried(status: int) -> None:
+    """400/404/422 (and a 500) are answers: one attempt, then ProtocolError with the status and body."""
+    handler, seen = scripted([httpx.Response(status, json={"detail": "no"})])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ProtocolError, match=str(status)):
+            client.stm("s")
+    assert len(seen) == 1
+
+
+def test_session_not_found_is_its_own_error() -> None:
+    """KATO's 404 SESSION_NOT_FOUND body becomes SessionNotFound (a SessionLost) naming the session."""
+    handler, _ = scripted([not_found("s-1")])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(SessionNotFound) as info:
+            client.learn("s-1")
+    assert isinstance(info.value, SessionLost) and info.value.session_id == "s-1"
+
+
+def test_retry_after_is_honoured() -> None:
+    """The wait after a 429/503 is at least its Retry-After (recorded instead of slept)."""
+    slept: list[float] = []
+    handler, seen = scripted([httpx.Response(429, headers={"Retry-After": "2"}),
+                              httpx.Response(503, headers={"Retry-After": "1.5"}), LEARNED])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler), sleep=slept.append) as client:
+        client.learn("s")
+    assert len(seen) == 3
+    assert slept[0] >= 2.0 and slept[1] >= 1.5
+    assert all(s <= FAST.retry_total_seconds for s in slept)
+
+
+def test_retry_after_http_date() -> None:
+    """Retry-After may be an HTTP date; a garbage value is ignored."""
+    from datetime import datetime, timezone
+
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    assert parse_retry_after("Thu, 01 Jan 2026 12:00:03 GMT", now=lambda: now) == pytest.approx(3.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-4") == 0.0
+
+
+def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
+    """After retry_max_attempts connect errors: ServerUnavailable naming server, call, attempts, time, cause."""
+    handler, seen = scripted([httpx.ConnectError("Connection refused")])
+    settings = FAST.model_copy(update={"retry_max_attempts": 3})
+    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ServerUnavailable) as info:
+            client.health()
+    assert len(seen) == 3
+    msg = str(info.value)
+    assert URL in msg and "GET /health" in msg and "3 attempt(s)" in msg and "Connection refused" in msg
+    assert re.search(r"in \d+\.\d s", msg)
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+def test_total_time_is_capped() -> None:
+    """A call that keeps failing stops once retry_total_seconds have passed, within one backoff step."""
+    import time
+
+    settings = ClientConfig(retry_total_seconds=0.6, retry_max_attempts=1000, backoff_initial=0.05, backoff_max=0.2)
+    handler, seen = scripted([httpx.Response(503, text="busy")])
+    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            client.health()
+        spent = time.monotonic() - t0
+    assert 0.6 <= spent <= 0.6 + 0.2 + 0.15
+    assert 3 <= len(seen) < 100
+
+
+def test_malformed_answer_is_a_protocol_error() -> None:
+    """A 200 whose body does not fit the model is a ProtocolError naming the model."""
+    handler, _ = scripted([httpx.Response(200, json={"stm": "not a list"})])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ProtocolError, match="StmResult"):
+            client.stm("s")
+
+
+def test_bad_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="http://"):
+        KatoClient("localhost:8000")
+
+
+def test_pattern_absent_is_none_and_present_is_typed() -> None:
+    """GET /pattern's 200 status:"error" means absent (KATO never answers 404 there)."""
+    kato = FakeKato()
+    kato.kb[("n", pattern_hash(UNIT))] = 2
+    kato.patterns[pattern_hash(UNIT)] = UNIT
+    with kato.client() as client:
+        assert client.pattern("n", "PTRN|" + "0" * 40) is None
+        found = client.pattern("n", pattern_name(UNIT))
+        assert found is not None and found.frequency == 2 and found.pattern_data == UNIT and found.kb_id == "n_kato"
+
+
+def test_node_patterns_fetches_every_page() -> None:
+    """node_patterns walks offset/limit pages until total."""
+    rows = [{"name": f"p{i:03d}", "pattern_data": [["a"], [str(i)]], "frequency": i + 1} for i in range(7)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/nodes":
+            return httpx.Response(200, json={"nodes": [{"node_id": "n", "kb_id": "n_kato", "pattern_count": 7,
+                                                        "total_frequency": 28}]})
+        off, lim = int(request.url.params["offset"]), int(request.url.params["limit"])
+        return httpx.Response(200, json={"node_id": "n", "kb_id": "n_kato", "total": 7, "offset": off, "limit": lim,
+                                         "patterns": rows[off:off + lim]})
+
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        assert [p.name for p in client.node_patterns("n", page_size=3)] == [r["name"] for r in rows]
+        kb = client.export_knowledge_base()
+    assert kb == {"n": {f"PTRN|p{i:03d}": i + 1 for i in range(7)}}
+
+
+# ---- config check ------------------------------------------------------------------------------
+
+
+def test_silently_dropped_config_is_rejected_by_name() -> None:
+    """A server that created the session with defaults instead of the asked config -> ConfigRejected."""
+    kato = FakeKato(reject_config=True)
+    with kato.client() as client:
+        with pytest.raises(ConfigRejected) as info:
+            client.create_session("n", {"max_pattern_length": 0, "process_predictions": False, "recall_threshold": 5})
+    msg = str(info.value)
+    assert "process_predictions" in msg and "recall_threshold" in msg and "max_pattern_length:" not in msg
+    assert kato.sessions == {}  # the useless session was deleted
+
+
+def test_accepted_config_passes() -> None:
+    with FakeKato().client() as client:
+        info = client.create_session("n", {"process_predictions": False, "recall_threshold": 0.1})
+    assert info.session_config["process_predictions"] is False
+
+
+def test_node_session_refuses_server_side_auto_learn() -> None:
+    with FakeKato().client() as client, pytest.raises(ConfigError, match="max_pattern_length"):
+        NodeSession(client, "n", {"max_pattern_length": 3})
+
+
+def test_keys_mode_needs_a_server_with_idempotency() -> None:
+    with FakeKato().client() as client, pytest.raises(ConfigError, match="verify"):
+        NodeSession(client, "n", TRAIN_CONFIG, mode="keys")
+
+
+# ---- exactly once: verify mode decisions -------------------------------------------------------
+
+
+def run_unit(kato: FakeKato, mode: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+    phases: list[tuple[str, str]] = []
+    with kato.client() as client:
+        node = NodeSession(client, "n", TRAIN_CONFIG, mode=mode)  # type: ignore[arg-type]
+        name = node.learn_unit(UNIT, "key-1", on_phase=lambda p, sid: phases.append((p, sid)))
+    return name, phases
+
+
+def test_verify_mode_happy_path_calls_phases_before_requests() -> None:
+    kato = FakeKato()
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert [p for p, _ in phases] == ["observe", "learn"]
+    assert kato.log[-2:] == ["POST /sessions/session-1/observe-sequence", "POST /sessions/session-1/learn"]
+
+
+@pytest.mark.parametrize("action", ["lost", "unsent"])
+def test_lost_learn_answer_is_decided_from_the_stm(action: str) -> None:
+    """Applied (STM empty) -> not resent; not applied (STM == unit) -> resent. Either way frequency 1."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", action)]
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert kato.log.count("GET /sessions/session-1/stm") == 1
+    assert kato.log.count("POST /sessions/session-1/learn") == (1 if action == "lost" else 2)
+
+
+@pytest.mark.parametrize("action", ["lost", "unsent"])
+def test_lost_observe_answer_is_repaired_by_clear_and_resend(action: str) -> None:
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", action)]
+    name, _ = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/clear-stm") == 1
+
+
+def test_expired_session_is_replaced_and_the_unit_redone_from_a_clean_stm() -> None:
+    """404 on the learn proves it was not applied: new session, whole unit again, frequency 1."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", "expire")]
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert [sid for _, sid in phases] == ["session-1", "session-1", "session-2", "session-2"]
+
+
+def test_lost_learn_then_vanished_session_with_absent_pattern_redoes_the_unit() -> None:
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", "unsent"), ("GET", "/stm", "expire")]
+    name, _ = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+
+
+def test_lost_learn_then_vanished_session_with_present_pattern_is_ambiguous() -> None:
+    """Honest limit: the pattern exists, so whether THIS learn added to it cannot be decided."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", "lost_and_expire")]
+    with pytest.raises(AmbiguousEffect, match="cannot be decided"):
+        run_unit(kato)
+    assert kato.freq("n", UNIT) == 1  # it was applied once; nothing was resent
+
+
+def test_session_lost_over_and_over_gives_up() -> None:
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", "expire")] * 10
+    with pytest.raises(SessionLost, match="vanished"):
+        run_unit(kato)
+
+
+def test_wrong_learned_name_is_a_protocol_error() -> None:
+    """Something else in the STM (another client on the session) is detected by the name check."""
+    kato = FakeKato()
+    with kato.client() as client:
+        node = NodeSession(client, "n", TRAIN_CONFIG)
+        node.learn_unit(UNIT, "k0")
+        kato.sessions[node.session_id]["stm"].append(["intruder"])  # appears after the unit's start
+        with pytest.raises(ProtocolError, match="learned"):
+            node.learn_unit(UNIT, "k1")
+
+
+def test_unit_took_effect_after_a_trainer_crash() -> None:
+    kato = FakeKato()
+    with kato.client() as client:
+        sid = client.create_session("n", TRAIN_CONFIG).session_id
+        assert unit_took_effect(client, "n", sid, UNIT, "observe") is False
+        client.observe_sequence(sid, UNIT)
+        assert unit_took_effect(client, "n", sid, UNIT, "learn") is False
+        client.learn(sid)
+        assert unit_took_effect(client, "n", sid, UNIT, "learn") is True
+        client.delete_session(sid)
+        with pytest.raises(AmbiguousEffect):
+            unit_took_effect(client, "n", sid, UNIT, "learn")
+        assert unit_took_effect(client, "other-node", sid, UNIT, "learn") is False
+        with pytest.raises(ValueError, match="keyed"):
+            unit_took_effect(client, "n", sid, UNIT, "keyed")
+
+
+# ---- exactly once: keys mode -------------------------------------------------------------------
+
+
+def test_keys_mode_is_one_keyed_request_and_survives_a_lost_answer() -> None:
+    kato = FakeKato(idempotency=True)
+    kato.faults = [("POST", "/observe-sequence", "lost")]
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert [p for p, _ in phases] == ["keyed"]
+    assert kato.log.count("POST /sessions/session-1/observe-sequence") == 2
+
+
+def test_keys_mode_key_applied_under_another_session_counts_as_learned() -> None:
+    """A resumed trainer resends the unit to a new session: the key conflict proves it was applied."""
+    kato = FakeKato(idempotency=True)
+    with kato.client() as client:
+        NodeSession(client, "n", TRAIN_CONFIG).learn_unit(UNIT, "key-1")
+        again = NodeSession(client, "n", TRAIN_CONFIG)
+        assert again.learn_unit(UNIT, "key-1") == pattern_name(UNIT)
+        assert kato.freq("n", UNIT) == 1
+        kato.kb.clear()  # a conflict whose pattern is missing is a contradiction
+        with pytest.raises(ProtocolError, match="recorded as applied"):
+            NodeSession(client, "n", TRAIN_CONFIG).learn_unit(UNIT, "key-1")
+
+
+def test_key_conflict_is_recognised() -> None:
+    handler, _ = scripted([httpx.Response(422, json={"detail": "Idempotency-Key 'k' was already used for a "
+                                                              "different request"})])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(KeyAlreadyUsed):
+            client.learn("s", idempotency_key="k")
