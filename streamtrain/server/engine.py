@@ -86,6 +86,8 @@ class Engine:
         self.started = time.time()
         self._last_sweep = 0.0
         self.kb_version: dict[str, int] = {}     # bumped on every KB change (prediction caches)
+        from streamtrain.server.predictions import PatternCache
+        self.pattern_cache = PatternCache()
 
     # ---------------------------------------------------------------- helpers
     def kb_id(self, node_id: str) -> str:
@@ -250,6 +252,7 @@ class Engine:
             c.execute(f"DELETE FROM {table} WHERE kb_id=?", (kb,))
         c.execute("UPDATE kbs SET unique_patterns=0, total_pattern_frequencies=0, "
                   "total_symbols_in_patterns_frequencies=0, total_frequency=0 WHERE kb_id=?", (kb,))
+        self.pattern_cache.forget_kb(kb)
         self._bump(kb)
 
     def get_pattern(self, kb: str, name: str) -> dict[str, Any] | None:

@@ -1,10 +1,414 @@
-"""Predictions (kato-api.md §5.6) — placeholder until the full port lands."""
+"""Predictions as KATO 3.10.1 computes them (kato-api.md §5.6), without scanning the whole knowledge base.
+
+Candidates come from the symbol index: a pattern sharing no symbol with the STM has LCS 0, hence
+similarity 0, so with recall_threshold > 0 it can never qualify. With recall_threshold == 0 every
+pattern qualifies and all are scored.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import hashlib
+import heapq
+import json
+import logging
+from collections import Counter
+from functools import reduce
+from itertools import chain
+from math import log, log2, log10, sqrt
+from operator import add
+from typing import TYPE_CHECKING, Any
+
+from rapidfuzz import fuzz
+from rapidfuzz.distance import LCSseq
+
+if TYPE_CHECKING:
+    from streamtrain.server.engine import Engine
+
+log_ = logging.getLogger(__name__)
+
+_SQL_CHUNK = 500
+_CACHE_LIMIT = 300_000
 
 
-def predict(engine, kb: str, stm: list[list[str]], *, recall_threshold: float, max_predictions: int,
-            use_token_matching: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    return [], []
+class PatternCache:
+    """Parsed pattern_data by (kb, name): a pattern's content never changes once learned."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], tuple[list[list[str]], list[str]]] = {}
+
+    def get_many(self, engine: "Engine", kb: str, names: list[str]) -> dict[str, tuple[list[list[str]], list[str]]]:
+        out, missing = {}, []
+        for n in names:
+            hit = self.data.get((kb, n))
+            if hit is None:
+                missing.append(n)
+            else:
+                out[n] = hit
+        conn = engine.store.conn
+        for i in range(0, len(missing), _SQL_CHUNK):
+            part = missing[i:i + _SQL_CHUNK]
+            q = f"SELECT name, pattern_data FROM patterns WHERE kb_id=? AND name IN ({','.join('?' * len(part))})"
+            for name, pd in conn.execute(q, (kb, *part)):
+                self._put(kb, name, pd, out)
+        return out
+
+    def all_of(self, engine: "Engine", kb: str) -> dict[str, tuple[list[list[str]], list[str]]]:
+        out: dict[str, tuple[list[list[str]], list[str]]] = {}
+        for name, pd in engine.store.conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=?", (kb,)):
+            hit = self.data.get((kb, name))
+            if hit is None:
+                self._put(kb, name, pd, out)
+            else:
+                out[name] = hit
+        return out
+
+    def _put(self, kb: str, name: str, pd: str, out: dict) -> None:
+        events = json.loads(pd)
+        entry = (events, list(chain.from_iterable(events)))
+        if len(self.data) >= _CACHE_LIMIT:
+            self.data.clear()
+        self.data[(kb, name)] = entry
+        out[name] = entry
+
+    def forget_kb(self, kb: str) -> None:
+        for key in [k for k in self.data if k[0] == kb]:
+            del self.data[key]
+
+
+def candidate_names(engine: "Engine", kb: str, state: list[str]) -> list[str]:
+    conn = engine.store.conn
+    symbols = sorted(set(state))
+    names: set[str] = set()
+    for i in range(0, len(symbols), _SQL_CHUNK):
+        part = symbols[i:i + _SQL_CHUNK]
+        q = f"SELECT name FROM symbol_index WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
+        names.update(r[0] for r in conn.execute(q, (kb, *part)))
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def _expectation(p: float, num_symbols: int) -> float:
+    if p > 0 and num_symbols > 1:
+        return -p * log(p, num_symbols)
+    return 0
+
+
+def _normalized_entropy(symbols: list[str], total_symbols: int) -> float:
+    if not symbols:
+        return 0.0
+    n = len(symbols)
+    return sum([_expectation(c / n, total_symbols) for c in Counter(symbols).values()])
+
+
+def _global_normalized_entropy(symbols: list[str], probs: dict[str, float], total_symbols: int) -> float:
+    return sum([_expectation(probs.get(s, 0), total_symbols) for s in set(symbols)])
+
+
+def _conditional_probability(symbols: list[str], probs: dict[str, float]) -> float:
+    logs = []
+    for s in symbols:
+        p = probs.get(s, 1e-10)
+        logs.append(log10(p) if p > 0 else log10(1e-10))
+    return 10 ** reduce(add, logs) if logs else 0
+
+
+def _average_emotives(record: list[dict[str, float]]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for bunch in record:
+        for e, v in bunch.items():
+            acc.setdefault(e, []).append(v)
+    return {e: float(sum(v) / len(v)) if v else 0.0 for e, v in acc.items()}
+
+
+def _hash_future(future: list[list[str]]) -> str:
+    return hashlib.sha1(json.dumps([sorted(e) for e in future], sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- matching
+def _similarity(flat: list[str], state: list[str], token: bool) -> float:
+    if token:
+        lcs = LCSseq.similarity(flat, state)
+        return (2.0 * lcs / (len(flat) + len(state)) * 100.0) / 100.0
+    return fuzz.ratio(" ".join(flat), " ".join(state)) / 100.0
+
+
+def _extract(flat: list[str], state: list[str], cutoff: float):
+    """Alignment of one pattern with the state (pattern_search.extract_prediction_info)."""
+    sm = difflib.SequenceMatcher(None, flat, state, autojunk=False)
+    blocks = sm.get_matching_blocks()[:-1]
+    matches: list[str] = []
+    for _i, j, n in blocks:
+        matches += state[j:j + n]
+    if len(blocks) >= 2:
+        i0, _, _ = blocks[0]
+        i1, _, n1 = blocks[-1]
+        past = flat[:i0]
+        present = flat[i0:i1 + n1] if i1 + n1 > i0 else flat[i0:]
+    elif len(blocks) == 1:
+        i0, _, n0 = blocks[0]
+        past = flat[:i0]
+        present = flat[i0:i0 + n0]
+    else:
+        if cutoff > 0.0:
+            return None
+        past, present = [], flat
+    missing: list[str] = []
+    extras: list[str] = []
+    if present:
+        sm2 = difflib.SequenceMatcher(None, present, state, autojunk=False)
+        for tag, alo, ahi, blo, bhi in sm2.get_opcodes():
+            if tag in ("replace", "delete"):
+                missing += present[alo:ahi]
+            if tag in ("replace", "insert"):
+                extras += state[blo:bhi]
+    return matches, past, present, missing, extras, len(blocks)
+
+
+def _prediction(name: str, events: list[list[str]], frequency: int, emotives: Any, matches: list[str],
+                past_flat: list[str], present_flat: list[str], extras_flat: list[str], similarity: float,
+                number_of_blocks: int, stm_events: list[list[str]], length: int) -> dict[str, Any]:
+    """representations/prediction.py: re-segment into the pattern's events, event-aligned missing/extras."""
+    m = len(matches)
+    total_extras = len(extras_flat)
+    denom = 2.0 * m + total_extras
+    snr = float((2.0 * m - total_extras) / denom) if denom > 0 else 0.0
+    c1, c2, ev = len(past_flat), 0, 0
+    while c2 < c1:
+        c2 += len(events[ev])
+        ev += 1
+    e1 = ev
+    past = events[:ev]
+    c1 += len(present_flat)
+    while c2 < c1:
+        c2 += len(events[ev])
+        ev += 1
+    present = events[e1:ev]
+    future = events[ev:]
+    if past and matches and matches[0] in past[-1]:
+        present = [past[-1]] + present
+        past = past[:-1]
+    match_set = set(matches)
+    missing = [[s for s in e if s not in match_set] for e in present]
+    present_set = set(chain.from_iterable(present))
+    extras = [[s for s in e if s not in present_set] for e in stm_events]
+    present_len = sum(len(e) for e in present)
+    return {
+        "type": "prototypical", "name": name, "frequency": frequency, "emotives": emotives,
+        "matches": matches, "past": past, "present": present, "missing": missing, "extras": extras,
+        "anomalies": [], "potential": 0.0,
+        "evidence": float(m / length) if length > 0 else 0.0,
+        "similarity": similarity, "fragmentation": float(number_of_blocks - 1), "snr": snr,
+        "confluence": 0.0, "predictive_information": 0.0, "sequence": events, "future": future,
+        "confidence": float(m / present_len) if present_len > 0 else 0.0,
+        "weighted_similarity": None, "weighted_evidence": None, "weighted_confidence": None, "weighted_snr": None,
+    }
+
+
+def _frag_term(frag: float) -> float:
+    # KATO 3.10.1 divides by zero here (fragmentation -1: no matching block, only at threshold 0).
+    return 0.0 if frag == -1 else 1.0 / (frag + 1)
+
+
+def _kb_stats(engine: "Engine", kb: str) -> tuple[int, int, int]:
+    c = engine.store.conn
+    row = c.execute("SELECT unique_patterns, total_pattern_frequencies FROM kbs WHERE kb_id=?", (kb,)).fetchone()
+    total_symbols = c.execute("SELECT COUNT(*) FROM symbols WHERE kb_id=?", (kb,)).fetchone()[0]
+    return (row[0] if row else 0), (row[1] if row else 0), total_symbols
+
+
+def _pmf(engine: "Engine", kb: str, symbols: set[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    syms = sorted(symbols)
+    for i in range(0, len(syms), _SQL_CHUNK):
+        part = syms[i:i + _SQL_CHUNK]
+        q = f"SELECT symbol, pmf FROM symbols WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
+        out.update(engine.store.conn.execute(q, (kb, *part)).fetchall())
+    return out
+
+
+def _details(engine: "Engine", kb: str, names: list[str]) -> dict[str, tuple[int, list]]:
+    out: dict[str, tuple[int, list]] = {}
+    for i in range(0, len(names), _SQL_CHUNK):
+        part = names[i:i + _SQL_CHUNK]
+        q = f"SELECT name, frequency, emotives FROM patterns WHERE kb_id=? AND name IN ({','.join('?' * len(part))})"
+        for name, freq, emo in engine.store.conn.execute(q, (kb, *part)):
+            out[name] = (freq, json.loads(emo))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- entry point
+def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold: float, max_predictions: int,
+            use_token_matching: bool, use_index: bool = True
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(predictions, future_potentials) for this STM against knowledge base `kb`."""
+    state = list(chain.from_iterable(stm))
+    if not state:
+        return [], []
+    cache: PatternCache = engine.pattern_cache
+    if len(state) == 1:
+        return _single_symbol(engine, kb, state[0], max_predictions), []
+
+    threshold = recall_threshold
+    if use_index and threshold > 0:
+        pats = cache.get_many(engine, kb, candidate_names(engine, kb, state))
+    else:
+        pats = cache.all_of(engine, kb)
+    cut = threshold * 100.0 - 1e-6
+    found = []
+    for name in sorted(pats):
+        events, flat = pats[name]
+        sim = _similarity(flat, state, use_token_matching)
+        if (2.0 * sim * 100.0 / 2.0) < cut:
+            continue
+        ext = _extract(flat, state, threshold)
+        if ext is None:
+            continue
+        found.append((name, events, flat, sim, ext))
+    if not found:
+        return [], []
+
+    details = _details(engine, kb, [f[0] for f in found])
+    preds = []
+    for name, events, flat, sim, (matches, past, present, missing, extras, nblocks) in found:
+        freq, emos = details.get(name, (1, []))
+        p = _prediction(name, events, freq, _average_emotives(emos), matches, past, present, extras, sim,
+                        nblocks, stm, len(flat))
+        p["_flat_missing"] = missing
+        preds.append(p)
+
+    limit = max_predictions * 3
+    if len(preds) > limit:
+        # KATO leaves this helper key in the returned predictions when it prunes; so do we.
+        for p in preds:
+            p["_pre_potential"] = (p["evidence"] + p["confidence"]) * p["snr"] + _frag_term(p["fragmentation"])
+        preds = heapq.nsmallest(limit, preds, key=lambda p: (-p["_pre_potential"], p["name"]))
+
+    unique_patterns, total_pattern_freqs, total_symbols = _kb_stats(engine, kb)
+    wanted: set[str] = set()
+    for p in preds:
+        wanted.update(p["matches"])
+        wanted.update(chain.from_iterable(p["missing"]))
+    pmf = _pmf(engine, kb, wanted)
+    probs = {s: (float(pmf[s] / unique_patterns) if unique_patterns > 0 else 0.0) if s in pmf else 0
+             for s in wanted}
+    ensemble_freq = sum(p["frequency"] for p in preds)
+    state_counts = Counter(state)
+
+    for p in preds:
+        present = list(chain.from_iterable(p["present"]))
+        all_symbols = set(present) | set(state)
+        pc = Counter(present)
+        sv = [probs.get(s, 0) * state_counts.get(s, 0) for s in all_symbols]
+        pv = [probs.get(s, 0) * pc.get(s, 0) for s in all_symbols]
+        if all(v == 0 for v in sv) or all(v == 0 for v in pv):
+            distance = 1.0
+        else:
+            dot = sum(a * b for a, b in zip(sv, pv))
+            distance = 1.0 - dot / (sqrt(sum(a * a for a in sv)) * sqrt(sum(b * b for b in pv)))
+        p_e_h = float(p["frequency"] / total_pattern_freqs) if total_pattern_freqs > 0 else 0.0
+        itfdf = 1 - (distance * p["frequency"] / ensemble_freq) if ensemble_freq > 0 else 0.0
+        confluence = p_e_h * (1 - _conditional_probability(present, probs)) if present else 0.0
+        if present:
+            n = len(present)
+            entropy = 0.0
+            for cnt in pc.values():
+                q = cnt / n
+                entropy -= q * log2(q)
+        else:
+            entropy = 0.0
+        tfidf = 0.0
+        if present and unique_patterns > 0:
+            scores = []
+            for sym, cnt in pc.items():
+                tf = cnt / len(present)
+                if sym in probs:
+                    pws = int(probs[sym] * unique_patterns) or 1
+                else:
+                    pws = 1
+                scores.append(tf * (log2(unique_patterns / pws) + 1))
+            tfidf = sum(scores) / len(scores)
+        p.update({"entropy": entropy, "normalized_entropy": _normalized_entropy(present, total_symbols),
+                  "global_normalized_entropy": _global_normalized_entropy(present, probs, total_symbols),
+                  "itfdf_similarity": itfdf, "confluence": confluence, "tfidf_score": tfidf})
+
+    futures = _ensemble(preds)
+
+    sims_priors = [(p["similarity"], p["frequency"] / ensemble_freq) for p in preds] if ensemble_freq > 0 else []
+    evidence_sum = sum(s * pr for s, pr in sims_priors)
+    for p in preds:
+        if ensemble_freq > 0:
+            prior = p["frequency"] / ensemble_freq
+            p["bayesian_posterior"] = (p["similarity"] * prior) / evidence_sum if evidence_sum > 0 else 0.0
+            p["bayesian_prior"] = prior
+        else:
+            p["bayesian_posterior"] = 0.0
+            p["bayesian_prior"] = 0.0
+        p["bayesian_likelihood"] = p["similarity"]
+        p["potential"] = ((p["evidence"] + p["confidence"]) * p["snr"] + p["itfdf_similarity"]
+                          + _frag_term(p["fragmentation"]))
+        p.pop("_flat_missing", None)
+
+    ranked = heapq.nsmallest(max_predictions, preds, key=lambda p: (-p["potential"], p["name"]))
+    return ranked, futures
+
+
+def _ensemble(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """predictive_information.calculate_ensemble_predictive_information."""
+    total = sum(p["frequency"] for p in preds)
+    if total == 0:
+        for p in preds:
+            p["predictive_information"] = 0.0
+        return []
+    for p in preds:
+        p["pattern_probability"] = p["frequency"] / total
+        p["weighted_strength"] = p["similarity"] * p["pattern_probability"]
+    aggs: dict[str, dict[str, Any]] = {}
+    for p in preds:
+        if not p["future"]:
+            continue
+        key = _hash_future(p["future"])
+        a = aggs.setdefault(key, {"future": p["future"], "total_weighted_frequency": 0.0, "pattern_count": 0})
+        a["total_weighted_frequency"] += p["frequency"] * p["similarity"]
+        a["pattern_count"] += 1
+    tw = sum(a["total_weighted_frequency"] for a in aggs.values())
+    for a in aggs.values():
+        a["aggregate_potential"] = a["total_weighted_frequency"] / tw if tw > 0 else 0.0
+    for p in preds:
+        if not p["future"]:
+            p["predictive_information"] = 0.0
+            continue
+        fp = aggs[_hash_future(p["future"])]["aggregate_potential"]
+        p["predictive_information"] = p["weighted_strength"] / fp if fp > 0 else 0.0
+    return [{"future": a["future"], "aggregate_potential": a["aggregate_potential"],
+             "supporting_patterns": a["pattern_count"], "total_weighted_frequency": a["total_weighted_frequency"]}
+            for a in sorted(aggs.values(), key=lambda x: x["aggregate_potential"], reverse=True)]
+
+
+def _single_symbol(engine: "Engine", kb: str, symbol: str, max_predictions: int) -> list[dict[str, Any]]:
+    """KATO's one-symbol fast path: patterns whose first symbol is `symbol`, flat fields, threshold 0.
+
+    KATO builds this query by string interpolation and crashes on an apostrophe (§7.1); here it is a
+    bound parameter."""
+    conn = engine.store.conn
+    names = [r[0] for r in conn.execute("SELECT name FROM symbol_index WHERE kb_id=? AND symbol=?", (kb, symbol))]
+    pats = engine.pattern_cache.get_many(engine, kb, names)
+    first = [n for n in sorted(pats) if pats[n][1] and pats[n][1][0] == symbol]
+    details = _details(engine, kb, first)
+    preds = []
+    for name in first:
+        events, flat = pats[name]
+        freq, emos = details.get(name, (1, []))
+        n = len(flat)
+        evidence = 1.0 / n
+        confidence = 1.0
+        snr = 1.0
+        preds.append({
+            "name": name, "pattern_data": events, "length": n, "frequency": freq,
+            "emotives": _average_emotives(emos), "matches": [symbol], "missing": [], "present": [symbol],
+            "past": [], "future": flat[1:], "extras": [], "similarity": 2.0 / (n + 1), "evidence": evidence,
+            "confidence": confidence, "snr": snr, "fragmentation": 0.0, "anomalies": [],
+            "weighted_similarity": None, "weighted_evidence": None, "weighted_confidence": None,
+            "weighted_snr": None, "potential": (evidence + confidence) * snr + 1.0,
+        })
+    return heapq.nsmallest(max_predictions, preds, key=lambda p: (-p["potential"], p["name"]))
