@@ -7,11 +7,20 @@ case differently on purpose; BEHAVIOUR lists deviations no golden case exercises
 
 from __future__ import annotations
 
-DEVIATIONS: dict[str, str] = {
-    "public-039-session": (
-        "create-invalid-config: POST /sessions with an invalid config value (persistence 1000) answers 400 "
-        "with the validation errors; KATO 3.10.1 silently drops the WHOLE config and creates the session "
-        "with defaults (kato-api.md §7.2)"),
+from typing import NamedTuple
+
+
+class Deviation(NamedTuple):
+    reason: str
+    failure: str     # a substring of the golden checker's first-difference message for this case
+
+
+DEVIATIONS: dict[str, Deviation] = {
+    "public-039-session": Deviation(
+        reason=("create-invalid-config: POST /sessions with an invalid config value (persistence 1000) answers "
+                "400 with the validation errors; KATO 3.10.1 silently drops the WHOLE config and creates the "
+                "session with defaults (kato-api.md §7.2)"),
+        failure="step 0 POST /sessions: status: expected 200, got 400"),
 }
 
 BEHAVIOUR: dict[str, str] = {
@@ -24,8 +33,16 @@ BEHAVIOUR: dict[str, str] = {
     "vectors": (
         "observations with vectors get 400 {detail:{error:'VectorsNotSupported',...}}: no vector store"),
     "future-potentials-single-symbol": (
-        "on the one-symbol fast path future_potentials is computed for this request; KATO returns a stale "
-        "value left by the processor's last multi-symbol call (possibly another session)"),
+        "on the one-symbol fast path future_potentials is []; KATO returns a stale value left by the "
+        "processor's last multi-symbol call (possibly from another session)"),
+    "fragmentation-minus-one": (
+        "with recall_threshold 0 a pattern with no matching block (fragmentation -1) adds 0 to potential; "
+        "KATO 3.10.1 divides by zero (500)"),
+    "tie-order": (
+        "predictions of equal rank value are ordered by name (deterministic); KATO's tie order is arbitrary"),
+    "malformed-json-unknown-session": (
+        "a body that is not valid JSON gets 422 even when the session does not exist; KATO's middleware "
+        "answers 404 first"),
     "idempotency-keys": "Idempotency-Key header honoured (extension; --no-idempotency turns it off)",
     "durable-kb": (
         "frequencies, emotives and metadata are durable (SQLite); KATO keeps them in Redis without persistence"),

@@ -94,6 +94,11 @@ class Store:
             raise StoreError(f"database path {self.path} is a directory; give a file path")
         if not self.path.parent.is_dir():
             raise StoreError(f"database folder {self.path.parent} does not exist; create it first")
+        if self.path.exists() and not self.path.stat().st_mode & 0o222:
+            # Checked by mode bits, not os.access: root may write anyway, but a file made read-only is a
+            # statement that it must not change.
+            raise StoreError(f"database file {self.path} is read-only (mode {self.path.stat().st_mode & 0o777:o}); "
+                             "make it writable or give another --db path")
         try:
             self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                         cached_statements=256)
