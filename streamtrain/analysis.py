@@ -296,11 +296,11 @@ def _symbols_for_level(config: RunConfig, tokens: Sequence[str], level: int) -> 
     return names
 
 
-def predict(client: KatoClient, config: RunConfig, prompt: str, level: int = 0, top: int = 10,
+def predict(client: KatoClient, config: RunConfig, prompt: str | Sequence[str], level: int = 0, top: int = 10,
             decoder: Decoder | None = None) -> list[dict[str, Any]]:
     """KATO's predictions for ``prompt`` on ``level``'s node, decoded to text; one row per prediction.
 
-    The prompt is cut by the run's tokenizer and observed one symbol per event (as training does) in a fresh
+    The prompt (text, or a list of tokens) is cut by the run's tokenizer and observed one symbol per event (as training does) in a fresh
     session with ``process_predictions`` off; then ``GET /predictions`` is read and the session deleted. On a
     level above 0 the observed symbols are the names training would give the prompt's chunks one level down,
     so only chunks seen in training can match there.
@@ -311,7 +311,7 @@ def predict(client: KatoClient, config: RunConfig, prompt: str, level: int = 0, 
     """
     if not 0 <= level < len(config.layers):
         raise ValueError(f"level {level} is outside the run's hierarchy (levels 0..{len(config.layers) - 1})")
-    tokens = prompt_tokens(config, prompt)
+    tokens = prompt_tokens(config, prompt) if isinstance(prompt, str) else list(prompt)
     symbols = _symbols_for_level(config, tokens, level)
     if not symbols:
         raise ValueError(

@@ -37,7 +37,7 @@ def make_config(tmp_path: Path, run_name: str = "an") -> RunConfig:
     return RunConfig(
         run_name=run_name,
         dataset=DatasetConfig(path="parquet", data_files=str(tmp_path / "*.parquet")),
-        layers=[LayerConfig(chunk_size=4), LayerConfig(chunk_size=2)],
+        layers=[LayerConfig(chunk_size=3), LayerConfig(chunk_size=2)],  # chunks = SENTENCES[0], SENTENCES[1]
         checkpoint_dir=tmp_path / "ckpt",
     )
 
@@ -115,6 +115,35 @@ def test_top_patterns_are_ranked_and_decoded(kb):
     assert {r["text"] for r in top1} == {"the cat sat on the mat.", "a dog ran far on the mat."}
 
 
+def test_predictions_are_decoded_and_traceable_to_their_pattern(kb):
+    config, client, l0, _ = kb
+    rows = analysis.predict(client, config, ["the", "cat"], top=5)
+    first = rows[0]
+    assert first["name"] == l0[0] == pattern_name(events(["the", "cat", "sat"]))
+    assert (first["past"], first["present"], first["future"]) == ("", "the cat", "sat")
+    assert first["frequency"] == 2 and first["potential"] > rows[1]["potential"]
+    # traceable: the named pattern, looked up on the node, is the text shown
+    stored = client.pattern(config.node_id(0), first["name"])
+    assert analysis.tokens_to_text([e[0] for e in stored.pattern_data]) == first["pattern"] == "the cat sat"
+    second = rows[1]  # 'the' also occurs in 'on the mat .'
+    assert second["name"] == l0[1] and (second["past"], second["present"], second["future"]) == ("on", "the", "mat.")
+    assert len(rows) == 2  # 'a dog ran far' shares no token with the prompt
+
+
+def test_predictions_on_level_1_observe_the_planned_names(kb):
+    config, client, l0, l1 = kb
+    # 'the cat sat' is one level-0 chunk; its name is the level-1 symbol, and l1[0] continues it
+    rows = analysis.predict(client, config, ["the", "cat", "sat"], level=1)
+    assert [r["name"] for r in rows] == [l1[0]]
+    assert (rows[0]["present"], rows[0]["future"]) == ("the cat sat", "on the mat.")
+
+
+def test_predict_rejects_an_empty_prompt(kb):
+    config, client, _, _ = kb
+    with pytest.raises(ValueError, match="no symbols on level 0"):
+        analysis.predict(client, config, [])
+
+
 def test_tokens_to_text():
     assert analysis.tokens_to_text(["Hello", ",", "world", "!", "(", "yes", ")"]) == "Hello, world! (yes)"
     assert analysis.tokens_to_text(["Hello", ",", " world"], "gpt2") == "Hello, world"
@@ -122,7 +151,7 @@ def test_tokens_to_text():
 
 def test_config_diff_lists_must_match_and_may_change(tmp_path):
     a = make_config(tmp_path)
-    b = a.model_copy(update={"max_samples": 400, "layers": [LayerConfig(chunk_size=4), LayerConfig(chunk_size=3)]})
+    b = a.model_copy(update={"max_samples": 400, "layers": [LayerConfig(chunk_size=3), LayerConfig(chunk_size=3)]})
     rows = analysis.config_diff(a, b)
     assert {"field": "layers[1].chunk_size", "policy": "must_match", "old": 2, "new": 3} in rows
     assert {"field": "max_samples", "policy": "may_change", "old": None, "new": 400} in rows
