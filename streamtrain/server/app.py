@@ -196,6 +196,13 @@ class Guardrails:
                 if not msg.get("more_body", False):
                     break
             body = b"".join(chunks)
+            if body and b"json" in headers.get(b"content-type", b""):
+                try:
+                    body.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return await self._send_json(send, 400, {
+                        "detail": f"Request body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 4]!r}); "
+                                  "send JSON encoded as UTF-8"})
             sent = False
 
             async def replay():
