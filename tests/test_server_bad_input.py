@@ -1,0 +1,159 @@
+"""Bad input to the embedded server (a real subprocess): each gets its documented status, nothing is
+half-applied, and the server keeps answering. Bad database files give a clear startup error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from streamtrain.errors import ServerUnavailable
+from streamtrain.server import EmbeddedServer
+
+LIMIT = 4096
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with EmbeddedServer(tmp_path_factory.mktemp("bad") / "kb.sqlite3",
+                        extra_args=["--max-body-bytes", str(LIMIT)]) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def c(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture()
+def sid(c):
+    return c.post("/sessions", json={"node_id": "bad-node", "config": {"process_predictions": False}}).json()["session_id"]
+
+
+def still_serving(c, sid):
+    assert c.get("/health").status_code == 200
+    r = c.post(f"/sessions/{sid}/observe", json={"strings": ["ok"]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def raw(c, sid, body: bytes, path="observe"):
+    return c.post(f"/sessions/{sid}/{path}", content=body, headers={"content-type": "application/json"})
+
+
+def test_malformed_json(c, sid):
+    r = raw(c, sid, b'{"strings": ["a", ]')
+    assert r.status_code == 422
+    d = r.json()["detail"][0]
+    assert d["type"] == "json_invalid" and d["loc"] == ["body", 18]
+    assert still_serving(c, sid)["time"] == 1
+
+
+def test_wrong_types(c, sid):
+    r = c.post(f"/sessions/{sid}/observe", json={"strings": [1, 2]})
+    assert r.status_code == 422 and [e["loc"] for e in r.json()["detail"]] == [["body", "strings", 0],
+                                                                               ["body", "strings", 1]]
+    r = c.post(f"/sessions/{sid}/observe", json={"strings": ["a"], "emotives": {"joy": "lots"}})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "float_parsing"
+    r = c.post(f"/sessions/{sid}/observe-sequence", json={"observations": {"strings": ["a"]}})
+    assert r.status_code == 422
+    r = c.post(f"/sessions/{sid}/config", json={"config": {"max_predictions": "ten"}})
+    assert r.status_code == 400
+    assert r.json()["detail"]["validation_errors"] == {"max_predictions": "Must be an integer between 1 and 10000"}
+    r = c.post("/sessions", json={"node_id": "bad-node", "config": {"recall_threshold": "high"}})
+    assert r.status_code == 400 and "recall_threshold" in r.json()["detail"]["validation_errors"]
+    r = c.post("/sessions", json={"config": {}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "node_id"]
+    assert still_serving(c, sid)["time"] == 1
+
+
+def test_unknown_session(c):
+    for method, path in [("POST", "observe"), ("GET", "stm"), ("POST", "learn"), ("GET", "predictions"),
+                         ("POST", "clear-stm"), ("GET", "config")]:
+        r = c.request(method, f"/sessions/session-missing/{path}", json={"strings": ["a"]})
+        assert r.status_code == 404
+        assert r.json() == {"error": {"code": "SESSION_NOT_FOUND",
+                                      "message": "Session session-missing not found or expired",
+                                      "session_id": "session-missing"}}
+    r = c.get("/sessions/session-missing")
+    assert r.status_code == 404 and r.json() == {"detail": "Session session-missing not found or expired"}
+    assert c.get("/sessions/session-missing/exists").json()["exists"] is False
+
+
+def test_non_utf8_bytes(c, sid):
+    r = raw(c, sid, b'{"strings": ["\xff\xfe"]}')
+    assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
+    assert c.get(f"/sessions/{sid}/stm").json()["stm"] == []
+    assert still_serving(c, sid)["time"] == 1
+
+
+def test_oversized_body(c, sid):
+    big = {"observations": [{"strings": ["x" * 100]} for _ in range(100)], "learn_at_end": True}
+    r = c.post(f"/sessions/{sid}/observe-sequence", json=big)
+    assert r.status_code == 413 and "--max-body-bytes" in r.json()["detail"]
+
+    def chunks():            # no Content-Length: the limit must hold for a streamed body too
+        for _ in range(20):
+            yield b" " * 512
+
+    r = c.post(f"/sessions/{sid}/observe", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert c.get(f"/sessions/{sid}/stm").json()["stm"] == []
+    assert still_serving(c, sid)["time"] == 1
+
+
+def test_failing_item_applies_nothing(c, sid):
+    c.post(f"/sessions/{sid}/observe", json={"strings": ["before"]})
+    body = {"observations": [{"strings": ["a", "b"]}, {"strings": ["c", "d"]}, {"vectors": [[0.1, 0.2]]}],
+            "learn_after_each": True}
+    r = c.post(f"/sessions/{sid}/observe-sequence", json=body)
+    assert r.status_code == 400 and r.json()["detail"]["observation_index"] == 2
+    assert c.get(f"/sessions/{sid}/stm").json()["stm"] == [["before"]]
+    assert c.get("/nodes/bad-node/stats").json()["pattern_count"] == 0
+    assert still_serving(c, sid)["time"] == 2
+
+
+def test_token_required(tmp_path):
+    with EmbeddedServer(tmp_path / "kb.sqlite3", token="s3cret") as srv:
+        c = httpx.Client(base_url=srv.url, timeout=10)
+        assert c.get("/health").status_code == 200
+        r = c.post("/sessions", json={"node_id": "n"})
+        assert r.status_code == 401 and "Bearer" in r.json()["detail"]
+        assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.post("/sessions", json={"node_id": "n"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def run_server_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamtrain.server", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_db_that_is_not_sqlite(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("plain notes, no SQLite header\n" * 100)
+    p = run_server_cli("--db", str(junk))
+    assert p.returncode != 0
+    assert "not a database" in p.stderr and str(junk) in p.stderr
+    assert "Traceback" not in p.stderr
+    assert junk.read_text().startswith("plain notes")     # untouched
+    with pytest.raises(ServerUnavailable, match="not a database"):
+        EmbeddedServer(junk, startup_timeout=20).start()
+
+
+def test_read_only_db(tmp_path):
+    db = tmp_path / "kb.sqlite3"
+    with EmbeddedServer(db) as srv:
+        httpx.post(srv.url + "/sessions", json={"node_id": "ro"})
+    os.chmod(db, 0o444)
+    p = run_server_cli("--db", str(db))
+    assert p.returncode != 0 and "read-only" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_db_folder(tmp_path):
+    p = run_server_cli("--db", str(tmp_path / "nope" / "kb.sqlite3"))
+    assert p.returncode != 0 and "does not exist" in p.stderr
