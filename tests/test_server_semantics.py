@@ -1,0 +1,161 @@
+"""Pure semantic unit tests of the embedded server (in-process FastAPI TestClient): behaviour the golden
+file does not cover, deliberate fixes of KATO bugs, the symbol index, the extensions."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from streamtrain.patterns import pattern_name
+from streamtrain.server import create_app
+from streamtrain.server.predictions import predict
+
+
+@pytest.fixture()
+def app(tmp_path):
+    return create_app(tmp_path / "kb.sqlite3")
+
+
+@pytest.fixture()
+def c(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def session(c, node="sem", **config):
+    r = c.post("/sessions", json={"node_id": node, "config": {"process_predictions": False, **config}})
+    assert r.status_code == 200, r.text
+    return r.json()["session_id"]
+
+
+def learn(c, sid, *events):
+    r = c.post(f"/sessions/{sid}/observe-sequence",
+               json={"observations": [{"strings": e} for e in events], "learn_at_end": True})
+    assert r.status_code == 200
+    return r.json()["final_learned_pattern"]
+
+
+def test_single_symbol_with_apostrophe_predicts(c):
+    """KATO 3.10.1 recurses ~21 s and answers 500 here (kato-api.md §7.1)."""
+    sid = session(c)
+    learn(c, sid, ["don't"], ["go"])
+    learn(c, sid, ["don't"], ["stop", "x"])
+    learn(c, sid, ["go"], ["don't"])
+    r = c.post(f"/sessions/{sid}/config", json={"process_predictions": True})
+    assert r.status_code == 200
+    assert c.post(f"/sessions/{sid}/observe", json={"strings": ["don't"]}).status_code == 200
+    r = c.get(f"/sessions/{sid}/predictions")
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert sorted(p["future"] for p in preds) == [["go"], ["stop", "x"]]       # flat, fast-path shape
+    assert all(p["present"] == ["don't"] and p["matches"] == ["don't"] for p in preds)
+    assert preds[0]["potential"] >= preds[1]["potential"]
+    cog = c.get(f"/sessions/{sid}/cognition-data").json()["cognition_data"]
+    assert len(cog["predictions"]) == 2
+
+
+def test_symbol_index_matches_full_scan(app, c):
+    rng = random.Random(3)
+    vocab = [f"s{i}" for i in range(40)]
+    sid = session(c, node="index")
+    for _ in range(150):
+        events = [rng.sample(vocab, rng.randint(1, 3)) for _ in range(rng.randint(2, 5))]
+        learn(c, sid, *events)
+    eng = app.state.server.engine
+    kb = eng.kb_id("index")
+    checked = 0
+    for _ in range(15):
+        stm = [sorted(rng.sample(vocab, rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+        if sum(map(len, stm)) < 2:
+            continue
+        for threshold in (0.1, 0.3, 0.6):
+            a = predict(eng, kb, stm, recall_threshold=threshold, max_predictions=20, use_token_matching=True)
+            b = predict(eng, kb, stm, recall_threshold=threshold, max_predictions=20, use_token_matching=True,
+                        use_index=False)
+            assert a == b
+            checked += 1
+    assert checked >= 20
+
+
+def test_threshold_zero_scores_every_pattern(app, c):
+    sid = session(c, node="zero", recall_threshold=0.0)
+    learn(c, sid, ["a"], ["b"])
+    learn(c, sid, ["p"], ["q"])          # shares nothing with the STM below
+    c.post(f"/sessions/{sid}/observe-sequence", json={"observations": [{"strings": ["a"]}, {"strings": ["b"]}]})
+    preds = c.get(f"/sessions/{sid}/predictions").json()["predictions"]
+    assert {p["name"] for p in preds} == {pattern_name([["a"], ["b"]])[5:], pattern_name([["p"], ["q"]])[5:]}
+    unrelated = next(p for p in preds if p["sequence"] == [["p"], ["q"]])
+    assert unrelated["fragmentation"] == -1.0 and unrelated["matches"] == []
+    c.post(f"/sessions/{sid}/config", json={"recall_threshold": 0.1})
+    preds = c.get(f"/sessions/{sid}/predictions").json()["predictions"]
+    assert [p["sequence"] for p in preds] == [[["a"], ["b"]]]
+
+
+def test_stm_is_capped_at_1000_events(c):
+    sid = session(c)
+    r = c.post(f"/sessions/{sid}/observe-sequence",
+               json={"observations": [{"strings": [f"t{i}"]} for i in range(1005)]}).json()
+    assert r["final_stm_length"] == 1005            # KATO reports the length before its save trims it
+    stm = c.get(f"/sessions/{sid}/stm").json()
+    assert stm["length"] == 1000 and stm["stm"][0] == ["t5"] and stm["stm"][-1] == ["t1004"]
+
+
+def test_session_ttl_expiry_and_extend(c):
+    sid = c.post("/sessions", json={"node_id": "ttl", "ttl_seconds": 1}).json()["session_id"]
+    assert c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}).status_code == 200
+    time.sleep(1.2)
+    assert c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}).status_code == 404
+    assert c.get(f"/sessions/{sid}/exists").json() == {"exists": False, "expired": False, "session_id": sid}
+    sid = c.post("/sessions", json={"node_id": "ttl"}).json()["session_id"]
+    assert c.post(f"/sessions/{sid}/extend", params={"ttl_seconds": 120}).json()["ttl_seconds"] == 120
+    assert c.get(f"/sessions/{sid}").json()["ttl_seconds"] in (3599, 3600)     # the next access slides back
+
+
+def test_clear_all_wipes_only_this_nodes_kb(c):
+    a = session(c, node="wipe")
+    b = session(c, node="keep")
+    learn(c, a, ["x"], ["y"])
+    learn(c, b, ["x"], ["y"])
+    c.post(f"/sessions/{a}/observe", json={"strings": ["z"]})
+    assert c.post(f"/sessions/{a}/clear-all").json() == {"status": "cleared", "session_id": a, "scope": "all"}
+    assert c.get(f"/sessions/{a}/stm").json()["stm"] == []
+    assert c.get("/nodes/wipe/stats").json()["pattern_count"] == 0
+    assert c.get("/nodes/keep/stats").json()["pattern_count"] == 1
+
+
+def test_nodes_extensions(c):
+    s1 = session(c, node="a-b")
+    s2 = session(c, node="a_b")      # KATO maps both to kb a_b_kato
+    names = {learn(c, s1, ["m"], [f"n{i}"]) for i in range(5)}
+    names.add(learn(c, s2, ["m"], ["n0"]))
+    nodes = c.get("/nodes").json()["nodes"]
+    entry = [n for n in nodes if n["kb_id"] == "a_b_kato"]
+    assert entry == [{"node_id": "a-b", "kb_id": "a_b_kato", "pattern_count": 5, "total_frequency": 6}]
+    assert [n["kb_id"] for n in nodes] == sorted(n["kb_id"] for n in nodes)
+    page1 = c.get("/nodes/a_b/patterns", params={"limit": 3}).json()
+    page2 = c.get("/nodes/a_b/patterns", params={"offset": 3, "limit": 3}).json()
+    got = [p["name"] for p in page1["patterns"] + page2["patterns"]]
+    assert page1["total"] == 5 and got == sorted(names) and len(got) == 5
+    assert page1["kb_id"] == "a_b_kato" and page1["node_id"] == "a_b"
+    freq = {p["name"]: p["frequency"] for p in page1["patterns"] + page2["patterns"]}
+    assert freq[pattern_name([["m"], ["n0"]])] == 2
+    stats = c.get("/nodes/a-b/stats").json()
+    assert stats == {"node_id": "a-b", "kb_id": "a_b_kato", "pattern_count": 5, "total_frequency": 6,
+                     "distinct_symbols": 6}
+    assert c.get("/nodes/unknown/stats").json()["pattern_count"] == 0
+
+
+def test_vectors_are_rejected_clearly(c):
+    sid = session(c)
+    r = c.post(f"/sessions/{sid}/observe", json={"vectors": [[0.5, 0.5]]})
+    assert r.status_code == 400 and r.json()["detail"]["error"] == "VectorsNotSupported"
+    assert c.get(f"/sessions/{sid}/stm").json()["stm"] == []
+
+
+def test_invalid_config_at_creation_is_rejected_not_dropped(c):
+    r = c.post("/sessions", json={"node_id": "cfg", "config": {"recall_threshold": 5, "max_pattern_length": 2}})
+    assert r.status_code == 400
+    assert r.json()["detail"]["validation_errors"] == {"recall_threshold": "Must be a number between 0.0 and 1.0"}
