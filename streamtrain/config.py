@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,13 +207,58 @@ def check_resume(checkpoint: RunConfig, current: RunConfig, checkpoint_path: Pat
     )
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (directly, in a list, or optional), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _split_loc(loc: tuple[Any, ...]) -> tuple[str, bool]:
+    """A readable field path ("layers[0].chunk_size") and whether pydantic added union-branch tags after it."""
+    model: type[BaseModel] | None = RunConfig
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        if model is None:  # past a field whose type is not a model: the rest names union branches
+            return path, True
+        path += f".{part}" if path else str(part)
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+        if field is None:
+            return path, i + 1 < len(loc)
+    return path, False
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per bad field, with its dotted path: every problem at once, not just the first."""
-    lines = []
+    groups: dict[str, list[dict[str, Any]]] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-        msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {loc or '<root>'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and err["type"] != "extra_forbidden" else ""))
+        path, _ = _split_loc(tuple(err["loc"]))
+        groups.setdefault(path or "<root>", []).append(err)
+    lines = []
+    for path, errs in groups.items():
+        msgs = []
+        for err in errs:
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling; unknown keys are never ignored)"
+            elif err["type"] == "missing":
+                msg = "required, but missing"
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            if msg not in msgs:
+                msgs.append(msg)
+        line = f"  {path}: " + "; or ".join(msgs)
+        err = errs[0]
+        if err["type"] not in ("missing", "extra_forbidden"):
+            line += f" (got {err['input']!r})"
+        lines.append(line)
     return f"invalid config {source}: {len(lines)} problem(s):\n" + "\n".join(lines)
 
 
