@@ -577,15 +577,21 @@ class KatoClient:
             body["config"] = dict(config)
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
-        info = self._post("/sessions", SessionInfo, json=body, resend=True)
+        response = self._request("POST", "/sessions", json=body, resend=True)
+        if response.status_code == 400 and config:  # a compatible server may refuse instead of dropping
+            raise ConfigRejected(
+                f"server {self.base_url}: POST /sessions for node {node_id!r} rejected the config "
+                f"{dict(config)!r}: {_short(response.text)}; fix the invalid value(s)"
+            )
+        info = self._answer(response, SessionInfo, "POST /sessions")
         diffs = config_differences(config or {}, info.session_config)
         if diffs:
             self.delete_session_quietly(info.session_id)
             listed = "; ".join(f"{k}: asked {a!r}, server has {g!r}" for k, (a, g) in diffs.items())
             raise ConfigRejected(
                 f"server {self.base_url}: POST /sessions for node {node_id!r} did not apply the asked config "
-                f"(rejected keys: {', '.join(diffs)}): {listed}. A real KATO drops the whole config when any "
-                "value is invalid; fix the invalid value(s)"
+                f"(rejected keys: {', '.join(diffs)}): {listed}. The server ignored or changed these values (a real "
+                "KATO drops the whole config when any value is invalid, and ignores unknown keys); fix or remove them"
             )
         return info
 

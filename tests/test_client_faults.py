@@ -1,0 +1,250 @@
+"""The client against the embedded server as a real subprocess: through the fault proxy, SIGKILL + restart,
+a server that is gone for good, lost sessions, and configs the server did not take.
+
+Every knowledge base is read straight from the server (no proxy) through the /nodes export. It is compared
+with the same workload run without faults, which must also equal the knowledge base computed offline.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SOAK
+from faultproxy import KINDS, FaultProxy
+
+from streamtrain.client import KatoClient, NodeSession, unit_took_effect
+from streamtrain.config import ClientConfig
+from streamtrain.errors import ConfigRejected, ServerUnavailable
+from streamtrain.patterns import pattern_name
+from streamtrain.server import EmbeddedServer
+
+# Short timeouts keep stall faults cheap; the budget still rides out a restart of the server.
+FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=30.0, retry_max_attempts=200,
+                    backoff_initial=0.02, backoff_max=0.3)
+TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
+NODES = ("wl-a", "wl-b", "wl-c")
+
+TEXT = """
+To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer The slings and
+arrows of outrageous fortune, Or to take arms against a sea of troubles And by opposing end them. To
+die—to sleep, No more; and by a sleep to say we end The heart-ache and the thousand natural shocks That
+flesh is heir to: 'tis a consummation Devoutly to be wish'd. To die, to sleep; To sleep, perchance to
+dream—ay, there's the rub: For in that sleep of death what dreams may come, When we have shuffled off
+this mortal coil, Must give us pause—there's the respect That makes calamity of so long life. For who
+would bear the whips and scorns of time, Th'oppressor's wrong, the proud man's contumely, The pangs of
+dispriz'd love, the law's delay, The insolence of office, and the spurns That patient merit of
+th'unworthy takes, When he himself might his quietus make With a bare bodkin?
+"""
+
+Unit = tuple[str, list[list[str]], str]  # node, events, key
+
+
+def workload(scale: int = 1) -> list[Unit]:
+    """Units of 8 one-symbol events, spread over the nodes; every third unit comes back (frequency > 1)."""
+    words = re.findall(r"[\w']+|[^\w\s]", TEXT.lower())
+    chunks = [words[i:i + 8] for i in range(0, len(words) - 7, 8)]
+    order = []
+    for rep in range(scale):
+        order += [(i, rep) for i in range(len(chunks))]
+        order += [(i, rep + scale) for i in range(0, len(chunks), 3)]  # repeats
+    return [(NODES[i % len(NODES)], [[w] for w in chunks[i]], f"unit-{i}-{rep}") for i, rep in order]
+
+
+def offline_kb(units: list[Unit]) -> dict[str, dict[str, int]]:
+    kb: dict[str, Counter[str]] = {}
+    for node, events, _ in units:
+        kb.setdefault(node, Counter())[pattern_name(events)] += 1
+    return {node: dict(c) for node, c in kb.items()}
+
+
+def run_workload(client: KatoClient, units: list[Unit], *, after_unit: Callable[[int], None] | None = None) -> str:
+    """Learn every unit with one NodeSession per node; return the mode the sessions chose."""
+    sessions = {node: NodeSession(client, node, TRAIN_CONFIG) for node in NODES}
+    try:
+        for i, (node, events, key) in enumerate(units):
+            assert sessions[node].learn_unit(events, key) == pattern_name(events)
+            if after_unit:
+                after_unit(i)
+    finally:
+        for s in sessions.values():
+            s.close()
+    return sessions[NODES[0]].mode
+
+
+def export(url: str) -> dict[str, dict[str, int]]:
+    with KatoClient(url, settings=FAST) as direct:
+        return direct.export_knowledge_base()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddedServer]]:
+    started: list[EmbeddedServer] = []
+
+    def make(idempotency: bool = True) -> EmbeddedServer:
+        srv = EmbeddedServer(tmp_path / f"kb{len(started)}.db", idempotency=idempotency).start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.kill()
+
+
+SCALE = 8 if SOAK else 2
+UNITS = workload(SCALE)
+
+
+@pytest.fixture(scope="module")
+def fault_free_kb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, int]]:
+    """The workload without faults (verify mode, the longer protocol); it must equal the offline count."""
+    with EmbeddedServer(tmp_path_factory.mktemp("clean") / "kb.db", idempotency=False) as srv:
+        with KatoClient(srv.url, settings=FAST) as client:
+            assert run_workload(client, UNITS) == "verify"
+        kb = export(srv.url)
+    assert kb == offline_kb(UNITS)
+    assert max(f for node in kb.values() for f in node.values()) > 1
+    return kb
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("idempotency", [True, False], ids=["keys", "verify"])
+def test_workload_through_ten_percent_faults_learns_exactly_once(
+    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, idempotency: bool
+) -> None:
+    """Drops, lost answers, 503/429 and stalls leave exactly the fault-free knowledge base."""
+    srv = server_factory(idempotency=idempotency)
+    with FaultProxy(srv.url, fault_rate=0.1, seed=40, retry_after="1", stall_seconds=0.8) as proxy:
+        with KatoClient(proxy.url, settings=FAST) as client:
+            mode = run_workload(client, UNITS)
+        counts = proxy.counts
+    assert mode == ("keys" if idempotency else "verify")
+    assert export(srv.url) == fault_free_kb
+    # the run really went through every kind of fault (the seed is fixed, the client sequential)
+    assert set(KINDS) <= set(counts), counts
+    assert sum(counts[k] for k in KINDS) >= 0.05 * counts["requests"], counts
+
+
+@pytest.mark.parametrize("idempotency", [True, False], ids=["keys", "verify"])
+def test_server_sigkilled_and_restarted_mid_workload(
+    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, idempotency: bool
+) -> None:
+    """The client waits through a SIGKILL and a restart, keeps or replaces its sessions, and learns once."""
+    srv = server_factory(idempotency=idempotency)
+    go = threading.Event()
+    restarted = threading.Event()
+
+    def killer() -> None:
+        go.wait(30)
+        srv.kill()  # SIGKILL, while the workload keeps sending
+        time.sleep(1.0)
+        srv.start()
+        restarted.set()
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    kill_at = {len(UNITS) // 3, 2 * len(UNITS) // 3}
+
+    def after_unit(i: int) -> None:
+        if i in kill_at and not go.is_set():
+            go.set()
+
+    with KatoClient(srv.url, settings=FAST) as client:
+        run_workload(client, UNITS, after_unit=after_unit)
+    thread.join(30)
+    assert restarted.is_set()
+    assert export(srv.url) == fault_free_kb
+
+
+def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[..., EmbeddedServer]) -> None:
+    """No server: ServerUnavailable after retry_total_seconds (within one backoff step), never a hang."""
+    srv = server_factory()
+    settings = FAST.model_copy(update={"retry_total_seconds": 1.5, "backoff_max": 0.3})
+    with KatoClient(srv.url, settings=settings) as client:
+        node = NodeSession(client, "n", TRAIN_CONFIG)
+        node.learn_unit([["a"], ["b"]], "k0")
+        srv.kill()
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable) as info:
+            node.learn_unit([["c"], ["d"]], "k1")
+        spent = time.monotonic() - t0
+    assert 1.5 <= spent <= 1.5 + 0.3 + 0.5, spent
+    assert srv.url in str(info.value) and "attempt(s)" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(tmp_path_factory.mktemp("shared") / "kb.db", idempotency=False) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("config, rejected", [
+    ({"stm_mode": "BOGUS"}, "stm_mode"),        # silently replaced by CLEAR
+    ({"no_such_key": 1}, "no_such_key"),         # silently ignored
+    ({"recall_threshold": 5}, "recall_threshold"),  # refused with 400 by this server
+])
+def test_config_the_server_did_not_take_is_rejected(shared_server: EmbeddedServer, config: dict, rejected: str) -> None:
+    with KatoClient(shared_server.url, settings=FAST) as client:
+        with pytest.raises(ConfigRejected, match=rejected):
+            NodeSession(client, "cfg-node", {**TRAIN_CONFIG, **config}).open()
+
+
+def test_deleted_session_is_replaced_and_the_unit_learned_once(shared_server: EmbeddedServer) -> None:
+    """A session that vanished (404) is recreated; the unit is redone from a clean STM."""
+    a, b = [["x"], ["y"], ["z"]], [["p"], ["q"]]
+    with KatoClient(shared_server.url, settings=FAST) as client:
+        node = NodeSession(client, "lost-node", TRAIN_CONFIG)
+        node.learn_unit(a, "k0")
+        old = node.session_id
+        client.delete_session(old)
+        node.learn_unit(b, "k1")
+        node.learn_unit(a, "k2")
+        assert node.session_id != old
+        node.close()
+        kb = client.export_knowledge_base()["lost-node"]
+    assert kb == {pattern_name(a): 2, pattern_name(b): 1}
+
+
+def test_unit_took_effect_after_a_trainer_crash(shared_server: EmbeddedServer) -> None:
+    """The journaled phase and the session's STM decide whether a crashed trainer's learn happened."""
+    events = [["m"], ["n"], ["o"]]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at(phase: str) -> Callable[[str, str], None]:
+        def hook(p: str, sid: str) -> None:
+            seen.append((p, sid))
+            if p == phase:
+                raise Crash
+
+        return hook
+
+    with KatoClient(shared_server.url, settings=FAST) as client:
+        seen: list[tuple[str, str]] = []
+        with pytest.raises(Crash):  # crashed before sending the learn: STM holds the unit
+            NodeSession(client, "crash-node", TRAIN_CONFIG).learn_unit(events, "k", on_phase=crash_at("learn"))
+        phase, sid = seen[-1]
+        assert unit_took_effect(client, "crash-node", sid, events, phase) is False
+        client.learn(sid)  # as if the learn had been sent just before the crash
+        assert unit_took_effect(client, "crash-node", sid, events, phase) is True
+        assert client.export_knowledge_base()["crash-node"] == {pattern_name(events): 1}
+
+
+def test_keyed_unit_resent_to_a_new_session_is_not_learned_twice(server_factory: Callable[..., EmbeddedServer]) -> None:
+    """A resumed trainer resends its in-flight unit with the same key to new sessions: frequency stays 1."""
+    srv = server_factory(idempotency=True)
+    events = [["to"], ["be"]]
+    with KatoClient(srv.url, settings=FAST) as client:
+        first = NodeSession(client, "key-node", TRAIN_CONFIG)
+        assert first.mode == "keys"
+        first.learn_unit(events, "run/key-node/0/0")
+        again = NodeSession(client, "key-node", TRAIN_CONFIG)
+        assert again.learn_unit(events, "run/key-node/0/0") == pattern_name(events)
+        assert first.session_id != again.session_id
+        assert client.export_knowledge_base()["key-node"] == {pattern_name(events): 1}
