@@ -942,6 +942,8 @@ def _learn_applied(client: KatoClient, node_id: str, session_id: str, events: li
     handles.
     """
     try:
+        if not session_id:  # no session was recorded (e.g. a journal without one): same as a vanished one
+            raise SessionNotFound(f"no session id recorded for the learn of {expected}", session_id)
         stm = client.stm(session_id)
     except SessionNotFound as exc:
         if client.pattern(node_id, expected) is None:
