@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/streamtrain train --config streamtrain/demo/demo.toml
+	$(VENV)/bin/streamtrain demo
 
 test: $(STAMP)
 	$(PY) -m pytest --nbmake tests notebooks
