@@ -47,8 +47,8 @@ class DatasetConfig(StrictModel):
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
         None, description="Local files (or globs) for builders such as 'parquet', 'json', 'text'."
     )
-    split: str = "train"
-    text_field: str = Field("text", min_length=1)
+    split: str = Field("train", description="The split to stream.")
+    text_field: str = Field("text", min_length=1, description="The record field holding the text.")
     min_chars: int = Field(1, ge=0, description="Records whose text is shorter are counted as filtered.")
 
 
@@ -106,30 +106,39 @@ class RunConfig(StrictModel):
         None, json_schema_extra=MAY_CHANGE, description="A KATO server; absent = start the embedded server."
     )
     server_token: str | None = Field(None, json_schema_extra=MAY_CHANGE, description="Bearer token, if any.")
-    dataset: DatasetConfig = Field(json_schema_extra=MUST_MATCH)
+    dataset: DatasetConfig = Field(json_schema_extra=MUST_MATCH, description="What to stream, and the text filter.")
     tokenizer: Literal["words", "gpt2"] = Field(
         "words",
         json_schema_extra=MUST_MATCH,
         description="'words': offline words-and-punctuation; 'gpt2': tiktoken BPE (needs its file locally).",
     )
-    layers: list[LayerConfig] = Field(default_factory=_default_layers, min_length=1, json_schema_extra=MUST_MATCH)
+    layers: list[LayerConfig] = Field(
+        default_factory=_default_layers,
+        min_length=1,
+        json_schema_extra=MUST_MATCH,
+        description="The hierarchy, level 0 first: one KATO node per level.",
+    )
     max_samples: int | None = Field(
         None,
         ge=1,
         json_schema_extra=MAY_CHANGE,
         description="Stop at this raw stream position (records read, filtered ones included); absent = to the end.",
     )
-    checkpoint_dir: Path = Field(Path("checkpoints"), json_schema_extra=MAY_CHANGE)
+    checkpoint_dir: Path = Field(
+        Path("checkpoints"), json_schema_extra=MAY_CHANGE, description="Run folders live here: <checkpoint_dir>/<run_name>/."
+    )
     checkpoint_every: int = Field(1000, ge=1, json_schema_extra=MAY_CHANGE, description="Samples between checkpoints.")
     checkpoint_every_seconds: float | None = Field(
         300.0, gt=0, json_schema_extra=MAY_CHANGE, description="Seconds between checkpoints (also)."
     )
-    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=MAY_CHANGE)
-    num_workers: int = Field(1, ge=1, le=64, json_schema_extra=MAY_CHANGE)
+    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=MAY_CHANGE, description="Newest checkpoint files kept.")
+    num_workers: int = Field(1, ge=1, le=64, json_schema_extra=MAY_CHANGE, description="Samples trained in parallel.")
     max_failures: int = Field(
         100, ge=0, json_schema_extra=MAY_CHANGE, description="Stop the run when more samples than this have failed."
     )
-    client: ClientConfig = Field(default_factory=ClientConfig, json_schema_extra=MAY_CHANGE)
+    client: ClientConfig = Field(
+        default_factory=ClientConfig, json_schema_extra=MAY_CHANGE, description="Timeouts and retries of server calls."
+    )
 
     @field_validator("run_name")
     @classmethod

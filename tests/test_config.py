@@ -231,3 +231,11 @@ def test_json_schema_marks_the_policy() -> None:
     assert schema["properties"]["max_samples"]["resume"] == "may_change"
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {"run_name", "dataset"}
+
+
+def test_readme_documents_every_field() -> None:
+    """The README's config reference names every field, so docs cannot silently drift from the model."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for model in (RunConfig, DatasetConfig, LayerConfig, ClientConfig):
+        for name in model.model_fields:
+            assert f"`{name}`" in readme, f"README.md does not document {model.__name__}.{name}"
