@@ -311,7 +311,7 @@ class _Run:
         finished = self.counters.samples_trained + self.counters.samples_failed
         # every raw index below the mark is finished or was filtered out
         self.counters.samples_filtered = max(0, mark - (finished - len(done_above)))
-        self.sequence += 1
+        self.sequence = max(self.sequence + 1, self.store.next_sequence())
         ckpt = Checkpoint(
             library_version=__version__,
             sequence=self.sequence,

@@ -1,0 +1,253 @@
+"""The trainer end to end: real corpus, embedded server as a real process, trainers killed with real signals.
+
+Knowledge bases are compared level by level ({level: {pattern name: frequency}}): names above level 0 are names of
+names, independent of the run's name, so runs under different run_names on one server can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SOAK
+
+from streamtrain.checkpoint import CheckpointStore
+from streamtrain.client import KatoClient
+from streamtrain.config import ClientConfig, DatasetConfig, LayerConfig, RunConfig
+from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
+from streamtrain.server import EmbeddedServer
+from streamtrain.trainer import train, train_parallel
+
+SAMPLES = 90
+LAYERS = [LayerConfig(chunk_size=6), LayerConfig(chunk_size=4), LayerConfig(chunk_size=3)]
+CHILD = Path(__file__).with_name("train_child.py")
+
+
+def make_config(tmp_path: Path, corpus: Path, run_name: str, url: str | None, **overrides) -> RunConfig:
+    fields = dict(
+        run_name=run_name,
+        server_url=url,
+        dataset=DatasetConfig(path="parquet", data_files=str(corpus / "*.parquet"), min_chars=20),
+        layers=LAYERS,
+        max_samples=SAMPLES,
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=7,
+        checkpoint_every_seconds=None,
+        client=ClientConfig(retry_total_seconds=30, read_timeout=10),
+    )
+    fields.update(overrides)
+    return RunConfig(**fields)
+
+
+def kb_by_level(url: str, run_name: str) -> dict[int, dict[str, int]]:
+    with KatoClient(url) as client:
+        kb = client.export_knowledge_base()
+    out: dict[int, dict[str, int]] = {}
+    for node_id, patterns in kb.items():
+        prefix = f"{run_name}-L"
+        if node_id.startswith(prefix):
+            out[int(node_id[len(prefix):])] = dict(patterns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with EmbeddedServer(tmp_path_factory.mktemp("srv") / "kb.sqlite3") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server_without_idempotency(tmp_path_factory):
+    with EmbeddedServer(tmp_path_factory.mktemp("srv-noidem") / "kb.sqlite3", idempotency=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(server, demo_corpus, tmp_path_factory) -> dict[int, dict[str, int]]:
+    """The knowledge base of an uninterrupted single-worker run."""
+    cfg = make_config(tmp_path_factory.mktemp("ref"), demo_corpus, "reference", server.url)
+    result = train(cfg, progress=False)
+    assert result.reason == "end" and result.final_position == SAMPLES
+    kb = kb_by_level(server.url, "reference")
+    assert set(kb) == {0, 1, 2} and sum(kb[0].values()) == result.patterns_learned[0]
+    return kb
+
+
+def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_path, reference):
+    """Every raw record below the end is trained, filtered or failed; the last checkpoint says 'end'."""
+    cfg = make_config(tmp_path, demo_corpus, "accounting", server.url)
+    result = train(cfg, progress=False)
+    assert result.samples_trained + result.samples_filtered + result.samples_failed == SAMPLES
+    assert result.samples_filtered > 0 and result.samples_failed == 0
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt is not None and ckpt.reason == "end" and ckpt.position.raw_offset == SAMPLES
+    assert ckpt.counters.samples_trained == result.samples_trained
+    assert kb_by_level(server.url, "accounting") == reference
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, workers):
+    """N workers, completions out of order: the same knowledge base as one worker."""
+    cfg = make_config(tmp_path, demo_corpus, f"parallel{workers}", server.url)
+    result = train_parallel(cfg, num_workers=workers)
+    assert result.num_workers == workers and result.final_position == SAMPLES
+    assert kb_by_level(server.url, f"parallel{workers}") == reference
+
+
+def _start_child(cfg: RunConfig, tmp_path: Path, log) -> subprocess.Popen:
+    path = tmp_path / f"{cfg.run_name}-{cfg.num_workers}.json"
+    path.write_text(cfg.model_dump_json())
+    return subprocess.Popen([sys.executable, str(CHILD), str(path)], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _journal_size(cfg: RunConfig) -> int:
+    path = cfg.run_dir / "journal.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
+def _kill_and_resume(cfg: RunConfig, tmp_path: Path, kills: int, seed: int, resume_workers: int | None = None) -> int:
+    """SIGKILL a training process at random moments `kills` times, then let one run to the end.
+
+    Each kill waits until the child has sent something (its journal grew), then a random 0-0.4 s more, so kills
+    land in the middle of steps rather than in the child's start-up.
+    """
+    rng = random.Random(seed)
+    log = open(tmp_path / f"{cfg.run_name}.log", "ab")
+    killed = 0
+    while killed < kills:
+        before = _journal_size(cfg)
+        proc = _start_child(cfg, tmp_path, log)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _journal_size(cfg) <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:
+            break  # it finished before the kill: nothing left to interrupt
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed += 1
+    if resume_workers is not None:
+        cfg = cfg.model_copy(update={"num_workers": resume_workers})
+    proc = _start_child(cfg, tmp_path, log)
+    assert proc.wait(timeout=240) == 0, (tmp_path / f"{cfg.run_name}.log").read_text()[-3000:]
+    return killed
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("mode", ["keys", "verify"])
+def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference):
+    """The headline: a trainer SIGKILLed >= 10 times and resumed leaves exactly the uninterrupted knowledge base."""
+    srv = server if mode == "keys" else server_without_idempotency
+    cfg = make_config(tmp_path, demo_corpus, f"crash-{mode}", srv.url, checkpoint_every=5)
+    kills = 50 if SOAK else 10
+    killed = _kill_and_resume(cfg, tmp_path, kills, seed=7 if mode == "keys" else 11)
+    assert killed == kills, f"only {killed} of {kills} kills landed before the run finished"
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.reason == "end" and ckpt.server.idempotency == (mode == "keys")
+    assert kb_by_level(srv.url, cfg.run_name) == reference
+    # counters are counted once too: each learn adds one to one frequency
+    assert ckpt.counters.patterns_learned == [sum(reference[level].values()) for level in sorted(reference)]
+    assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
+
+
+def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_corpus, tmp_path, reference):
+    """A 4-worker run killed twice and resumed with 2 workers gives the same knowledge base (no idempotency)."""
+    srv = server_without_idempotency
+    cfg = make_config(tmp_path, demo_corpus, "four-to-two", srv.url, num_workers=4)
+    _kill_and_resume(cfg, tmp_path, kills=2, seed=3, resume_workers=2)
+    assert kb_by_level(srv.url, cfg.run_name) == reference
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_path):
+    """SIGTERM and Ctrl-C: in-flight samples finish, a checkpoint with reason 'interrupt' is written, exit 130."""
+    cfg = make_config(tmp_path, demo_corpus, f"signal{int(sig)}", server.url, max_samples=None, checkpoint_every=10**6)
+    with open(tmp_path / "child.log", "ab") as log:
+        proc = _start_child(cfg, tmp_path, log)
+        journal = cfg.run_dir / "journal.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 2000):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 130, (tmp_path / "child.log").read_text()[-3000:]
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt is not None and ckpt.reason == "interrupt" and ckpt.position.raw_offset > 0
+
+
+def test_server_gone_writes_error_checkpoint_and_raises(demo_corpus, tmp_path):
+    """The server dies for good mid-run: an 'error' checkpoint is written and the error is raised."""
+    with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:
+        cfg = make_config(tmp_path, demo_corpus, "server-gone", srv.url, max_samples=None,
+                          client=ClientConfig(retry_total_seconds=2, read_timeout=2, backoff_max=0.5))
+        import threading
+
+        threading.Timer(1.5, srv.kill).start()
+        with pytest.raises(ServerUnavailable):
+            train(cfg, progress=False)
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.reason == "error" and "ServerUnavailable" in (ckpt.error or "")
+
+
+def test_raising_max_samples_continues_where_it_ended(server, demo_corpus, tmp_path, reference):
+    """Train to 40, then to 90: the second call starts at the first one's end; same KB as one run to 90."""
+    first = train(make_config(tmp_path, demo_corpus, "extend", server.url, max_samples=40), progress=False)
+    second = train(make_config(tmp_path, demo_corpus, "extend", server.url), progress=False)
+    assert first.final_position == 40 and second.start_position == 40 and second.resumed
+    assert second.samples_trained == first.samples_trained + second.new_samples
+    assert kb_by_level(server.url, "extend") == reference
+
+
+def test_must_match_change_is_refused(server, demo_corpus, tmp_path):
+    """A different layer setup cannot continue the run; the message names the field."""
+    train(make_config(tmp_path, demo_corpus, "mismatch", server.url, max_samples=10), progress=False)
+    changed = make_config(tmp_path, demo_corpus, "mismatch", server.url, layers=[LayerConfig(chunk_size=5)])
+    with pytest.raises(ResumeMismatch, match=r"layers\[0\]\.chunk_size: checkpoint=6 current=5"):
+        train(changed, progress=False)
+
+
+def test_fresh_refuses_then_moves_aside(server, demo_corpus, tmp_path):
+    """fresh=True will not start over existing checkpoints unless asked to move them aside."""
+    cfg = make_config(tmp_path, demo_corpus, "fresh", server.url, max_samples=5)
+    train(cfg, progress=False)
+    with pytest.raises(CheckpointError, match="move"):
+        train(cfg, fresh=True, progress=False)
+    result = train(cfg, fresh=True, move_aside=True, progress=False)
+    assert result.start_position == 0 and not result.resumed
+    assert any(p.name.startswith("fresh.moved-") for p in cfg.run_dir.parent.iterdir())
+
+
+def test_failed_samples_are_recorded_and_stop_the_run(demo_corpus, tmp_path):
+    """Samples the server rejects (bodies over its limit) are listed with raw index; past max_failures the run stops."""
+    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-body-bytes", "700"]) as srv:
+        cfg = make_config(tmp_path, demo_corpus, "failing", srv.url,
+                          layers=[LayerConfig(chunk_size=40)], max_failures=1000)
+        result = train(cfg, progress=False)
+        assert result.samples_failed > 0 and result.samples_trained > 0
+        assert all(f.error for f in result.failures) and len(result.failures) == result.samples_failed
+        strict = make_config(tmp_path / "strict", demo_corpus, "failing", srv.url,
+                             layers=[LayerConfig(chunk_size=40)], max_failures=0)
+        from streamtrain.errors import TooManyFailures
+
+        with pytest.raises(TooManyFailures):
+            train(strict, progress=False)
+    ckpt = CheckpointStore(strict.run_dir).latest()
+    assert ckpt.reason == "error" and ckpt.failures
+
+
+def test_embedded_server_by_default(demo_corpus, tmp_path):
+    """No server_url: the embedded server runs for the run, its database beside the checkpoints, found on resume."""
+    cfg = make_config(tmp_path, demo_corpus, "embedded", None, max_samples=20)
+    first = train(cfg, progress=False)
+    assert (cfg.run_dir / "kb.sqlite3").exists() and first.final_position == 20
+    second = train(cfg.model_copy(update={"max_samples": 30}), progress=False)
+    assert second.start_position == 20
+    with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
+        kb = kb_by_level(srv.url, "embedded")
+    assert sum(kb[0].values()) == second.patterns_learned[0]

@@ -1,0 +1,20 @@
+"""A trainer in its own process, for the tests that kill it: python train_child.py CONFIG.json [--fresh]."""
+
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from streamtrain.config import parse_config  # noqa: E402
+from streamtrain.trainer import train  # noqa: E402
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
+    with open(sys.argv[1], encoding="utf-8") as fh:
+        config = parse_config(json.load(fh))
+    result = train(config, progress=False)
+    print(result.model_dump_json(include={"reason", "start_position", "final_position", "samples_trained"}))
+    sys.exit(130 if result.reason == "interrupt" else 0)
