@@ -511,8 +511,9 @@ class KatoClient:
             raise SessionNotFound(
                 f"server {self.base_url}: {call}: session {session_id} not found or expired (404)", session_id
             )
+        hint = "; check the bearer token (server_token in the run config)" if status in (401, 403) else ""
         raise ProtocolError(
-            f"server {self.base_url}: {call} answered HTTP {status}: {_short(response.text)}"
+            f"server {self.base_url}: {call} answered HTTP {status}: {_short(response.text)}{hint}"
         )
 
     @staticmethod

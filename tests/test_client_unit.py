@@ -519,3 +519,12 @@ def test_key_conflict_is_recognised() -> None:
     with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(KeyAlreadyUsed):
             client.learn("s", idempotency_key="k")
+
+
+def test_token_is_sent_and_a_refusal_names_it() -> None:
+    """The bearer token goes in Authorization; a 401 says to check it."""
+    handler, seen = scripted([httpx.Response(401, json={"detail": "Missing or wrong bearer token"})])
+    with KatoClient(URL, token="s3cret", settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ProtocolError, match="server_token"):
+            client.nodes()
+    assert seen[0].headers["Authorization"] == "Bearer s3cret"
