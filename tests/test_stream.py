@@ -76,8 +76,9 @@ def read_with_interruptions(cfg: DatasetConfig, cuts: list[int], use_state: list
     return seen
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("fmt", ["parquet", "json", "text"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 if os.environ.get("STREAMTRAIN_SOAK") == "1" else 25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shards=shards_strategy,
     min_chars=st.integers(min_value=0, max_value=4),
