@@ -245,6 +245,7 @@ class _Run:
         self.checkpoints_written = 0
         self.last_checkpoint: Path | None = None
         self.history: list[ProgressPoint] = []
+        self.stream: DatasetStream | None = None
 
     # -- resume -------------------------------------------------------------------------------------------
     def load_state(self) -> None:
@@ -261,6 +262,7 @@ class _Run:
             self.counters = ckpt.counters.model_copy(deep=True)
             self.failures = list(ckpt.failures)
             raw_offset, done_above = ckpt.position.raw_offset, set(ckpt.position.done_above)
+            self.stream_state = ckpt.position.state_dict
             logger.info("resuming run %s from %s at raw position %d", cfg.run_name, path.name, raw_offset)
         else:
             if journal_state.header is not None:
@@ -272,6 +274,7 @@ class _Run:
             self.counters = Counters(patterns_learned=[0] * len(cfg.layers))
             self.failures = []
             raw_offset, done_above = 0, set()
+            self.stream_state = None
         if len(self.counters.patterns_learned) != len(cfg.layers):
             self.counters.patterns_learned = [0] * len(cfg.layers)
         # what the journal knows beyond the checkpoint: samples finished since, and steps in flight
@@ -317,7 +320,7 @@ class _Run:
             sequence=self.sequence,
             run_name=self.config.run_name,
             config=self.config,
-            position=StreamPosition(raw_offset=mark, done_above=done_above),
+            position=StreamPosition(raw_offset=mark, done_above=done_above, state_dict=self._stream_state(mark)),
             counters=self.counters,
             failures=self.failures,
             reason=reason,
@@ -335,6 +338,12 @@ class _Run:
         self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
         logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, mark)
         return path
+
+    def _stream_state(self, mark: int) -> dict[str, Any] | None:
+        """The dataset's exact state at the mark, when the reader stands there (always at the end of a call)."""
+        if self.stream is None:
+            return self.stream_state if mark == self.start_position else None
+        return self.stream.state_for(mark)
 
     def _checkpoint_due(self) -> bool:
         cfg = self.config
@@ -390,7 +399,7 @@ class _Run:
         limit = cfg.max_samples
         if limit is not None and t.read_pos >= limit:
             return
-        stream = DatasetStream(cfg.dataset, start=t.read_pos)
+        stream = self.stream = DatasetStream(cfg.dataset, start=t.read_pos, state_dict=self.stream_state)
         for raw_index, text in stream:
             if limit is not None and raw_index >= limit:
                 t.read_pos = max(t.read_pos, limit)
