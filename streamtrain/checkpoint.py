@@ -181,13 +181,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _describe_os_error(exc: OSError) -> str:
+def _describe_os_error(exc: OSError, access: str = "writable") -> str:
     if exc.errno == errno.ENOSPC:
         return "the disk is full (free some space, or point checkpoint_dir at another disk)"
     if exc.errno == errno.EDQUOT:
         return "the disk quota is exceeded (free some space, or point checkpoint_dir at another disk)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "the folder is not writable (fix its permissions, or point checkpoint_dir elsewhere)"
+        return f"the folder is not {access} (fix its permissions, or point checkpoint_dir elsewhere)"
     return exc.strerror or str(exc)
 
 
@@ -216,12 +216,11 @@ class CheckpointStore:
         self._check_folder()
         if not self.run_dir.is_dir():
             return []
-        found = []
-        for p in self.run_dir.iterdir():
-            m = _NAME.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        try:
+            names = [p.name for p in self.run_dir.iterdir()]
+        except OSError as exc:
+            raise CheckpointError(f"cannot list checkpoint folder {self.run_dir}: {_describe_os_error(exc, 'readable')}") from None
+        return sorted((int(m.group(1)), self.run_dir / n) for n in names if (m := _NAME.match(n)))
 
     def next_sequence(self) -> int:
         """The sequence number the next save should use (1 for an empty folder)."""
