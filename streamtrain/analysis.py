@@ -31,6 +31,7 @@ __all__ = [
     "Decoder",
     "checkpoint_table",
     "config_diff",
+    "config_table",
     "connect",
     "decode_pattern",
     "frequency_distribution",
@@ -379,6 +380,16 @@ def checkpoint_table(source: RunConfig | str | Path, keep: int = 3) -> list[dict
             "created_at": ck.created_at if ck else None,
             "error": e.error,
         })
+    return rows
+
+
+def config_table(config: RunConfig) -> list[dict[str, Any]]:
+    """Every config value (dotted path) with what a resume allows: ``must_match`` or ``may_change``."""
+    data = config.model_dump(mode="json")
+    rows = []
+    for name, policy in resume_policy().items():
+        for key, value in _leaves(data[name], name).items():
+            rows.append({"field": key, "value": value, "on_resume": policy})
     return rows
 
 
