@@ -159,3 +159,25 @@ def test_invalid_config_at_creation_is_rejected_not_dropped(c):
     r = c.post("/sessions", json={"node_id": "cfg", "config": {"recall_threshold": 5, "max_pattern_length": 2}})
     assert r.status_code == 400
     assert r.json()["detail"]["validation_errors"] == {"recall_threshold": "Must be a number between 0.0 and 1.0"}
+
+
+def test_fast_alignment_equals_difflib_reference():
+    import difflib
+
+    from streamtrain.server.predictions import matching_blocks, reference_alignment
+
+    rng = random.Random(11)
+    for _ in range(3000):
+        a = [rng.choice("abcde") for _ in range(rng.randint(1, 12))]
+        b = [rng.choice("abcdef") for _ in range(rng.randint(2, 10))]
+        b2j: dict[str, list[int]] = {}
+        for j, x in enumerate(b):
+            b2j.setdefault(x, []).append(j)
+        blocks = matching_blocks(a, b2j, len(b))
+        ref = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()[:-1]
+        assert blocks == [tuple(x) for x in ref]
+        got = reference_alignment(a, b, 0.0)
+        matches, past, present, _missing, extras, nblocks = got
+        m = sum(x[2] for x in blocks)
+        assert len(matches) == m and nblocks == len(blocks)
+        assert len(extras) == len(b) - m          # what predict() uses for the snr

@@ -126,15 +126,59 @@ def _hash_future(future: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- matching
-def _similarity(flat: list[str], state: list[str], token: bool) -> float:
+def _score(flat: list[str], state: list[str], token: bool) -> tuple[float, float]:
+    """(0-100 score, similarity) as KATO computes them: the score is what the rapidfuzz cut-off sees."""
     if token:
-        lcs = LCSseq.similarity(flat, state)
-        return (2.0 * lcs / (len(flat) + len(state)) * 100.0) / 100.0
-    return fuzz.ratio(" ".join(flat), " ".join(state)) / 100.0
+        score = 2.0 * LCSseq.similarity(flat, state) / (len(flat) + len(state)) * 100.0
+    else:
+        score = fuzz.ratio(" ".join(flat), " ".join(state))
+    return score, score / 100.0
 
 
-def _extract(flat: list[str], state: list[str], cutoff: float):
-    """Alignment of one pattern with the state (pattern_search.extract_prediction_info)."""
+def matching_blocks(a: list[str], b2j: dict[str, list[int]], lb: int) -> list[tuple[int, int, int]]:
+    """difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() without the terminator,
+    with b's index (b2j) built once per query: KATO's extractor is difflib's algorithm without junk."""
+    queue = [(0, len(a), 0, lb)]
+    found = []
+    while queue:
+        alo, ahi, blo, bhi = queue.pop()
+        besti, bestj, bestsize = alo, blo, 0
+        j2len: dict[int, int] = {}
+        for i in range(alo, ahi):
+            newj2len: dict[int, int] = {}
+            for j in b2j.get(a[i], ()):
+                if j < blo:
+                    continue
+                if j >= bhi:
+                    break
+                k = newj2len[j] = j2len.get(j - 1, 0) + 1
+                if k > bestsize:
+                    besti, bestj, bestsize = i - k + 1, j - k + 1, k
+            j2len = newj2len
+        if bestsize:
+            found.append((besti, bestj, bestsize))
+            if alo < besti and blo < bestj:
+                queue.append((alo, besti, blo, bestj))
+            if besti + bestsize < ahi and bestj + bestsize < bhi:
+                queue.append((besti + bestsize, ahi, bestj + bestsize, bhi))
+    found.sort()
+    blocks = []
+    i1 = j1 = k1 = 0
+    for i2, j2, k2 in found:
+        if i1 + k1 == i2 and j1 + k1 == j2:
+            k1 += k2
+        else:
+            if k1:
+                blocks.append((i1, j1, k1))
+            i1, j1, k1 = i2, j2, k2
+    if k1:
+        blocks.append((i1, j1, k1))
+    return blocks
+
+
+def reference_alignment(flat: list[str], state: list[str], cutoff: float):
+    """Alignment of one pattern with the state, ported directly from pattern_search.extract_prediction_info
+    with difflib (slow; the tests check predict()'s fast alignment against it)."""
     sm = difflib.SequenceMatcher(None, flat, state, autojunk=False)
     blocks = sm.get_matching_blocks()[:-1]
     matches: list[str] = []
@@ -166,20 +210,22 @@ def _extract(flat: list[str], state: list[str], cutoff: float):
 
 
 def _prediction(name: str, events: list[list[str]], frequency: int, emotives: Any, matches: list[str],
-                past_flat: list[str], present_flat: list[str], extras_flat: list[str], similarity: float,
+                past_len: int, present_len: int, total_extras: int, similarity: float,
                 number_of_blocks: int, stm_events: list[list[str]], length: int) -> dict[str, Any]:
-    """representations/prediction.py: re-segment into the pattern's events, event-aligned missing/extras."""
+    """representations/prediction.py: re-segment into the pattern's events, event-aligned missing/extras.
+
+    past_len/present_len: symbols in the flat past/present; total_extras: state symbols the flat present
+    does not match (the snr's e)."""
     m = len(matches)
-    total_extras = len(extras_flat)
     denom = 2.0 * m + total_extras
     snr = float((2.0 * m - total_extras) / denom) if denom > 0 else 0.0
-    c1, c2, ev = len(past_flat), 0, 0
+    c1, c2, ev = past_len, 0, 0
     while c2 < c1:
         c2 += len(events[ev])
         ev += 1
     e1 = ev
     past = events[:ev]
-    c1 += len(present_flat)
+    c1 += present_len
     while c2 < c1:
         c2 += len(events[ev])
         ev += 1
@@ -255,34 +301,64 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
     else:
         pats = cache.all_of(engine, kb)
     cut = threshold * 100.0 - 1e-6
-    found = []
+    b2j: dict[str, list[int]] = {}
+    for j, sym in enumerate(state):
+        b2j.setdefault(sym, []).append(j)
+    ls = len(state)
+    scored = []      # cheap pass over every candidate: alignment and the pruning key only
     for name in sorted(pats):
         events, flat = pats[name]
-        sim = _similarity(flat, state, use_token_matching)
-        if (2.0 * sim * 100.0 / 2.0) < cut:
+        score, sim = _score(flat, state, use_token_matching)
+        if score < cut:
             continue
-        ext = _extract(flat, state, threshold)
-        if ext is None:
+        blocks = matching_blocks(flat, b2j, ls)
+        if blocks:
+            i0 = blocks[0][0]
+            end = blocks[-1][0] + blocks[-1][2]
+            past_len, present_len = i0, (end - i0 if end > i0 else len(flat) - i0)
+        elif threshold > 0.0:
             continue
-        found.append((name, events, flat, sim, ext))
-    if not found:
+        else:
+            past_len, present_len = 0, len(flat)
+        m = sum(b[2] for b in blocks)
+        # Aligning the flat present with the state again (KATO's compare()) matches the same m symbols:
+        # every other state symbol is an extra.
+        extras = ls - m
+        denom = 2.0 * m + extras
+        snr = float((2.0 * m - extras) / denom) if denom > 0 else 0.0
+        c2 = ev = 0
+        while c2 < past_len:
+            c2 += len(events[ev])
+            ev += 1
+        e1 = ev
+        while c2 < past_len + present_len:
+            c2 += len(events[ev])
+            ev += 1
+        if e1 > 0 and blocks and state[blocks[0][1]] in events[e1 - 1]:
+            e1 -= 1
+        present_sym = sum(len(events[k]) for k in range(e1, ev))
+        evidence = float(m / len(flat)) if flat else 0.0
+        confidence = float(m / present_sym) if present_sym > 0 else 0.0
+        pre = (evidence + confidence) * snr + _frag_term(float(len(blocks) - 1))
+        scored.append((pre, name, events, flat, sim, blocks, past_len, present_len, extras))
+    if not scored:
         return [], []
 
-    details = _details(engine, kb, [f[0] for f in found])
-    preds = []
-    for name, events, flat, sim, (matches, past, present, missing, extras, nblocks) in found:
-        freq, emos = details.get(name, (1, []))
-        p = _prediction(name, events, freq, _average_emotives(emos), matches, past, present, extras, sim,
-                        nblocks, stm, len(flat))
-        p["_flat_missing"] = missing
-        preds.append(p)
-
     limit = max_predictions * 3
-    if len(preds) > limit:
-        # KATO leaves this helper key in the returned predictions when it prunes; so do we.
-        for p in preds:
-            p["_pre_potential"] = (p["evidence"] + p["confidence"]) * p["snr"] + _frag_term(p["fragmentation"])
-        preds = heapq.nsmallest(limit, preds, key=lambda p: (-p["_pre_potential"], p["name"]))
+    pruned = len(scored) > limit
+    if pruned:
+        scored = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
+
+    details = _details(engine, kb, [t[1] for t in scored])
+    preds = []
+    for pre, name, events, flat, sim, blocks, past_len, present_len, extras in scored:
+        freq, emos = details.get(name, (1, []))
+        matches = [sym for _i, j, n in blocks for sym in state[j:j + n]]
+        p = _prediction(name, events, freq, _average_emotives(emos), matches, past_len, present_len, extras, sim,
+                        len(blocks), stm, len(flat))
+        if pruned:
+            p["_pre_potential"] = pre     # KATO leaves this helper key in the predictions when it prunes
+        preds.append(p)
 
     unique_patterns, total_pattern_freqs, total_symbols = _kb_stats(engine, kb)
     wanted: set[str] = set()
@@ -347,7 +423,6 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
         p["bayesian_likelihood"] = p["similarity"]
         p["potential"] = ((p["evidence"] + p["confidence"]) * p["snr"] + p["itfdf_similarity"]
                           + _frag_term(p["fragmentation"]))
-        p.pop("_flat_missing", None)
 
     ranked = heapq.nsmallest(max_predictions, preds, key=lambda p: (-p["potential"], p["name"]))
     return ranked, futures

@@ -1,0 +1,161 @@
+"""Embedded server throughput and prediction latency (prints figures, asserts nothing).
+
+    .venv/bin/python benchmarks/bench_server.py            # default run, well under 2 minutes
+    .venv/bin/python benchmarks/bench_server.py --big      # adds the 100k-pattern prediction figures
+
+Measures, against the server as a real subprocess over loopback HTTP:
+  * observations/s through observe-sequence with batches of 1 (baseline: one request per event), 8, 64, 512
+  * learned patterns/s: one observe-sequence of 8 events with learn_at_end per pattern (the trainer's shape),
+    with and without an Idempotency-Key, and POST /learn after an observe-sequence
+  * GET /predictions latency p50/p99 with 1k, 10k (and 100k with --big) patterns in the node, and in the same
+    run the in-process prediction time with the symbol index against a full scan of the node
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamtrain.server import EmbeddedServer  # noqa: E402
+
+
+def zipf_vocab(rng: random.Random, size: int):
+    words = [f"w{i}" for i in range(size)]
+    weights = [1.0 / (i + 1) for i in range(size)]
+    return lambda k: rng.choices(words, weights, k=k)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def new_session(c: httpx.Client, node: str) -> str:
+    return c.post("/sessions", json={"node_id": node, "config": {"process_predictions": False}}).json()["session_id"]
+
+
+def bench_ingest(c: httpx.Client, draw, budget_events: int) -> None:
+    print("\n== observations/s through observe-sequence (no learning, process_predictions=false)")
+    base = None
+    for batch in (1, 8, 64, 512):
+        sid = new_session(c, f"ingest{batch}")
+        n_req = max(4, budget_events // batch)
+        bodies = [{"observations": [{"strings": draw(1)} for _ in range(batch)]} for _ in range(n_req)]
+        t0 = time.perf_counter()
+        for i, body in enumerate(bodies):
+            if i % 2 == 0 and batch >= 64:
+                c.post(f"/sessions/{sid}/clear-stm")      # keep the STM short: measure ingest, not STM size
+            c.post(f"/sessions/{sid}/observe-sequence", json=body)
+        dt = time.perf_counter() - t0
+        rate = n_req * batch / dt
+        base = base or rate
+        print(f"  batch {batch:4d}: {rate:10.0f} obs/s  ({n_req} requests, {dt:.2f} s, x{rate / base:.1f} vs batch 1)")
+
+
+def bench_learn(c: httpx.Client, draw, n: int) -> None:
+    print("\n== learned patterns/s (one session)")
+    for label, keyed in (("observe-sequence of 8 + learn_at_end", False),
+                         ("same, with Idempotency-Key", True)):
+        sid = new_session(c, f"learn{int(keyed)}")
+        bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)], "learn_at_end": True}
+                  for _ in range(n)]
+        t0 = time.perf_counter()
+        for i, body in enumerate(bodies):
+            headers = {"Idempotency-Key": f"bench-{i}"} if keyed else None
+            c.post(f"/sessions/{sid}/observe-sequence", json=body, headers=headers)
+        dt = time.perf_counter() - t0
+        print(f"  {label:40s}: {n / dt:8.0f} patterns/s ({n} in {dt:.2f} s)")
+    sid = new_session(c, "learn-separate")
+    t0 = time.perf_counter()
+    for _ in range(n // 2):
+        c.post(f"/sessions/{sid}/observe-sequence", json={"observations": [{"strings": draw(1)} for _ in range(8)]})
+        c.post(f"/sessions/{sid}/learn")
+    dt = time.perf_counter() - t0
+    print(f"  {'observe-sequence of 8, then POST /learn':40s}: {n // 2 / dt:8.0f} patterns/s (2 requests each)")
+
+
+def fill_node(c: httpx.Client, node: str, draw, target: int, have: int) -> None:
+    sid = new_session(c, node)
+    t0 = time.perf_counter()
+    for _ in range(target - have):
+        c.post(f"/sessions/{sid}/observe-sequence",
+               json={"observations": [{"strings": draw(1)} for _ in range(8)], "learn_at_end": True})
+    if target > have:
+        print(f"  (grew node to {target} learns in {time.perf_counter() - t0:.1f} s)")
+
+
+def bench_predictions(c: httpx.Client, db: Path, draw, sizes: list[int], queries: int) -> None:
+    from streamtrain.server.engine import Engine
+    from streamtrain.server.predictions import PatternCache, predict
+    from streamtrain.server.store import Store
+
+    print("\n== predictions (STM = 4 single-symbol events, recall_threshold 0.1, max_predictions 100)")
+    node, have = "predict-node", 0
+    for size in sizes:
+        fill_node(c, node, draw, size, have)
+        have = size
+        stats = c.get(f"/nodes/{node}/stats").json()
+        sid = new_session(c, node)
+        lat, counts = [], []
+        stms = [[[w] for w in draw(4)] for _ in range(queries)]
+        for stm in stms:
+            c.post(f"/sessions/{sid}/clear-stm")
+            c.post(f"/sessions/{sid}/observe-sequence", json={"observations": [{"strings": e} for e in stm]})
+            t0 = time.perf_counter()
+            r = c.get(f"/sessions/{sid}/predictions")
+            lat.append(time.perf_counter() - t0)
+            counts.append(r.json()["count"])
+        print(f"  {stats['pattern_count']:7d} patterns ({stats['distinct_symbols']} symbols): HTTP p50 "
+              f"{pct(lat, .5) * 1e3:7.1f} ms  p99 {pct(lat, .99) * 1e3:7.1f} ms  (mean {statistics.mean(counts):.0f} "
+              "predictions)")
+        # Same queries in-process on a read-only view of the same file: symbol index vs full scan.
+        store = Store(db)
+        eng = Engine(store)
+        kb = eng.kb_id(node)
+        for label, use_index in (("symbol index", True), ("full scan", False)):
+            eng.pattern_cache = PatternCache()
+            predict(eng, kb, stms[0], recall_threshold=0.1, max_predictions=100, use_token_matching=True,
+                    use_index=use_index)                       # warm the parsed-pattern cache
+            times = []
+            for stm in stms:
+                t0 = time.perf_counter()
+                predict(eng, kb, stm, recall_threshold=0.1, max_predictions=100, use_token_matching=True,
+                        use_index=use_index)
+                times.append(time.perf_counter() - t0)
+            if use_index:
+                idx_p50 = pct(times, .5)
+            print(f"      in-process {label:12s}: p50 {pct(times, .5) * 1e3:7.1f} ms  p99 {pct(times, .99) * 1e3:7.1f} ms"
+                  + ("" if use_index else f"  (index is x{pct(times, .5) / idx_p50:.1f} faster at p50)"))
+        store.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big", action="store_true", help="also measure predictions with 100k patterns (slow to build)")
+    ap.add_argument("--vocab", type=int, default=20000, help="vocabulary size (Zipf-distributed draws)")
+    ap.add_argument("--queries", type=int, default=40, help="prediction queries per size")
+    a = ap.parse_args()
+    rng = random.Random(1)
+    draw = zipf_vocab(rng, a.vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "bench.sqlite3"
+        with EmbeddedServer(db) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+            print(f"embedded server {srv.url}, db {db}, python {sys.version.split()[0]}")
+            bench_ingest(c, draw, budget_events=6000)
+            bench_learn(c, draw, n=2000)
+            sizes = [1000, 10000] + ([100000] if a.big else [])
+            bench_predictions(c, db, draw, sizes, a.queries)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
