@@ -219,7 +219,9 @@ def _demo(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir)
         logger.info("deleted the previous demo run %s", run_dir)
     args.fresh = False
-    return _train(args, config)
+    code = _train(args, config)
+    print(f"see its checkpoints: streamtrain inspect {run_dir}")
+    return code
 
 
 # -- inspect -----------------------------------------------------------------------------------------------
