@@ -21,7 +21,40 @@ from .errors import (
     TooManyFailures,
 )
 
+# Heavy parts (datasets, httpx, FastAPI) load on first use, so `import streamtrain` and the CLI stay fast.
+_LAZY = {
+    "train": "trainer",
+    "train_parallel": "trainer",
+    "TrainResult": "trainer",
+    "Checkpoint": "checkpoint",
+    "CheckpointStore": "checkpoint",
+    "DatasetStream": "stream",
+    "get_tokenizer": "tokenize",
+    "KatoClient": "client",
+    "NodeSession": "client",
+    "EmbeddedServer": "server",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'streamtrain' has no attribute {name!r}")
+
+
 __all__ = [
+    "Checkpoint",
+    "CheckpointStore",
+    "DatasetStream",
+    "EmbeddedServer",
+    "KatoClient",
+    "NodeSession",
+    "TrainResult",
+    "get_tokenizer",
+    "train",
+    "train_parallel",
     "AmbiguousEffect",
     "CheckpointError",
     "ClientConfig",
