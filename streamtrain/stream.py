@@ -81,9 +81,12 @@ class DatasetStream:
         resumed_by: how the start offset was reached: "start" (offset 0), "skip" or "state_dict".
     """
 
-    def __init__(self, dataset: DatasetConfig, start: int = 0, state_dict: dict[str, Any] | None = None) -> None:
+    def __init__(self, dataset: DatasetConfig, start: int = 0, state_dict: dict[str, Any] | None = None,
+                 stop: int | None = None) -> None:
         if start < 0:
             raise ValueError("start must be >= 0")
+        # Reading stops before raw index `stop`, so a run that ends at its max_samples stands exactly there.
+        self.stop = stop
         self.config = dataset
         self.start = start
         self.position = start
@@ -192,7 +195,7 @@ class DatasetStream:
 
     def _filter(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[int, str]]:
         field, min_chars = self.config.text_field, self.config.min_chars
-        while True:
+        while self.stop is None or self.position < self.stop:
             try:
                 example = next(source)
             except StopIteration:

@@ -399,11 +399,8 @@ class _Run:
         limit = cfg.max_samples
         if limit is not None and t.read_pos >= limit:
             return
-        stream = self.stream = DatasetStream(cfg.dataset, start=t.read_pos, state_dict=self.stream_state)
+        stream = self.stream = DatasetStream(cfg.dataset, start=t.read_pos, state_dict=self.stream_state, stop=limit)
         for raw_index, text in stream:
-            if limit is not None and raw_index >= limit:
-                t.read_pos = max(t.read_pos, limit)
-                return
             t.read_pos = raw_index + 1
             if raw_index in t.done_above:
                 continue
@@ -412,8 +409,7 @@ class _Run:
             t.in_flight.add(raw_index)
             self.inbox.put((raw_index, text, self.recovery.pop(raw_index, None)))
             self._receive(block=False)
-        end = stream.position
-        t.read_pos = max(t.read_pos, end if limit is None else min(end, limit))
+        t.read_pos = max(t.read_pos, stream.position)
 
     def _stop_workers(self, workers: list[_Worker], abandon: bool) -> None:
         """Let each worker finish the sample it holds; items not yet taken stay unfinished."""

@@ -183,3 +183,20 @@ def test_a_damaged_shard_fails_with_its_position(tmp_path: Path) -> None:
             for item in s:
                 got.append(item)
     assert len(got) == 6
+
+
+def test_stop_bounds_the_raw_records_read(tmp_path):
+    """With stop=n nothing at or past raw index n is read, so position ends exactly at n and its state is exact."""
+    from streamtrain.config import DatasetConfig
+    from streamtrain.stream import DatasetStream
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(f'{{"text": "{"x" * (i % 3)}"}}\n' for i in range(30)))
+    cfg = DatasetConfig(path="json", data_files=str(path), min_chars=1)
+    stream = DatasetStream(cfg, stop=10)
+    got = list(stream)
+    assert [i for i, _ in got] == [i for i in range(10) if i % 3] and stream.position == 10
+    state = stream.state_for(10)
+    assert state is not None
+    rest = DatasetStream(cfg, start=10, state_dict=state)
+    assert [i for i, _ in rest] == [i for i in range(10, 30) if i % 3] and rest.resumed_by == "state_dict"
