@@ -35,6 +35,8 @@ __all__ = [
     "connect",
     "decode_pattern",
     "frequency_distribution",
+    "kb_by_level",
+    "kb_differences",
     "kb_summary",
     "pattern_frequencies",
     "predict",
@@ -248,6 +250,30 @@ def kb_summary(client: KatoClient, config: RunConfig) -> list[dict[str, Any]]:
             "total_frequency": stats.total_frequency,
             "distinct_symbols": stats.distinct_symbols,
         })
+    return rows
+
+
+def kb_by_level(client: KatoClient, config: RunConfig) -> dict[int, dict[str, int]]:
+    """The run's whole knowledge base: level -> {pattern name (``PTRN|...``): frequency}."""
+    return {
+        level: {PREFIX + strip_prefix(p.name): p.frequency for p in client.node_patterns(config.node_id(level))}
+        for level in range(len(config.layers))
+    }
+
+
+def kb_differences(client: KatoClient, a: RunConfig, b: RunConfig) -> list[dict[str, Any]]:
+    """Every pattern whose frequency differs between two runs on one server (absent = 0), level by level.
+
+    Names above level 0 are names of names, independent of the run's name, so two runs that trained the same
+    records with the same layers have no difference, whatever their order, calls or workers.
+    """
+    kb_a, kb_b = kb_by_level(client, a), kb_by_level(client, b)
+    rows = []
+    for level in sorted(set(kb_a) | set(kb_b)):
+        pa, pb = kb_a.get(level, {}), kb_b.get(level, {})
+        for name in sorted(set(pa) | set(pb)):
+            if pa.get(name, 0) != pb.get(name, 0):
+                rows.append({"level": level, "name": name, a.run_name: pa.get(name, 0), b.run_name: pb.get(name, 0)})
     return rows
 
 

@@ -78,6 +78,18 @@ def test_kb_summary_counts_patterns_learns_and_symbols(kb):
     assert rows[1]["distinct_symbols"] == 3  # the names of sentences 0, 1 and 3
 
 
+def test_kb_differences_between_runs_on_one_server(kb, tmp_path):
+    config, client, l0, _ = kb
+    other = make_config(tmp_path, run_name="other")
+    learn(client, other.node_id(0), events(SENTENCES[0]))
+    assert analysis.kb_by_level(client, other) == {0: {l0[0]: 1}, 1: {}}
+    rows = analysis.kb_differences(client, config, other)
+    assert {"level": 0, "name": l0[0], "an": 2, "other": 1} in rows
+    assert {"level": 0, "name": l0[1], "an": 1, "other": 0} in rows
+    assert len(rows) == 3 + 2  # levels 0 (3 patterns) and 1 (2 patterns) all differ
+    assert analysis.kb_differences(client, config, config) == []
+
+
 def test_frequency_distribution(kb):
     config, client, _, _ = kb
     assert analysis.pattern_frequencies(client, config, 0) == [2, 1, 1]
