@@ -164,11 +164,13 @@ def test_invalid_config_at_creation_is_rejected_not_dropped(c):
 def test_fast_alignment_equals_difflib_reference():
     import difflib
 
-    from streamtrain.server.predictions import matching_blocks, reference_alignment
+    from rapidfuzz.distance import LCSseq
+
+    from streamtrain.server.predictions import alignment_blocks, matching_blocks, reference_alignment
 
     rng = random.Random(11)
     for _ in range(3000):
-        a = [rng.choice("abcde") for _ in range(rng.randint(1, 12))]
+        a = [rng.choice("abcdefghij"[:rng.randint(3, 10)]) for _ in range(rng.randint(1, 12))]
         b = [rng.choice("abcdef") for _ in range(rng.randint(2, 10))]
         b2j: dict[str, list[int]] = {}
         for j, x in enumerate(b):
@@ -176,6 +178,7 @@ def test_fast_alignment_equals_difflib_reference():
         blocks = matching_blocks(a, b2j, len(b))
         ref = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()[:-1]
         assert blocks == [tuple(x) for x in ref]
+        assert alignment_blocks(a, b2j, len(b), LCSseq.similarity(a, b)) == blocks
         got = reference_alignment(a, b, 0.0)
         matches, past, present, _missing, extras, nblocks = got
         m = sum(x[2] for x in blocks)

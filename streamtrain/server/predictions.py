@@ -176,6 +176,17 @@ def matching_blocks(a: list[str], b2j: dict[str, list[int]], lb: int) -> list[tu
     return blocks
 
 
+def alignment_blocks(flat: list[str], b2j: dict[str, list[int]], lb: int, lcs: int | None) -> list[tuple[int, int, int]]:
+    """matching_blocks(), short-cut when the LCS is known to be 1 (most candidates of a large node): then
+    difflib's single block is the first pattern symbol that occurs in the state, at its first position."""
+    if lcs == 1:
+        for i, sym in enumerate(flat):
+            js = b2j.get(sym)
+            if js:
+                return [(i, js[0], 1)]
+    return matching_blocks(flat, b2j, lb)
+
+
 def reference_alignment(flat: list[str], state: list[str], cutoff: float):
     """Alignment of one pattern with the state, ported directly from pattern_search.extract_prediction_info
     with difflib (slow; the tests check predict()'s fast alignment against it)."""
@@ -305,13 +316,39 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
     for j, sym in enumerate(state):
         b2j.setdefault(sym, []).append(j)
     ls = len(state)
-    scored = []      # cheap pass over every candidate: alignment and the pruning key only
+    limit = max_predictions * 3
+    qualified = []   # (name, events, flat, similarity, lcs) of the candidates above the threshold
     for name in sorted(pats):
         events, flat = pats[name]
-        score, sim = _score(flat, state, use_token_matching)
+        if use_token_matching:
+            lcs = LCSseq.similarity(flat, state)
+            score = 2.0 * lcs / (len(flat) + ls) * 100.0
+        else:
+            lcs = len(flat)          # no cheap bound in character mode
+            score = fuzz.ratio(" ".join(flat), " ".join(state))
         if score < cut:
             continue
-        blocks = matching_blocks(flat, b2j, ls)
+        qualified.append((name, events, flat, score / 100.0, lcs))
+    will_prune = len(qualified) > limit
+
+    def bound(q) -> float:
+        """Upper bound of a candidate's pruning key from its LCS L: matched symbols m <= L, snr rises with m,
+        evidence <= L/len, confidence <= 1 and the fragmentation term <= 1."""
+        big_l, n = q[4], len(q[2])
+        snr_max = (3.0 * big_l - ls) / (big_l + ls)
+        return (big_l / n + 1.0) * max(snr_max, 0.0) + 1.0
+
+    if will_prune:
+        # Align the most promising first: once `limit` keys are in hand, a candidate whose bound is below
+        # the smallest of them can never survive the pruning, and neither can any after it.
+        qualified.sort(key=lambda q: -bound(q))
+    heap: list[float] = []
+    scored = []      # every aligned candidate: alignment and pruning key only
+    for q in qualified:
+        if will_prune and len(heap) >= limit and bound(q) + 1e-9 < heap[0]:
+            break
+        name, events, flat, sim, lcs = q
+        blocks = alignment_blocks(flat, b2j, ls, lcs if use_token_matching else None)
         if blocks:
             i0 = blocks[0][0]
             end = blocks[-1][0] + blocks[-1][2]
@@ -341,11 +378,15 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
         confidence = float(m / present_sym) if present_sym > 0 else 0.0
         pre = (evidence + confidence) * snr + _frag_term(float(len(blocks) - 1))
         scored.append((pre, name, events, flat, sim, blocks, past_len, present_len, extras))
+        if will_prune:
+            if len(heap) < limit:
+                heapq.heappush(heap, pre)
+            elif pre > heap[0]:
+                heapq.heapreplace(heap, pre)
     if not scored:
         return [], []
 
-    limit = max_predictions * 3
-    pruned = len(scored) > limit
+    pruned = will_prune
     if pruned:
         scored = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
 
