@@ -31,22 +31,23 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Connection",
+    "Interrupter",
     "connect",
     "demo_config",
+    "ensure_corpus",
     "ensure_run",
-    "has_run",
-    "Interrupter",
-    "latest_config",
-    "with_changes",
     "error_message",
     "frame",
+    "has_run",
     "history_frame",
+    "latest_config",
     "plot_frequency_distribution",
     "plot_patterns_per_level",
     "plot_throughput",
     "results_frame",
     "setup",
     "start_over",
+    "with_changes",
 ]
 
 
@@ -104,7 +105,9 @@ def demo_config(*, run_name: str = "demo", checkpoint_dir: str | Path = "checkpo
     """The bundled demo config (``streamtrain/demo/demo.toml``) reading ``data_dir``'s Parquet shards, with
     ``run_name``, ``checkpoint_dir`` and any other top-level field overridden (validated: a bad value raises
     ConfigError listing it). Both folders are made absolute, so notebooks in any working folder agree."""
-    base = load_config(Path(__file__).parent / "demo" / "demo.toml").model_dump(mode="json")
+    from .demo import DEMO_CONFIG
+
+    base = load_config(DEMO_CONFIG).model_dump(mode="json")
     base["dataset"] = {**base["dataset"], "path": "parquet",
                        "data_files": str(Path(data_dir).resolve() / "*.parquet")}
     base.update(run_name=run_name, checkpoint_dir=str(Path(checkpoint_dir).resolve()))
