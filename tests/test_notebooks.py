@@ -1,5 +1,5 @@
-"""The notebooks' bad-input path: an unreachable server_url stops training.ipynb at its connection cell with one
-readable message. (The notebooks' normal path runs under `pytest --nbmake notebooks`.)"""
+"""The notebooks' bad-input path: an unreachable server_url stops a notebook at its connection cell with one
+readable message; and the external-server path. (The normal path runs under `pytest --nbmake notebooks`.)"""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"  # nobody listens once the socket is closed
 
 
-def test_unreachable_server_url_stops_at_the_connection_cell_with_one_message(tmp_path, monkeypatch):
+@pytest.mark.parametrize("notebook", ["training.ipynb", "inspect.ipynb"])  # predict shares inspect's first cells
+def test_unreachable_server_url_stops_at_the_connection_cell_with_one_message(notebook, tmp_path, monkeypatch):
     url = dead_url()
     monkeypatch.setenv("ST_SERVER_URL", url)  # the kernel inherits this environment
     monkeypatch.setenv("ST_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     monkeypatch.setenv("ST_DATA_DIR", str(tmp_path / "data"))
-    nb = nbformat.read(NOTEBOOKS / "training.ipynb", as_version=4)
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
     with pytest.raises(CellExecutionError):
         client.execute()
