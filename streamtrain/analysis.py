@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from .checkpoint import Checkpoint, CheckpointStore
 from .client import KatoClient
 from .config import ClientConfig, RunConfig, _leaves, resume_differences, resume_policy
-from .errors import ServerError, ServerUnavailable
+from .errors import ProtocolError, ServerError, ServerUnavailable
 from .patterns import PREFIX, strip_prefix
 
 log = logging.getLogger(__name__)
@@ -235,14 +236,30 @@ def decode_pattern(client: KatoClient, config: RunConfig, level: int, name: str,
 
 
 # --------------------------------------------------------------------------------------------------
-# Knowledge-base statistics
+# Knowledge-base statistics (the embedded server's /nodes extension; a real KATO has no listing of a node)
+
+
+@contextmanager
+def _nodes_extension(client: KatoClient) -> Iterator[None]:
+    try:
+        yield
+    except ProtocolError as exc:
+        if "HTTP 404" not in str(exc) and "HTTP 405" not in str(exc):
+            raise
+        raise ProtocolError(
+            f"{exc}\nKnowledge-base listings and statistics use the /nodes extension of streamtrain's embedded "
+            f"server, which {client.base_url} does not have (a real KATO lists no node's patterns). Use the "
+            "embedded server (`streamtrain serve`, or no server_url) for them; predictions and decoding by name "
+            "work on any KATO."
+        ) from None
 
 
 def kb_summary(client: KatoClient, config: RunConfig) -> list[dict[str, Any]]:
     """One row per level: node, patterns (distinct), total frequency (learns), distinct symbols."""
     rows = []
     for level in range(len(config.layers)):
-        stats = client.node_stats(config.node_id(level))
+        with _nodes_extension(client):
+            stats = client.node_stats(config.node_id(level))
         rows.append({
             "level": level,
             "node": stats.node_id,
@@ -255,10 +272,11 @@ def kb_summary(client: KatoClient, config: RunConfig) -> list[dict[str, Any]]:
 
 def kb_by_level(client: KatoClient, config: RunConfig) -> dict[int, dict[str, int]]:
     """The run's whole knowledge base: level -> {pattern name (``PTRN|...``): frequency}."""
-    return {
-        level: {PREFIX + strip_prefix(p.name): p.frequency for p in client.node_patterns(config.node_id(level))}
-        for level in range(len(config.layers))
-    }
+    with _nodes_extension(client):
+        return {
+            level: {PREFIX + strip_prefix(p.name): p.frequency for p in client.node_patterns(config.node_id(level))}
+            for level in range(len(config.layers))
+        }
 
 
 def kb_differences(client: KatoClient, a: RunConfig, b: RunConfig) -> list[dict[str, Any]]:
@@ -279,7 +297,8 @@ def kb_differences(client: KatoClient, a: RunConfig, b: RunConfig) -> list[dict[
 
 def pattern_frequencies(client: KatoClient, config: RunConfig, level: int) -> list[int]:
     """The frequency of every pattern of ``level``, largest first."""
-    return sorted((p.frequency for p in client.node_patterns(config.node_id(level))), reverse=True)
+    with _nodes_extension(client):
+        return sorted((p.frequency for p in client.node_patterns(config.node_id(level))), reverse=True)
 
 
 def frequency_distribution(client: KatoClient, config: RunConfig, level: int) -> list[dict[str, int]]:
@@ -292,7 +311,8 @@ def top_patterns(client: KatoClient, config: RunConfig, level: int, n: int = 10,
                  decoder: Decoder | None = None) -> list[dict[str, Any]]:
     """The ``n`` most frequent patterns of ``level``, decoded to tokens (ties by name, so the order is stable)."""
     decoder = decoder or Decoder(client, config)
-    patterns = sorted(client.node_patterns(config.node_id(level)), key=lambda p: (-p.frequency, p.name))[:n]
+    with _nodes_extension(client):
+        patterns = sorted(client.node_patterns(config.node_id(level)), key=lambda p: (-p.frequency, p.name))[:n]
     rows = []
     for rank, p in enumerate(patterns, 1):
         decoder.remember(level, p.name, p.pattern_data)
@@ -351,7 +371,7 @@ def predict(client: KatoClient, config: RunConfig, prompt: str | Sequence[str], 
         "process_predictions": False,  # observe stays cheap; GET /predictions computes them once
         "max_pattern_length": 0,
         "recall_threshold": layer.recall_threshold,
-        "max_predictions": max(top, 1),
+        "max_predictions": min(max(top, 1), 10000),  # KATO's allowed range
     }
     session = client.create_session(config.node_id(level), session_config)
     try:

@@ -207,3 +207,28 @@ def test_connect_to_a_live_url_and_embedded(tmp_path):
         with analysis.connect(conn.url, wait_seconds=2) as other:
             assert not other.embedded and other.client.nodes() == []
     assert conn.server is None
+
+
+def test_kb_statistics_on_a_server_without_the_nodes_extension_say_so(tmp_path):
+    """A real KATO has no /nodes listing; any HTTP server answering 404 stands in for it here."""
+    import functools
+    import http.server
+    import threading
+
+    from streamtrain.errors import ProtocolError
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with KatoClient(url) as client:
+            with pytest.raises(ProtocolError, match="/nodes extension") as info:
+                analysis.kb_summary(client, make_config(tmp_path))
+            assert url in str(info.value) and "HTTP 404" in str(info.value)
+            with pytest.raises(ProtocolError, match="/nodes extension"):
+                analysis.top_patterns(client, make_config(tmp_path), 0)
+    finally:
+        server.shutdown()
+        server.server_close()
