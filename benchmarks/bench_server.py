@@ -8,7 +8,9 @@ Measures, against the server as a real subprocess over loopback HTTP:
   * learned patterns/s: one observe-sequence of 8 events with learn_at_end per pattern (the trainer's shape),
     with and without an Idempotency-Key, and POST /learn after an observe-sequence
   * GET /predictions latency p50/p99 with 1k, 10k (and 100k with --big) patterns in the node, and in the same
-    run the in-process prediction time with the symbol index against a full scan of the node
+    run the in-process prediction time with the symbol index against a full scan of the node; for a
+    Zipf-distributed vocabulary (frequent symbols occur in most patterns: little for the index to skip)
+    and a uniform one (rare symbols: the index skips almost everything)
 """
 
 from __future__ import annotations
@@ -116,13 +118,13 @@ def fill_node(db: Path, node: str, draw, target: int) -> None:
     print(f"  (grew node to {target} patterns in-process in {time.perf_counter() - t0:.1f} s)")
 
 
-def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], queries: int) -> None:
+def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], queries: int, label: str) -> None:
     from streamtrain.server.engine import Engine
     from streamtrain.server.predictions import PatternCache, predict
     from streamtrain.server.store import Store
 
-    print("\n== predictions (STM = 4 single-symbol events, recall_threshold 0.1, max_predictions 100)")
-    node = "predict-node"
+    print(f"\n== predictions, {label} (STM = 4 single-symbol events, recall_threshold 0.1, max_predictions 100)")
+    node = f"predict-{label.split()[0]}"
     for size in sizes:
         srv.stop()                      # grow the node while the server is down, then serve it
         fill_node(db, node, draw, size)
@@ -182,7 +184,11 @@ def main() -> int:
             bench_ingest(c, srv, draw, budget_events=4000)
             bench_learn(c, srv, draw, n=1500)
             sizes = [1000, 10000] + ([100000] if a.big else [])
-            bench_predictions(srv, db, draw, sizes, a.queries)
+            bench_predictions(srv, db, draw, sizes, a.queries, "zipf vocabulary (words of a text)")
+            uniform_rng = random.Random(2)
+            words = [f"u{i}" for i in range(a.vocab)]
+            bench_predictions(srv, db, lambda k: uniform_rng.choices(words, k=k), sizes, a.queries,
+                              "uniform vocabulary (like an upper level, whose symbols are pattern names)")
     return 0
 
 

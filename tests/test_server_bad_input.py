@@ -157,3 +157,14 @@ def test_read_only_db(tmp_path):
 def test_missing_db_folder(tmp_path):
     p = run_server_cli("--db", str(tmp_path / "nope" / "kb.sqlite3"))
     assert p.returncode != 0 and "does not exist" in p.stderr
+
+
+def test_non_loopback_host_without_token_warns(tmp_path):
+    log = tmp_path / "server.log"
+    with EmbeddedServer(tmp_path / "kb.sqlite3", host="0.0.0.0", log_path=log) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+    assert "without --token" in log.read_text()
+    log2 = tmp_path / "server2.log"
+    with EmbeddedServer(tmp_path / "kb.sqlite3", log_path=log2):
+        pass
+    assert "without --token" not in log2.read_text()
