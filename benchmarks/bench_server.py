@@ -16,6 +16,7 @@ Measures, against the server as a real subprocess over loopback HTTP:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import statistics
@@ -33,8 +34,8 @@ from streamtrain.server import EmbeddedServer  # noqa: E402
 
 def zipf_vocab(rng: random.Random, size: int):
     words = [f"w{i}" for i in range(size)]
-    weights = [1.0 / (i + 1) for i in range(size)]
-    return lambda k: rng.choices(words, weights, k=k)
+    cum = list(itertools.accumulate(1.0 / (i + 1) for i in range(size)))
+    return lambda k: rng.choices(words, cum_weights=cum, k=k)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -87,10 +88,25 @@ def bench_learn(c: httpx.Client, srv: EmbeddedServer, draw, n: int) -> None:
         dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
         print(f"  {label:40s}: {n / dt:6.0f} patterns/s wall; server CPU {cpu / n * 1e3:.2f} ms/pattern "
               f"= {n / cpu:5.0f} patterns per CPU-second")
+    for per_request in (8, 64):
+        # Auto-learn: max_pattern_length 8 (CLEAR) learns every 8 events, so one request carries many patterns.
+        sid = c.post("/sessions", json={"node_id": f"auto{per_request}", "config": {
+            "process_predictions": False, "max_pattern_length": 8}}).json()["session_id"]
+        n_req = max(1, n // per_request)
+        bodies = [{"observations": [{"strings": draw(1)} for _ in range(8 * per_request)]} for _ in range(n_req)]
+        cpu0, t0 = server_cpu(srv), time.perf_counter()
+        learned = 0
+        for body in bodies:
+            learned += len(c.post(f"/sessions/{sid}/observe-sequence", json=body).json()["auto_learned_patterns"])
+        dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
+        label = f"auto-learn mpl=8, {per_request} patterns/request"
+        print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
+              f"= {learned / cpu:5.0f} patterns per CPU-second")
     sid = new_session(c, "learn-separate")
+    bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)]} for _ in range(n // 2)]
     cpu0, t0 = server_cpu(srv), time.perf_counter()
-    for _ in range(n // 2):
-        c.post(f"/sessions/{sid}/observe-sequence", json={"observations": [{"strings": draw(1)} for _ in range(8)]})
+    for body in bodies:
+        c.post(f"/sessions/{sid}/observe-sequence", json=body)
         c.post(f"/sessions/{sid}/learn")
     dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
     print(f"  {'observe-sequence of 8, then POST /learn':40s}: {n // 2 / dt:6.0f} patterns/s wall; server CPU "

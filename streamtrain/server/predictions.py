@@ -17,6 +17,7 @@ from functools import reduce
 from itertools import chain
 from math import log, log2, log10, sqrt
 from operator import add
+from sys import intern
 from typing import TYPE_CHECKING, Any
 
 from rapidfuzz import fuzz
@@ -25,10 +26,10 @@ from rapidfuzz.distance import LCSseq
 if TYPE_CHECKING:
     from streamtrain.server.engine import Engine
 
-log_ = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _SQL_CHUNK = 500
-_CACHE_LIMIT = 300_000
+_CACHE_LIMIT = 200_000
 
 
 class PatternCache:
@@ -64,7 +65,7 @@ class PatternCache:
         return out
 
     def _put(self, kb: str, name: str, pd: str, out: dict) -> None:
-        events = json.loads(pd)
+        events = [[intern(sym) for sym in e] for e in json.loads(pd)]     # shared strings: less memory
         entry = (events, list(chain.from_iterable(events)))
         if len(self.data) >= _CACHE_LIMIT:
             self.data.clear()
@@ -126,15 +127,6 @@ def _hash_future(future: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- matching
-def _score(flat: list[str], state: list[str], token: bool) -> tuple[float, float]:
-    """(0-100 score, similarity) as KATO computes them: the score is what the rapidfuzz cut-off sees."""
-    if token:
-        score = 2.0 * LCSseq.similarity(flat, state) / (len(flat) + len(state)) * 100.0
-    else:
-        score = fuzz.ratio(" ".join(flat), " ".join(state))
-    return score, score / 100.0
-
-
 def matching_blocks(a: list[str], b2j: dict[str, list[int]], lb: int) -> list[tuple[int, int, int]]:
     """difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() without the terminator,
     with b's index (b2j) built once per query: KATO's extractor is difflib's algorithm without junk."""
