@@ -754,10 +754,11 @@ class NodeSession:
         mode: ``"keys"`` (Idempotency-Key) or ``"verify"`` (decide from server state); None picks
             ``"keys"`` when the server supports idempotency.
         max_session_losses: how many times one unit may lose its session before SessionLost is raised.
+        ttl_seconds: the session's time to live (None: the server's default, 3600 s on KATO).
     """
 
     def __init__(self, client: KatoClient, node_id: str, config: Mapping[str, Any], *,
-                 mode: Mode | None = None, max_session_losses: int = 5) -> None:
+                 mode: Mode | None = None, max_session_losses: int = 5, ttl_seconds: int | None = None) -> None:
         if config.get("max_pattern_length", 0) != 0:
             raise ConfigError(
                 f"node {node_id!r}: NodeSession needs max_pattern_length=0 (got {config['max_pattern_length']!r}); "
@@ -774,6 +775,7 @@ class NodeSession:
         self.config = dict(config)
         self.mode: Mode = mode
         self.max_session_losses = max_session_losses
+        self.ttl_seconds = ttl_seconds
         self._session_id: str | None = None
         self._stm_clean = False  # known empty: fresh session, after a learn, or after clear-stm
 
@@ -787,7 +789,7 @@ class NodeSession:
 
     def open(self) -> str:
         """Create the session now (checking its config) and return its id."""
-        info = self.client.create_session(self.node_id, self.config)
+        info = self.client.create_session(self.node_id, self.config, ttl_seconds=self.ttl_seconds)
         self._session_id, self._stm_clean = info.session_id, True
         log.debug("node %s: session %s created", self.node_id, info.session_id)
         return info.session_id

@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 # Errors that say the server or its setup is unusable: retrying other samples would only fail them all.
 FATAL_ERRORS = (ServerUnavailable, ConfigRejected, SessionLost, CheckpointError)
 
+# Training sessions live a day (the idempotency keys' default lifetime too): a trainer killed mid-step and resumed
+# within that time can still read its old sessions' STM to decide whether the step took effect.
+SESSION_TTL_SECONDS = 86400
+
 
 class ProgressPoint(BaseModel):
     elapsed_seconds: float
@@ -166,7 +170,8 @@ class _Worker(threading.Thread):
 
     def _new_sessions(self) -> list[NodeSession]:
         cfg = self.run_.config
-        return [NodeSession(self.client, cfg.node_id(level), layer.session_config()) for level, layer in enumerate(cfg.layers)]
+        return [NodeSession(self.client, cfg.node_id(level), layer.session_config(), ttl_seconds=SESSION_TTL_SECONDS)
+                for level, layer in enumerate(cfg.layers)]
 
     def run(self) -> None:
         run = self.run_
