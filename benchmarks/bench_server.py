@@ -136,7 +136,7 @@ def fill_node(db: Path, node: str, draw, target: int) -> None:
 
 def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], queries: int, label: str) -> None:
     from streamtrain.server.engine import Engine
-    from streamtrain.server.predictions import PatternCache, predict
+    from streamtrain.server.predictions import KBIndexes, predict
     from streamtrain.server.store import Store
 
     print(f"\n== predictions, {label} (STM = 4 single-symbol events, recall_threshold 0.1, max_predictions 100)")
@@ -168,9 +168,9 @@ def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], que
         kb = eng.kb_id(node)
         p50 = {}
         for label, use_index in (("symbol index", True), ("full scan", False)):
-            eng.pattern_cache = PatternCache()
+            eng.kb_index = KBIndexes()
             predict(eng, kb, stms[0], recall_threshold=0.1, max_predictions=100, use_token_matching=True,
-                    use_index=use_index)                       # warm the parsed-pattern cache
+                    use_index=use_index)                       # load the node into memory
             times = []
             for stm in stms:
                 t0 = time.perf_counter()

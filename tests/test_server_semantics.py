@@ -57,7 +57,7 @@ def test_single_symbol_with_apostrophe_predicts(c):
     assert len(cog["predictions"]) == 2
 
 
-def test_symbol_index_matches_full_scan(app, c):
+def test_symbol_index_and_early_stop_match_full_scan(app, c):
     rng = random.Random(3)
     vocab = [f"s{i}" for i in range(40)]
     sid = session(c, node="index")
@@ -71,13 +71,14 @@ def test_symbol_index_matches_full_scan(app, c):
         stm = [sorted(rng.sample(vocab, rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
         if sum(map(len, stm)) < 2:
             continue
-        for threshold in (0.1, 0.3, 0.6):
-            a = predict(eng, kb, stm, recall_threshold=threshold, max_predictions=20, use_token_matching=True)
-            b = predict(eng, kb, stm, recall_threshold=threshold, max_predictions=20, use_token_matching=True,
-                        use_index=False)
-            assert a == b
+        for threshold, max_predictions in ((0.1, 20), (0.1, 3), (0.3, 20), (0.6, 2), (0.0, 5)):
+            kw = dict(recall_threshold=threshold, max_predictions=max_predictions, use_token_matching=True)
+            a = predict(eng, kb, stm, **kw)
+            b = predict(eng, kb, stm, use_index=False, **kw)
+            c_ = predict(eng, kb, stm, use_index=False, early_stop=False, **kw)
+            assert a == b == c_
             checked += 1
-    assert checked >= 20
+    assert checked >= 40
 
 
 def test_threshold_zero_scores_every_pattern(app, c):

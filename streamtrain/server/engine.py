@@ -86,8 +86,8 @@ class Engine:
         self.started = time.time()
         self._last_sweep = 0.0
         self.kb_version: dict[str, int] = {}     # bumped on every KB change (prediction caches)
-        from streamtrain.server.predictions import PatternCache
-        self.pattern_cache = PatternCache()
+        from streamtrain.server.predictions import KBIndexes
+        self.kb_index = KBIndexes()
 
     # ---------------------------------------------------------------- helpers
     def kb_id(self, node_id: str) -> str:
@@ -107,6 +107,7 @@ class Engine:
             self.sessions.pop(session_id, None)
         self._known_kbs.clear()
         self.kb_version.clear()
+        self.kb_index.drop()
 
     def _bump(self, kb: str) -> None:
         self.kb_version[kb] = self.kb_version.get(kb, 0) + 1
@@ -223,6 +224,7 @@ class Engine:
                 "INSERT INTO symbols(kb_id,symbol,frequency,pmf) VALUES(?,?,?,1) ON CONFLICT(kb_id,symbol) "
                 "DO UPDATE SET frequency=frequency+excluded.frequency, pmf=pmf+1",
                 [(kb, sym, k) for sym, k in counts.items()])
+            self.kb_index.on_learn(kb, name, events)
             c.execute("UPDATE kbs SET unique_patterns=unique_patterns+1, "
                       "total_pattern_frequencies=total_pattern_frequencies+1, "
                       "total_symbols_in_patterns_frequencies=total_symbols_in_patterns_frequencies+?, "
@@ -252,7 +254,7 @@ class Engine:
             c.execute(f"DELETE FROM {table} WHERE kb_id=?", (kb,))
         c.execute("UPDATE kbs SET unique_patterns=0, total_pattern_frequencies=0, "
                   "total_symbols_in_patterns_frequencies=0, total_frequency=0 WHERE kb_id=?", (kb,))
-        self.pattern_cache.forget_kb(kb)
+        self.kb_index.drop(kb)
         self._bump(kb)
 
     def get_pattern(self, kb: str, name: str) -> dict[str, Any] | None:

@@ -20,7 +20,8 @@ from operator import add
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
-from rapidfuzz import fuzz
+import numpy as np
+from rapidfuzz import fuzz, process
 from rapidfuzz.distance import LCSseq
 
 if TYPE_CHECKING:
@@ -29,63 +30,84 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _SQL_CHUNK = 500
-_CACHE_LIMIT = 200_000
+_MAX_LOADED_PATTERNS = 2_000_000     # patterns kept in memory over all loaded knowledge bases
 
 
-class PatternCache:
-    """Parsed pattern_data by (kb, name): a pattern's content never changes once learned."""
+class KBIndex:
+    """One knowledge base in memory for predictions: parsed patterns and the symbol -> pattern index.
+
+    Loaded from SQLite (patterns + symbol_index) on a node's first prediction, then kept current by
+    Engine.learn_events; dropped on clear-all and on any rollback (it may hold uncommitted patterns)."""
 
     def __init__(self) -> None:
-        self.data: dict[tuple[str, str], tuple[list[list[str]], list[str]]] = {}
+        self.names: list[str] = []
+        self.events: list[list[list[str]]] = []
+        self.flats: list[list[str]] = []
+        self.by_symbol: dict[str, list[int]] = {}
+        self.pos: dict[str, int] = {}
+        self._lens: np.ndarray | None = None
 
-    def get_many(self, engine: "Engine", kb: str, names: list[str]) -> dict[str, tuple[list[list[str]], list[str]]]:
-        out, missing = {}, []
-        for n in names:
-            hit = self.data.get((kb, n))
-            if hit is None:
-                missing.append(n)
-            else:
-                out[n] = hit
+    def add(self, name: str, events: list[list[str]], *, index_symbols: bool = True) -> int:
+        i = self.pos.get(name)
+        if i is not None:
+            return i
+        i = self.pos[name] = len(self.names)
+        ev = [[intern(sym) for sym in e] for e in events]      # shared strings: less memory
+        flat = list(chain.from_iterable(ev))
+        self.names.append(name)
+        self.events.append(ev)
+        self.flats.append(flat)
+        self._lens = None
+        if index_symbols:
+            for sym in set(flat):
+                self.by_symbol.setdefault(sym, []).append(i)
+        return i
+
+    def lens(self) -> np.ndarray:
+        if self._lens is None or len(self._lens) != len(self.flats):
+            self._lens = np.fromiter((len(f) for f in self.flats), dtype=np.float64, count=len(self.flats))
+        return self._lens
+
+    @classmethod
+    def load(cls, engine: "Engine", kb: str) -> "KBIndex":
+        idx = cls()
         conn = engine.store.conn
-        for i in range(0, len(missing), _SQL_CHUNK):
-            part = missing[i:i + _SQL_CHUNK]
-            q = f"SELECT name, pattern_data FROM patterns WHERE kb_id=? AND name IN ({','.join('?' * len(part))})"
-            for name, pd in conn.execute(q, (kb, *part)):
-                self._put(kb, name, pd, out)
-        return out
-
-    def all_of(self, engine: "Engine", kb: str) -> dict[str, tuple[list[list[str]], list[str]]]:
-        out: dict[str, tuple[list[list[str]], list[str]]] = {}
-        for name, pd in engine.store.conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=?", (kb,)):
-            hit = self.data.get((kb, name))
-            if hit is None:
-                self._put(kb, name, pd, out)
-            else:
-                out[name] = hit
-        return out
-
-    def _put(self, kb: str, name: str, pd: str, out: dict) -> None:
-        events = [[intern(sym) for sym in e] for e in json.loads(pd)]     # shared strings: less memory
-        entry = (events, list(chain.from_iterable(events)))
-        if len(self.data) >= _CACHE_LIMIT:
-            self.data.clear()
-        self.data[(kb, name)] = entry
-        out[name] = entry
-
-    def forget_kb(self, kb: str) -> None:
-        for key in [k for k in self.data if k[0] == kb]:
-            del self.data[key]
+        for name, pd in conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=? ORDER BY name", (kb,)):
+            idx.add(name, json.loads(pd), index_symbols=False)
+        for sym, name in conn.execute("SELECT symbol, name FROM symbol_index WHERE kb_id=?", (kb,)):
+            i = idx.pos.get(name)
+            if i is not None:
+                idx.by_symbol.setdefault(intern(sym), []).append(i)
+        return idx
 
 
-def candidate_names(engine: "Engine", kb: str, state: list[str]) -> list[str]:
-    conn = engine.store.conn
-    symbols = sorted(set(state))
-    names: set[str] = set()
-    for i in range(0, len(symbols), _SQL_CHUNK):
-        part = symbols[i:i + _SQL_CHUNK]
-        q = f"SELECT name FROM symbol_index WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
-        names.update(r[0] for r in conn.execute(q, (kb, *part)))
-    return sorted(names)
+class KBIndexes:
+    """The loaded KBIndex of each knowledge base, least recently used dropped beyond a size cap."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, KBIndex] = {}
+
+    def get(self, engine: "Engine", kb: str) -> KBIndex:
+        idx = self.loaded.pop(kb, None)
+        if idx is None:
+            idx = KBIndex.load(engine, kb)
+        self.loaded[kb] = idx            # most recently used last
+        total = sum(len(x.names) for x in self.loaded.values())
+        while total > _MAX_LOADED_PATTERNS and len(self.loaded) > 1:
+            oldest = next(iter(self.loaded))
+            total -= len(self.loaded.pop(oldest).names)
+        return idx
+
+    def on_learn(self, kb: str, name: str, events: list[list[str]]) -> None:
+        idx = self.loaded.get(kb)
+        if idx is not None:
+            idx.add(name, events)
+
+    def drop(self, kb: str | None = None) -> None:
+        if kb is None:
+            self.loaded.clear()
+        else:
+            self.loaded.pop(kb, None)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -288,59 +310,67 @@ def _details(engine: "Engine", kb: str, names: list[str]) -> dict[str, tuple[int
 
 # ---------------------------------------------------------------------------------------- entry point
 def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold: float, max_predictions: int,
-            use_token_matching: bool, use_index: bool = True
+            use_token_matching: bool, use_index: bool = True, early_stop: bool = True
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(predictions, future_potentials) for this STM against knowledge base `kb`."""
+    """(predictions, future_potentials) for this STM against knowledge base `kb`.
+
+    use_index=False scores every pattern of the node and early_stop=False aligns every qualifying
+    candidate: same answer, slower (the benchmark and the tests compare them)."""
     state = list(chain.from_iterable(stm))
     if not state:
         return [], []
-    cache: PatternCache = engine.pattern_cache
     if len(state) == 1:
         return _single_symbol(engine, kb, state[0], max_predictions), []
 
+    idx = engine.kb_index.get(engine, kb)
     threshold = recall_threshold
     if use_index and threshold > 0:
-        pats = cache.get_many(engine, kb, candidate_names(engine, kb, state))
+        chosen: set[int] = set()
+        for sym in set(state):
+            chosen.update(idx.by_symbol.get(sym, ()))
+        cand = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
     else:
-        pats = cache.all_of(engine, kb)
+        cand = np.arange(len(idx.names), dtype=np.int64)
+    if not len(cand):
+        return [], []
     cut = threshold * 100.0 - 1e-6
     b2j: dict[str, list[int]] = {}
     for j, sym in enumerate(state):
         b2j.setdefault(sym, []).append(j)
     ls = len(state)
     limit = max_predictions * 3
-    qualified = []   # (name, events, flat, similarity, lcs) of the candidates above the threshold
-    for name in sorted(pats):
-        events, flat = pats[name]
-        if use_token_matching:
-            lcs = LCSseq.similarity(flat, state)
-            score = 2.0 * lcs / (len(flat) + ls) * 100.0
-        else:
-            lcs = len(flat)          # no cheap bound in character mode
-            score = fuzz.ratio(" ".join(flat), " ".join(state))
-        if score < cut:
-            continue
-        qualified.append((name, events, flat, score / 100.0, lcs))
-    will_prune = len(qualified) > limit
-
-    def bound(q) -> float:
-        """Upper bound of a candidate's pruning key from its LCS L: matched symbols m <= L, snr rises with m,
-        evidence <= L/len, confidence <= 1 and the fragmentation term <= 1."""
-        big_l, n = q[4], len(q[2])
-        snr_max = (3.0 * big_l - ls) / (big_l + ls)
-        return (big_l / n + 1.0) * max(snr_max, 0.0) + 1.0
-
-    if will_prune:
-        # Align the most promising first: once `limit` keys are in hand, a candidate whose bound is below
-        # the smallest of them can never survive the pruning, and neither can any after it.
-        qualified.sort(key=lambda q: -bound(q))
+    flats = idx.flats
+    if use_token_matching:
+        # Same float operations as KATO's per-pattern 2.0*LCS/(len_p+len_s)*100.0, vectorized.
+        lcs = process.cdist([state], [flats[i] for i in cand], scorer=LCSseq.similarity, dtype=np.int64,
+                            workers=1)[0].astype(np.float64)
+        score = 2.0 * lcs / (idx.lens()[cand] + ls) * 100.0
+    else:
+        lcs = idx.lens()[cand]            # no cheap bound in character mode
+        score = np.array([fuzz.ratio(" ".join(flats[i]), " ".join(state)) for i in cand], dtype=np.float64)
+    keep = score >= cut
+    q_idx, q_lcs, q_score = cand[keep], lcs[keep], score[keep]
+    will_prune = len(q_idx) > limit
+    # Upper bound of each candidate's pruning key (evidence + confidence) * snr + 1/(fragmentation + 1)
+    # from its LCS L: matched symbols m <= L and snr = (3m - ls)/(m + ls) rises with m; evidence <= L/len,
+    # confidence <= 1, and when even the best snr is negative, evidence + confidence >= 2/len (m >= 1);
+    # the fragmentation term is at most 1.
+    q_len = idx.lens()[q_idx]
+    snr_max = (3.0 * q_lcs - ls) / (q_lcs + ls)
+    bound = np.where(snr_max >= 0, (q_lcs / q_len + 1.0) * snr_max, 2.0 / q_len * snr_max) + 1.0
+    # Align the most promising first: once `limit` keys are in hand, a candidate whose bound is below the
+    # smallest of them can never survive the pruning, and neither can any after it.
+    order = np.argsort(-bound, kind="stable") if will_prune else np.arange(len(q_idx))
     heap: list[float] = []
     scored = []      # every aligned candidate: alignment and pruning key only
-    for q in qualified:
-        if will_prune and len(heap) >= limit and bound(q) + 1e-9 < heap[0]:
+    for k in order.tolist():
+        if early_stop and will_prune and len(heap) >= limit and bound[k] + 1e-9 < heap[0]:
             break
-        name, events, flat, sim, lcs = q
-        blocks = alignment_blocks(flat, b2j, ls, lcs if use_token_matching else None)
+        i = int(q_idx[k])
+        name, events, flat = idx.names[i], idx.events[i], flats[i]
+        sim = float(q_score[k]) / 100.0
+        lcs_k = int(q_lcs[k])
+        blocks = alignment_blocks(flat, b2j, ls, lcs_k if use_token_matching else None)
         if blocks:
             i0 = blocks[0][0]
             end = blocks[-1][0] + blocks[-1][2]
@@ -381,6 +411,8 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
     pruned = will_prune
     if pruned:
         scored = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
+    else:
+        scored.sort(key=lambda t: t[1])     # deterministic ensemble sums and future_potentials order
 
     details = _details(engine, kb, [t[1] for t in scored])
     preds = []
@@ -496,12 +528,12 @@ def _ensemble(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _single_symbol(engine: "Engine", kb: str, symbol: str, max_predictions: int) -> list[dict[str, Any]]:
     """KATO's one-symbol fast path: patterns whose first symbol is `symbol`, flat fields, threshold 0.
 
-    KATO builds this query by string interpolation and crashes on an apostrophe (§7.1); here it is a
-    bound parameter."""
-    conn = engine.store.conn
-    names = [r[0] for r in conn.execute("SELECT name FROM symbol_index WHERE kb_id=? AND symbol=?", (kb, symbol))]
-    pats = engine.pattern_cache.get_many(engine, kb, names)
-    first = [n for n in sorted(pats) if pats[n][1] and pats[n][1][0] == symbol]
+    KATO builds its query by string interpolation and crashes on an apostrophe (§7.1); here the symbol is
+    only a dictionary key."""
+    idx = engine.kb_index.get(engine, kb)
+    hits = [i for i in idx.by_symbol.get(symbol, ()) if idx.flats[i][0] == symbol]
+    pats = {idx.names[i]: (idx.events[i], idx.flats[i]) for i in hits}
+    first = sorted(pats)
     details = _details(engine, kb, first)
     preds = []
     for name in first:
