@@ -168,3 +168,16 @@ def test_non_loopback_host_without_token_warns(tmp_path):
     with EmbeddedServer(tmp_path / "kb.sqlite3", log_path=log2):
         pass
     assert "without --token" not in log2.read_text()
+
+
+def test_second_server_on_the_same_db_is_refused(tmp_path):
+    db = tmp_path / "kb.sqlite3"
+    with EmbeddedServer(db) as srv:
+        p = run_server_cli("--db", str(db))
+        assert p.returncode != 0 and "already served by another process" in p.stderr
+        assert str(srv.pid) in p.stderr
+        assert httpx.get(srv.url + "/health").status_code == 200
+    srv.start()                      # the lock went with the process
+    srv.kill()
+    srv.restart()                    # and with a SIGKILLed one too
+    srv.stop()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import time
 import os
 import re
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ class Server:
         if row is None or row[4] < time.time() - self.idempotency_ttl:
             return None
         if row[0] == g.fingerprint:
-            return _Answer(row[2], bytes(row[3]))
+            return _Answer(row[2], zlib.decompress(row[3]))
         detail = (f"Idempotency-Key {g.key!r} was already used for a different request ({row[1]} with another "
                   f"body); this request ({g.request}) was not applied. Send a new request with a new key.")
         return _Answer(422, render({"detail": detail}))
@@ -133,7 +134,9 @@ class Server:
                     raise _Rollback(status, body)
                 if g.key:
                     c.execute("INSERT OR REPLACE INTO idempotency(key,fingerprint,request,status,body,created_at) "
-                              "VALUES(?,?,?,?,?,?)", (g.key, g.fingerprint, g.request, status, body, time.time()))
+                              "VALUES(?,?,?,?,?,?)",
+                              # compressed: with keys on every request this table holds a day of answers
+                              (g.key, g.fingerprint, g.request, status, zlib.compress(body, 1), time.time()))
         except _Rollback as r:
             self.engine.forget(session_id)
             return Response(r.body, status_code=r.status, media_type="application/json")

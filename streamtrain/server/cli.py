@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
+from pathlib import Path
 
 from streamtrain.server.app import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MAX_BODY_BYTES, create_app
 from streamtrain.server.store import Store, StoreError
@@ -42,6 +44,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _lock_database(db: str):
+    """Hold an exclusive lock on `<db>.lock` for the life of the process (released by the kernel even on
+    SIGKILL): two servers writing one database would break its durability guarantees."""
+    try:
+        import fcntl
+    except ImportError:          # not POSIX: no protection
+        return None
+    path = Path(f"{db}.lock")
+    if not path.parent.is_dir():
+        return None              # Store reports the missing folder
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise StoreError(f"database {db} is already served by another process (pid {holder}); stop it or "
+                         "give another --db path") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def serve(args: argparse.Namespace) -> int:
     """Open the database, build the app and serve until SIGTERM/SIGINT. Returns the exit code."""
     import uvicorn
@@ -54,6 +82,7 @@ def serve(args: argparse.Namespace) -> int:
         print("error: --max-body-bytes must be positive", file=sys.stderr)
         return 2
     try:
+        lock = _lock_database(args.db)
         store = Store(args.db, sync=args.sync)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -67,6 +96,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         store.close()
+        if lock is not None:
+            lock.close()
     return 0 if server.started else 1
 
 
