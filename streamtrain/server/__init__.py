@@ -6,6 +6,7 @@
 """
 
 from streamtrain.server.app import create_app
+from streamtrain.server.cli import add_serve_arguments, serve
 from streamtrain.server.launcher import EmbeddedServer
 
-__all__ = ["EmbeddedServer", "create_app"]
+__all__ = ["EmbeddedServer", "add_serve_arguments", "create_app", "serve"]
