@@ -49,6 +49,10 @@ BEHAVIOUR: dict[str, str] = {
     "not-implemented": (
         "GET /status, GET /sessions/count, POST /sessions/{id}/finalize-training, the symbol affinity and "
         "monitoring endpoints and the WebSocket are not implemented (404)"),
+    "observe-time-predictions": (
+        "the predictions an observe computes (process_predictions, shown by cognition-data) are computed once "
+        "per request, for its last observation, and kept in memory only (empty after a restart); KATO "
+        "computes them after every observation and stores them in Redis"),
     "idempotency-keys": "Idempotency-Key header honoured (extension; --no-idempotency turns it off)",
     "durable-kb": (
         "frequencies, emotives and metadata are durable (SQLite); KATO keeps them in Redis without persistence"),
