@@ -138,7 +138,9 @@ class Server:
                               # compressed: with keys on every request this table holds a day of answers
                               (g.key, g.fingerprint, g.request, status, zlib.compress(body, 1), time.time()))
         except _Rollback as r:
-            self.engine.forget(session_id)
+            # Every 4xx answer is decided before the request learns anything: the session may be stale,
+            # the knowledge-base caches are not.
+            self.engine.forget(session_id, knowledge=False)
             return Response(r.body, status_code=r.status, media_type="application/json")
         except BaseException:
             self.engine.forget(session_id)

@@ -99,15 +99,18 @@ class Engine:
             self._kb_for_node[node_id] = kid
         return kid
 
-    def forget(self, session_id: str | None = None) -> None:
-        """Drop cached state after a rollback: it may hold effects that were not committed."""
+    def forget(self, session_id: str | None = None, *, knowledge: bool = True) -> None:
+        """Drop cached state after a rollback: it may hold effects that were not committed.
+
+        knowledge=False keeps the knowledge-base caches: for error answers given before anything was learned."""
         if session_id is None:
             self.sessions.clear()
         else:
             self.sessions.pop(session_id, None)
-        self._known_kbs.clear()
-        self.kb_version.clear()
-        self.kb_index.drop()
+        if knowledge:
+            self._known_kbs.clear()
+            self.kb_version.clear()
+            self.kb_index.drop()
 
     def _bump(self, kb: str) -> None:
         self.kb_version[kb] = self.kb_version.get(kb, 0) + 1
