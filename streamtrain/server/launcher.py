@@ -98,15 +98,16 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("embedded server pid %s ignored SIGTERM for %s s; killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded server pid %s ignored SIGTERM for %s s; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        if self._own_log:           # a temporary log of a cleanly stopped server is not worth keeping
+            self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         proc, self._proc = self._proc, None
