@@ -251,3 +251,14 @@ def test_embedded_server_by_default(demo_corpus, tmp_path):
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
         kb = kb_by_level(srv.url, "embedded")
     assert sum(kb[0].values()) == second.patterns_learned[0]
+
+
+def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus, tmp_path, reference):
+    """Default mode (no server_url): the trainer and its embedded server child are killed with it; the orphaned
+    server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
+    cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5)
+    _kill_and_resume(cfg, tmp_path, kills=3, seed=5)
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.reason == "end" and ckpt.server.embedded
+    with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
+        assert kb_by_level(srv.url, cfg.run_name) == reference

@@ -32,7 +32,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="SQLite synchronous mode: normal survives process kills, full also power loss")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                        help="shut down when process PID (the one that started this server) is gone")
     return parser
+
+
+def _watch_parent(pid: int, server) -> None:
+    """Shut the server down once its parent is gone: a trainer killed with SIGKILL must not leave an orphan
+    holding the database (the resumed trainer's own server would be refused)."""
+    import threading
+
+    def watch() -> None:
+        while not server.should_exit:
+            if os.getppid() != pid:
+                log.warning("parent process %d is gone: shutting down", pid)
+                server.should_exit = True
+                return
+            threading.Event().wait(0.5)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _is_loopback(host: str) -> bool:
@@ -92,6 +110,8 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level=args.log_level,
                             access_log=args.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
+    if args.exit_with_parent is not None:
+        _watch_parent(args.exit_with_parent, server)
     try:
         server.run()
     finally:

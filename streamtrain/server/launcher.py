@@ -55,7 +55,7 @@ class EmbeddedServer:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "streamtrain.server", "--host", self.host, "--port", str(self.port),
-               "--db", str(self.db_path), "--log-level", "warning"]
+               "--db", str(self.db_path), "--log-level", "warning", "--exit-with-parent", str(os.getpid())]
         if self.token:
             cmd += ["--token", self.token]
         if not self.idempotency:
