@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest --nbmake tests notebooks
 
 soak: $(STAMP)
-	STREAMTRAIN_SOAK=1 $(PY) -m pytest tests -m soak
+	STREAMTRAIN_SOAK=1 $(PY) -m pytest --nbmake tests notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -12,9 +12,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Soak mode scales the crash and kill loops up instead of skipping anything.
-SOAK = os.environ.get("STREAMTRAIN_SOAK") == "1"
-
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:

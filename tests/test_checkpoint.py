@@ -26,7 +26,7 @@ from streamtrain.checkpoint import (
 from streamtrain.config import DatasetConfig, RunConfig
 from streamtrain.errors import CheckpointError
 
-SOAK = os.environ.get("STREAMTRAIN_SOAK") == "1"
+from soak import SOAK  # noqa: E402
 
 
 def make_ckpt(seq: int, run_name: str = "run1", **kw) -> Checkpoint:

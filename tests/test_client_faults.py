@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SOAK
+from soak import SOAK
 from faultproxy import KINDS, FaultProxy
 
 from streamtrain.client import KatoClient, NodeSession, unit_took_effect

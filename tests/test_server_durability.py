@@ -15,7 +15,7 @@ import pytest
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer
 
-SOAK = os.environ.get("STREAMTRAIN_SOAK") == "1"
+from soak import SOAK  # noqa: E402
 
 
 def chunk(i: int) -> list[list[str]]:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from soak import SOAK
 
 from streamtrain.config import DatasetConfig
 from streamtrain.errors import DatasetError
@@ -78,7 +79,7 @@ def read_with_interruptions(cfg: DatasetConfig, cuts: list[int], use_state: list
 
 @pytest.mark.soak
 @pytest.mark.parametrize("fmt", ["parquet", "json", "text"])
-@settings(max_examples=300 if os.environ.get("STREAMTRAIN_SOAK") == "1" else 25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 if SOAK else 25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shards=shards_strategy,
     min_chars=st.integers(min_value=0, max_value=4),

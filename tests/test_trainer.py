@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SOAK
+from soak import SOAK
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.client import KatoClient

@@ -1,4 +1,4 @@
-"""`pytest --nbmake notebooks`: run the suite in a scratch folder, never in the user's checkpoints/ or data/.
+"""Root conftest: `pytest --nbmake notebooks` runs the suite in a scratch folder, never in the user's checkpoints/ or data/.
 
 Kernels inherit this process's environment, and every notebook reads its folders from ST_* variables (see each
 notebook's parameters cell). The three notebooks share one run in this session's folder, as they share one in
