@@ -132,6 +132,7 @@ class ServiceInfo(_Model):
     status: str = ""
     session_support: bool = True
     idempotency: bool = False  # only the embedded server sends it; a real KATO has none
+    extensions: list[str] = []  # the embedded server's extra endpoints ("nodes", "learn-batch")
 
 
 class Health(_Model):
@@ -560,6 +561,12 @@ class KatoClient:
         """Whether the server honours ``Idempotency-Key`` (asked once, then cached)."""
         return self.info().idempotency
 
+    @cached_property
+    def supports_learn_batch(self) -> bool:
+        """Whether the server offers ``POST /learn-batch`` with idempotency keys (the embedded server does)."""
+        info = self.info()
+        return info.idempotency and "learn-batch" in info.extensions
+
     def health(self) -> Health:
         return self._get("/health", Health)
 
@@ -723,6 +730,14 @@ class KatoClient:
     def node_stats(self, node_id: str) -> NodeStats:
         return self._get(f"/nodes/{quote(node_id, safe='')}/stats", NodeStats)
 
+    def learn_batch(self, items: Sequence[tuple[str, Sequence[Sequence[str]]]], idempotency_key: str) -> list[str]:
+        """Learn each ``(node_id, events)`` as one pattern, in order, in one request and one transaction
+        (embedded server extension ``POST /learn-batch``). Keyed, so a retry after any failure is harmless:
+        the server applies the batch once and answers a replay with its stored answer. Returns the names."""
+        body = {"items": [{"node_id": node, "events": [list(e) for e in events]} for node, events in items]}
+        return self._post("/learn-batch", LearnBatchResult, json=body, resend=True,
+                          idempotency_key=idempotency_key).patterns
+
     def export_knowledge_base(self) -> dict[str, dict[str, int]]:
         """node_id -> {pattern name ("PTRN|..."): frequency} for every node (tests and notebooks)."""
         return {
@@ -733,6 +748,11 @@ class KatoClient:
 
 class _NodeList(_Model):
     nodes: list[NodeInfo]
+
+
+class LearnBatchResult(_Model):
+    status: str
+    patterns: list[str]
 
 
 # --------------------------------------------------------------------------------------------------

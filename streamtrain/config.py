@@ -90,6 +90,11 @@ class ClientConfig(StrictModel):
     retry_max_attempts: int = Field(50, ge=1)
     backoff_initial: float = Field(0.1, gt=0)
     backoff_max: float = Field(5.0, gt=0)
+    learn_batch: bool = Field(
+        True,
+        description="Send a whole sample (every level) in one keyed request when the server offers the "
+        "learn-batch extension (the embedded server does); off: one request per chunk, as with a real KATO.",
+    )
 
 
 def _default_layers() -> list[LayerConfig]:

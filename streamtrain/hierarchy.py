@@ -103,3 +103,9 @@ def step_key(run_name: str, node_id: str, raw_index: int, step: Step) -> str:
     """
     raw = f"{run_name}\x1f{node_id}\x1f{raw_index}\x1f{step.index}\x1f{step.name}"
     return "st1-" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:40]
+
+
+def sample_key(run_name: str, raw_index: int, steps: Sequence[Step]) -> str:
+    """Deterministic idempotency key of a whole sample's batch (every step, every level, in one request)."""
+    raw = "\x1f".join([run_name, str(raw_index)] + [s.name for s in steps])
+    return "sb1-" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:40]

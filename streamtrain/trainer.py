@@ -43,12 +43,13 @@ from .config import RunConfig, check_resume
 from .errors import (
     CheckpointError,
     ConfigRejected,
+    ProtocolError,
     ServerUnavailable,
     SessionLost,
     StreamtrainError,
     TooManyFailures,
 )
-from .hierarchy import plan_sample, step_key
+from .hierarchy import Step, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord, read_journal
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
@@ -194,12 +195,16 @@ class _Worker(threading.Thread):
         try:
             tokens = run.tokenizer(text)
             steps = plan_sample(tokens, cfg.layers)
-            first = self._first_step_to_send(raw_index, steps, recovery)
-            for step in steps[first:]:
-                session = self.sessions[step.level]
-                key = step_key(cfg.run_name, session.node_id, raw_index, step)
-                on_phase = lambda phase, sid, k=step.index: run.journal.step(raw_index, k, phase, sid)  # noqa: E731
-                session.learn_unit(step.events, key, on_phase=on_phase)
+            batched = recovery is not None and recovery.last_phase == "batch"
+            if steps and (run.learn_batch or batched):
+                self._learn_batch(raw_index, steps)
+            else:
+                first = self._first_step_to_send(raw_index, steps, recovery)
+                for step in steps[first:]:
+                    session = self.sessions[step.level]
+                    key = step_key(cfg.run_name, session.node_id, raw_index, step)
+                    on_phase = lambda phase, sid, k=step.index: run.journal.step(raw_index, k, phase, sid)  # noqa: E731
+                    session.learn_unit(step.events, key, on_phase=on_phase)
             learns = [0] * len(cfg.layers)
             for step in steps:
                 learns[step.level] += 1
@@ -216,6 +221,20 @@ class _Worker(threading.Thread):
             self.sessions = self._new_sessions()
             run.journal.finished(raw_index, trained=0, tokens=len(tokens), learns=[0] * len(cfg.layers), error=message)
             return _Outcome(raw_index=raw_index, tokens=len(tokens), error=message)
+
+    def _learn_batch(self, raw_index: int, steps: list[Step]) -> None:
+        """The whole sample in one keyed request: applied once however often it is sent (also after a crash)."""
+        cfg = self.run_.config
+        if not self.client.supports_learn_batch:
+            raise ProtocolError(
+                f"sample {raw_index} was sent as one learn-batch before the last stop, but {self.client.base_url} "
+                "does not offer that extension now: it cannot be finished exactly on this server"
+            )
+        self.run_.journal.step(raw_index, 0, "batch", "")
+        names = self.client.learn_batch([(cfg.node_id(s.level), s.events) for s in steps],
+                                        sample_key(cfg.run_name, raw_index, steps))
+        if names != [s.name for s in steps]:
+            raise ProtocolError(f"sample {raw_index}: {self.client.base_url} learned other names than planned")
 
     def _first_step_to_send(self, raw_index: int, steps: list, recovery: SampleRecord | None) -> int:
         """After a trainer crash: the first step of this sample that did not take effect (journal.py argues why)."""
@@ -451,6 +470,7 @@ class _Run:
         self.load_state()
         with KatoClient(self.server_url, token=cfg.server_token, settings=cfg.client) as probe:
             self.idempotency = probe.supports_idempotency
+            self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
         self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json")})
         self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
         self.since_checkpoint = 0

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
+from streamtrain.patterns import PREFIX
 from streamtrain.server import session_config as sc
 from streamtrain.server.engine import Engine, Session, body_fingerprint, iso
 from streamtrain.server.store import Store
@@ -52,6 +53,15 @@ class ObservationSequence(BaseModel):
     learn_after_each: bool = False
     learn_at_end: bool = False
     clear_stm_between: bool = False
+
+
+class BatchItem(BaseModel):
+    node_id: str = Field(min_length=1)
+    events: list[list[str]] = Field(min_length=1)
+
+
+class LearnBatch(BaseModel):
+    items: list[BatchItem] = Field(min_length=1)
 
 
 class CreateSession(BaseModel):
@@ -357,7 +367,8 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                               "description": "Embedded KATO-compatible memory server (streamtrain)",
                               "docs": "/docs", "health": "/health", "status": "running",
                               "uptime_seconds": time.time() - eng.started, "architecture": "modular",
-                              "session_support": True, "idempotency": srv.idempotency})
+                              "session_support": True, "idempotency": srv.idempotency,
+                              "extensions": ["nodes", "learn-batch"]})
 
     @app.get("/health")
     async def health() -> Response:
@@ -534,6 +545,20 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
     @app.get("/nodes/{node_id}/stats")
     async def node_stats(node_id: str) -> Response:
         return json_response(eng.node_stats(node_id))
+
+    @app.post("/learn-batch")
+    async def learn_batch(req: LearnBatch, g: Guard = Depends(guard)) -> Response:
+        """Learn each item's events as one pattern of its node, in order, in one transaction: the knowledge-base
+        effect of a session's observe-sequence + learn per item, without the sessions. With an Idempotency-Key
+        the whole batch is applied once. The trainer's fast path: one request per sample, every level."""
+        def fn():
+            names = []
+            for item in req.items:
+                events = [sorted(e) for e in item.events]
+                name = eng.learn_pattern(eng.kb_id(item.node_id), item.node_id, events, [], {})
+                names.append(PREFIX + name if name else "")
+            return 200, {"status": "learned", "patterns": names}
+        return srv.mutate(g, None, fn)
 
     # Hot path: the happy case of observe / observe-sequence / learn skips FastAPI's routing and dependency
     # machinery (about a third of a small request's CPU). Anything unusual (invalid JSON or body, query

@@ -203,15 +203,20 @@ class Engine:
 
         with_context: manual learns attach the session's emotives/metadata accumulators; auto-learns
         (max_pattern_length) do not, as in KATO 3.10.1."""
+        emotives = s.emotives_acc[-PERSISTENCE:] if with_context else []
+        metadata = accumulate_metadata(s.metadata_acc) if with_context else {}
+        return self.learn_pattern(s.kb_id, s.node_id, events, emotives, metadata)
+
+    def learn_pattern(self, kb: str, node_id: str, events: list[list[str]], emotives: list[dict[str, Any]],
+                      metadata: dict[str, list[str]]) -> str:
+        """Store sorted `events` as a pattern of knowledge base `kb` (first created by `node_id`): a new row, or
+        one more on its frequency. The bare sha1, or "" when the events hold fewer than 2 symbols."""
         n = sum(len(e) for e in events)
         if n < 2:
             return ""
         name = pattern_hash(events)
-        kb = s.kb_id
         c = self.store.conn
-        self._ensure_kb(kb, s.node_id)
-        emotives = s.emotives_acc[-PERSISTENCE:] if with_context else []
-        metadata = accumulate_metadata(s.metadata_acc) if with_context else {}
+        self._ensure_kb(kb, node_id)
         counts: dict[str, int] = {}
         for e in events:
             for sym in e:
