@@ -267,3 +267,21 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
     assert ckpt.reason == "end" and ckpt.server.embedded
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
         assert kb_by_level(srv.url, cfg.run_name) == reference
+
+
+@pytest.mark.parametrize("mode", ["batch", "verify"])
+def test_training_through_faults_is_exact(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference):
+    """10% of requests dropped before or after reaching the server, answered 503/429, or stalled past the read
+    timeout: the run finishes with exactly the fault-free knowledge base."""
+    from faultproxy import FaultProxy
+
+    srv = server if mode == "batch" else server_without_idempotency
+    client = ClientConfig(read_timeout=0.3, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1)
+    kinds = ("drop_before", "drop_after", "503", "429", "stall")
+    with FaultProxy(srv.url, fault_rate=0.1, seed=3, kinds=kinds, retry_after="0", stall_seconds=0.6) as proxy:
+        cfg = make_config(tmp_path, demo_corpus, f"faults-{mode}", proxy.url, client=client, num_workers=2)
+        result = train(cfg, progress=False)
+        counts = proxy.counts
+    faults = {kind: counts.get(kind, 0) for kind in ("drop_before", "drop_after", "503", "429", "stall")}
+    assert result.samples_failed == 0 and sum(faults.values()) >= 5 and faults["drop_after"] > 0, counts
+    assert kb_by_level(srv.url, cfg.run_name) == reference
