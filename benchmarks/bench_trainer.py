@@ -6,7 +6,9 @@
 What it measures, on the demo corpus (Shakespeare's speeches, built into data/demo if missing) and one embedded
 server started for the benchmark:
 
-* streamtrain's ``train`` with 1, 2 and 4 workers: samples/s, tokens/s, HTTP requests per sample;
+* streamtrain's ``train``: as against a real KATO (``verify``: no idempotency keys, two requests per chunk),
+  with one keyed request per chunk (``keys``), and with the embedded server's learn-batch extension (one
+  request per sample) with 1, 2 and 4 workers: samples/s, tokens/s, learns/s, HTTP requests per sample;
 * a baseline written here the way the system streamtrain replaces talks to KATO: one ``observe`` request per
   token, then one ``learn`` per chunk, same chunks, same levels, one worker;
 * ratios against that baseline.
@@ -30,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-from streamtrain.config import DatasetConfig, RunConfig  # noqa: E402
+from streamtrain.config import ClientConfig, DatasetConfig, RunConfig  # noqa: E402
 from streamtrain.demo import build_demo_corpus  # noqa: E402
 from streamtrain.hierarchy import plan_sample  # noqa: E402
 from streamtrain.server import EmbeddedServer  # noqa: E402
@@ -45,20 +47,25 @@ def corpus_config(corpus: Path) -> DatasetConfig:
     return DatasetConfig(path="parquet", data_files=str(corpus / "*.parquet"), min_chars=20)
 
 
-def run_streamtrain(url: str, corpus: Path, ckpt_dir: Path, samples: int, workers: int) -> dict:
-    cfg = RunConfig(run_name=f"bench-w{workers}", server_url=url, dataset=corpus_config(corpus), max_samples=samples,
-                    checkpoint_dir=ckpt_dir, num_workers=workers, checkpoint_every=1000)
+def run_streamtrain(url: str, corpus: Path, ckpt_dir: Path, samples: int, workers: int, mode: str) -> dict:
+    """mode: "batch" (one learn-batch request per sample), "keys" (one keyed request per chunk) or "verify"
+    (a server without idempotency, as a real KATO: observe-sequence + learn per chunk)."""
+    client = ClientConfig(learn_batch=(mode == "batch"))
+    cfg = RunConfig(run_name=f"bench-{mode}-w{workers}", server_url=url, dataset=corpus_config(corpus),
+                    max_samples=samples, checkpoint_dir=ckpt_dir, num_workers=workers, checkpoint_every=1000,
+                    client=client)
     result = train(cfg, progress=False)
-    requests = sum(result.patterns_learned) + 2 * workers * len(cfg.layers)  # one per learn, + sessions
-    return {"name": f"streamtrain, {workers} worker(s)", "samples": result.new_samples, "tokens": result.new_tokens,
-            "seconds": result.elapsed_seconds, "requests": requests}
+    learns = sum(result.patterns_learned)
+    requests = {"batch": result.samples_trained, "keys": learns, "verify": 2 * learns}[mode]
+    return {"name": f"streamtrain {mode}, {workers} worker(s)", "samples": result.new_samples,
+            "tokens": result.new_tokens, "seconds": result.elapsed_seconds, "requests": requests, "learns": learns}
 
 
 def run_per_token_baseline(url: str, corpus: Path, samples: int) -> dict:
     """One observe per token, then learn, per chunk: the request pattern of the system streamtrain replaces."""
     layers = RunConfig(run_name="x", dataset=corpus_config(corpus)).layers
     tokenizer = get_tokenizer("words")
-    requests = tokens = done = 0
+    requests = tokens = done = learns = 0
     t0 = time.perf_counter()
     with httpx.Client(base_url=url, timeout=30) as http:
         sids = []
@@ -76,23 +83,28 @@ def run_per_token_baseline(url: str, corpus: Path, samples: int) -> dict:
                     requests += 1
                 http.post(f"/sessions/{sids[step.level]}/learn").raise_for_status()
                 requests += 1
+                learns += 1
             done += 1
     return {"name": "baseline: observe per token + learn", "samples": done, "tokens": tokens,
-            "seconds": time.perf_counter() - t0, "requests": requests}
+            "seconds": time.perf_counter() - t0, "requests": requests, "learns": learns}
 
 
 def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> None:
-    with EmbeddedServer(work / "kb.sqlite3", log_path=work / "server.log") as server:
-        rows = [run_per_token_baseline(server.url, corpus, args.samples)]
+    with EmbeddedServer(work / "kb.sqlite3", log_path=work / "server.log") as server, \
+            EmbeddedServer(work / "kb-noidem.sqlite3", idempotency=False, log_path=work / "server2.log") as plain:
+        rows = [run_per_token_baseline(server.url, corpus, args.samples),
+                run_streamtrain(plain.url, corpus, work / "ckpt", args.samples, 1, "verify"),
+                run_streamtrain(server.url, corpus, work / "ckpt", args.samples, 1, "keys")]
         for n in args.workers:
-            rows.append(run_streamtrain(server.url, corpus, work / "ckpt", args.samples, n))
+            rows.append(run_streamtrain(server.url, corpus, work / "ckpt", args.samples, n, "batch"))
     base = rows[0]["samples"] / rows[0]["seconds"]
     print(f"\nend-to-end training, {args.samples} raw records of the demo corpus, embedded server, {os.cpu_count()} cores")
-    print(f"{'client':<40} {'samples/s':>10} {'tokens/s':>10} {'req/sample':>11} {'vs baseline':>12}")
+    print("(verify = the protocol used against a real KATO, which has no idempotency keys)")
+    print(f"{'client':<40} {'samples/s':>10} {'tokens/s':>10} {'learns/s':>9} {'req/sample':>11} {'vs baseline':>12}")
     for r in rows:
         sps = r["samples"] / r["seconds"]
-        print(f"{r['name']:<40} {sps:>10.1f} {r['tokens'] / r['seconds']:>10.0f} {r['requests'] / max(r['samples'], 1):>11.1f} "
-              f"{sps / base:>11.2f}x")
+        print(f"{r['name']:<40} {sps:>10.1f} {r['tokens'] / r['seconds']:>10.0f} {r['learns'] / r['seconds']:>9.0f} "
+              f"{r['requests'] / max(r['samples'], 1):>11.1f} {sps / base:>11.2f}x")
 
 
 def memory(args: argparse.Namespace, corpus: Path, work: Path) -> None:
