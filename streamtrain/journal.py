@@ -14,6 +14,7 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
     {"s": 17, "k": 3, "p": "observe", "sid": "..."}    sample 17, step 3: about to send its observe-sequence
     {"s": 17, "k": 3, "p": "learn", "sid": "..."}      ... its observe-sequence succeeded; about to send the learn
     {"s": 17, "k": 3, "p": "keyed", "sid": "..."}      ... (idempotent server) about to send the one keyed request
+    {"s": 17, "k": 0, "p": "batch", "sid": ""}         about to send the whole sample as one keyed learn-batch
     {"s": 17, "p": "fin", "trained": 1, "tokens": 40, "learns": [5, 1], "error": null}   sample 17 finished
 
 The argument. A worker sends the steps of a sample in order (``hierarchy.plan_sample``), one request at a time on
@@ -22,7 +23,9 @@ sample whose last line is step k: steps < k took effect (step k was begun only a
 were never sent; step k is decided from server state by ``client.unit_took_effect``: phase ``observe`` means its
 learn was never sent; phase ``learn`` means the STM held exactly the step's events when the learn was sent, so the
 recorded session's STM is empty if and only if the learn took effect (KATO's learn always clears it, and nothing
-else touches that session). The resumed trainer never writes to the old session, so asking again after yet
+else touches that session); phases ``keyed`` and ``batch`` are replayed under the same idempotency key, which the
+server answers from its record when the first attempt took effect (a ``batch`` sample is always replayed as a
+batch, whatever the current setting, so one sample never mixes the two). The resumed trainer never writes to the old session, so asking again after yet
 another crash gives the same answer. A ``fin`` line means the whole sample took effect: it is skipped and its
 counters are added back.
 
