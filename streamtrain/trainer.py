@@ -63,6 +63,8 @@ FATAL_ERRORS = (ServerUnavailable, ConfigRejected, SessionLost, CheckpointError)
 # within that time can still read its old sessions' STM to decide whether the step took effect.
 SESSION_TTL_SECONDS = 86400
 
+MAX_HISTORY_POINTS = 4000  # TrainResult.history (throughput plots) stays this small however long the run
+
 
 class ProgressPoint(BaseModel):
     elapsed_seconds: float
@@ -269,6 +271,7 @@ class _Run:
         self.checkpoints_written = 0
         self.last_checkpoint: Path | None = None
         self.history: list[ProgressPoint] = []
+        self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
         self.stream: DatasetStream | None = None
 
     # -- resume -------------------------------------------------------------------------------------------
@@ -408,13 +411,16 @@ class _Run:
             self.bar.update(self.tracker.mark - self.bar.n)
             self.bar.set_postfix(trained=self.counters.samples_trained, failed=self.counters.samples_failed,
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
-        if now - self.last_point >= 1.0:
+        if now - self.last_point >= self.point_every:
             self._record_point()
         if self._checkpoint_due():
             self.checkpoint("interval")
 
     def _record_point(self) -> None:
         self.last_point = time.monotonic()
+        if len(self.history) >= MAX_HISTORY_POINTS:
+            self.history = self.history[::2]  # thinned evenly: days of training keep a bounded, even record
+            self.point_every *= 2
         self.history.append(ProgressPoint(elapsed_seconds=round(self.last_point - self.t0, 3), position=self.tracker.mark,
                                           samples_trained=self.counters.samples_trained, tokens=self.counters.tokens))
 

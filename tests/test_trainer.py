@@ -285,3 +285,26 @@ def test_training_through_faults_is_exact(mode, server, server_without_idempoten
     faults = {kind: counts.get(kind, 0) for kind in ("drop_before", "drop_after", "503", "429", "stall")}
     assert result.samples_failed == 0 and sum(faults.values()) >= 5 and faults["drop_after"] > 0, counts
     assert kb_by_level(srv.url, cfg.run_name) == reference
+
+
+def test_progress_history_stays_bounded(monkeypatch):
+    """The throughput history is thinned evenly as it grows, so a run of any length keeps a bounded record."""
+    from types import SimpleNamespace
+
+    from streamtrain import trainer as trainer_module
+    from streamtrain.checkpoint import Counters
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(trainer_module, "MAX_HISTORY_POINTS", 8)
+    run = trainer_module._Run.__new__(trainer_module._Run)
+    run.history, run.point_every, run.t0, run.last_point = [], 1.0, 0.0, 0.0
+    run.tracker, run.counters = trainer_module._Tracker(0, set()), Counters()
+    for second in range(1, 1001):  # a 1000-second run, the way _after_progress records points
+        clock.now = float(second)
+        run.tracker.read_pos = second
+        if clock.now - run.last_point >= run.point_every:
+            run._record_point()
+    positions = [p.position for p in run.history]
+    assert 4 <= len(run.history) <= 8 and run.point_every == 128.0
+    assert positions == sorted(positions) and positions[-1] >= 1000 - run.point_every
