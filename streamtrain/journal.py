@@ -124,7 +124,13 @@ class Journal:
         with self._lock:
             if self._fd is None:
                 raise CheckpointError(f"the journal {self.path} is closed")
-            os.write(self._fd, line)
+            try:
+                os.write(self._fd, line)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot append to the journal {self.path}: {exc.strerror or exc}. Free space (or fix the folder) "
+                    "and run again: the run resumes from its last checkpoint and this journal"
+                ) from exc
 
     def step(self, raw_index: int, step: int, phase: str, session_id: str) -> None:
         self._append({"s": raw_index, "k": step, "p": phase, "sid": session_id})

@@ -184,7 +184,11 @@ class _Worker(threading.Thread):
                 if item is None or run.stop.is_set():
                     break  # an item left here stays unfinished: the position cannot pass it
                 raw_index, text, recovery = item
-                run.outbox.put(self._train_sample(raw_index, text, recovery))
+                try:
+                    outcome = self._train_sample(raw_index, text, recovery)
+                except BaseException as exc:  # e.g. the journal cannot be written: the dispatcher must hear of it
+                    outcome = _Outcome(raw_index=raw_index, fatal=exc)
+                run.outbox.put(outcome)
         finally:
             for s in self.sessions:
                 s.close()

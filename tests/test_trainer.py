@@ -308,3 +308,28 @@ def test_progress_history_stays_bounded(monkeypatch):
     positions = [p.position for p in run.history]
     assert 4 <= len(run.history) <= 8 and run.point_every == 128.0
     assert positions == sorted(positions) and positions[-1] >= 1000 - run.point_every
+
+
+def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path, monkeypatch):
+    """A journal that cannot be appended to (a full disk, simulated: a real one cannot be filled on demand here)
+    stops the run with a CheckpointError saying what to do, instead of hanging or training on unjournaled."""
+    import errno
+
+    from streamtrain import journal as journal_module
+
+    real_write = os.write
+    calls = {"n": 0}
+
+    def failing_write(fd, data):
+        if isinstance(data, bytes) and data.startswith(b'{"s":'):
+            calls["n"] += 1
+            if calls["n"] > 20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "write", failing_write)
+    cfg = make_config(tmp_path, demo_corpus, "journal-full", server.url, num_workers=2)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train(cfg, progress=False)
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.reason == "error" and "journal" in ckpt.error
