@@ -102,6 +102,20 @@ def bench_learn(c: httpx.Client, srv: EmbeddedServer, draw, n: int) -> None:
         label = f"auto-learn mpl=8, {per_request} patterns/request"
         print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
               f"= {learned / cpu:5.0f} patterns per CPU-second")
+    for per_request in (6, 64):
+        # learn-batch (extension): many 8-event patterns per keyed request, no session; 6 is about one demo
+        # sample (its chunks on every level), what the trainer sends per request.
+        n_req = max(1, n // per_request)
+        bodies = [{"items": [{"node_id": "batch", "events": [draw(1) for _ in range(8)]} for _ in range(per_request)]}
+                  for _ in range(n_req)]
+        cpu0, t0 = server_cpu(srv), time.perf_counter()
+        for i, body in enumerate(bodies):
+            c.post("/learn-batch", json=body, headers={"Idempotency-Key": f"batch-{per_request}-{i}"})
+        dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
+        learned = n_req * per_request
+        label = f"learn-batch, {per_request} patterns/request, keyed"
+        print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
+              f"= {learned / cpu:5.0f} patterns per CPU-second")
     sid = new_session(c, "learn-separate")
     bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)]} for _ in range(n // 2)]
     cpu0, t0 = server_cpu(srv), time.perf_counter()
