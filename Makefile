@@ -24,7 +24,7 @@ soak: $(STAMP)
 	STREAMTRAIN_SOAK=1 $(PY) -m pytest --nbmake tests notebooks
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)  # root: containers
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
