@@ -242,7 +242,7 @@ class _Worker(threading.Thread):
         if names != [s.name for s in steps]:
             raise ProtocolError(f"sample {raw_index}: {self.client.base_url} learned other names than planned")
 
-    def _first_step_to_send(self, raw_index: int, steps: list, recovery: SampleRecord | None) -> int:
+    def _first_step_to_send(self, raw_index: int, steps: list[Step], recovery: SampleRecord | None) -> int:
         """After a trainer crash: the first step of this sample that did not take effect (journal.py argues why)."""
         if recovery is None or recovery.last_step is None or recovery.last_step >= len(steps):
             return 0

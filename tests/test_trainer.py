@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from soak import SOAK
 
+from streamtrain import analysis
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.client import KatoClient
 from streamtrain.config import ClientConfig, DatasetConfig, LayerConfig, RunConfig
@@ -46,15 +47,9 @@ def make_config(tmp_path: Path, corpus: Path, run_name: str, url: str | None, **
     return RunConfig(**fields)
 
 
-def kb_by_level(url: str, run_name: str) -> dict[int, dict[str, int]]:
+def kb_by_level(url: str, cfg: RunConfig) -> dict[int, dict[str, int]]:
     with KatoClient(url) as client:
-        kb = client.export_knowledge_base()
-    out: dict[int, dict[str, int]] = {}
-    for node_id, patterns in kb.items():
-        prefix = f"{run_name}-L"
-        if node_id.startswith(prefix):
-            out[int(node_id[len(prefix):])] = dict(patterns)
-    return out
+        return analysis.kb_by_level(client, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +70,8 @@ def reference(server, demo_corpus, tmp_path_factory) -> dict[int, dict[str, int]
     cfg = make_config(tmp_path_factory.mktemp("ref"), demo_corpus, "reference", server.url)
     result = train(cfg, progress=False)
     assert result.reason == "end" and result.final_position == SAMPLES
-    kb = kb_by_level(server.url, "reference")
-    assert set(kb) == {0, 1, 2} and sum(kb[0].values()) == result.patterns_learned[0]
+    kb = kb_by_level(server.url, cfg)
+    assert set(kb) == {0, 1, 2} and all(kb.values()) and sum(kb[0].values()) == result.patterns_learned[0]
     return kb
 
 
@@ -89,7 +84,7 @@ def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_pa
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt is not None and ckpt.reason == "end" and ckpt.position.raw_offset == SAMPLES
     assert ckpt.counters.samples_trained == result.samples_trained
-    assert kb_by_level(server.url, "accounting") == reference
+    assert kb_by_level(server.url, cfg) == reference
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -98,7 +93,7 @@ def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, wo
     cfg = make_config(tmp_path, demo_corpus, f"parallel{workers}", server.url)
     result = train_parallel(cfg, num_workers=workers)
     assert result.num_workers == workers and result.final_position == SAMPLES
-    assert kb_by_level(server.url, f"parallel{workers}") == reference
+    assert kb_by_level(server.url, cfg) == reference
 
 
 def _start_child(cfg: RunConfig, tmp_path: Path, log) -> subprocess.Popen:
@@ -156,7 +151,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     assert killed == kills, f"only {killed} of {kills} kills landed before the run finished"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.idempotency == (mode != "verify")
-    assert kb_by_level(srv.url, cfg.run_name) == reference
+    assert kb_by_level(srv.url, cfg) == reference
     # counters are counted once too: each learn adds one to one frequency
     assert ckpt.counters.patterns_learned == [sum(reference[level].values()) for level in sorted(reference)]
     assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
@@ -167,7 +162,7 @@ def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_co
     srv = server_without_idempotency
     cfg = make_config(tmp_path, demo_corpus, "four-to-two", srv.url, num_workers=4)
     _kill_and_resume(cfg, tmp_path, kills=2, seed=3, resume_workers=2)
-    assert kb_by_level(srv.url, cfg.run_name) == reference
+    assert kb_by_level(srv.url, cfg) == reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -206,7 +201,7 @@ def test_raising_max_samples_continues_where_it_ended(server, demo_corpus, tmp_p
     second = train(make_config(tmp_path, demo_corpus, "extend", server.url), progress=False)
     assert first.final_position == 40 and second.start_position == 40 and second.resumed
     assert second.samples_trained == first.samples_trained + second.new_samples
-    assert kb_by_level(server.url, "extend") == reference
+    assert kb_by_level(server.url, make_config(tmp_path, demo_corpus, "extend", server.url)) == reference
 
 
 def test_must_match_change_is_refused(server, demo_corpus, tmp_path):
@@ -254,7 +249,7 @@ def test_embedded_server_by_default(demo_corpus, tmp_path):
     second = train(cfg.model_copy(update={"max_samples": 30}), progress=False)
     assert second.start_position == 20
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
-        kb = kb_by_level(srv.url, "embedded")
+        kb = kb_by_level(srv.url, cfg)
     assert sum(kb[0].values()) == second.patterns_learned[0]
 
 
@@ -266,7 +261,7 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.embedded
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
-        assert kb_by_level(srv.url, cfg.run_name) == reference
+        assert kb_by_level(srv.url, cfg) == reference
 
 
 @pytest.mark.parametrize("mode", ["batch", "verify"])
@@ -284,7 +279,7 @@ def test_training_through_faults_is_exact(mode, server, server_without_idempoten
         counts = proxy.counts
     faults = {kind: counts.get(kind, 0) for kind in ("drop_before", "drop_after", "503", "429", "stall")}
     assert result.samples_failed == 0 and sum(faults.values()) >= 5 and faults["drop_after"] > 0, counts
-    assert kb_by_level(srv.url, cfg.run_name) == reference
+    assert kb_by_level(srv.url, cfg) == reference
 
 
 def test_progress_history_stays_bounded(monkeypatch):
