@@ -345,6 +345,12 @@ class CheckpointStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                if holder == str(os.getpid()):
+                    raise CheckpointError(
+                        f"this process is still training run {self.run_dir.name}: a call in another thread, or the "
+                        "workers of a call stopped with a second Ctrl-C, which finish their last request first (at "
+                        "most client.retry_total_seconds); try again in a moment"
+                    ) from None
                 raise CheckpointError(
                     f"another streamtrain process is training run {self.run_dir.name} (pid {holder}); wait for it "
                     f"to finish or stop it (lock: {lock_path})"

@@ -156,8 +156,9 @@ class Journal:
             )
             try:
                 self._rewrite([self._header] + self._entries_of(keep))
-                if self._fd is not None:
-                    os.close(self._fd)
+                old, self._fd = self._fd, None  # never a closed number left behind, whatever interrupts this
+                if old is not None:
+                    os.close(old)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as exc:
                 # the old journal is still complete (os.replace is atomic): keep appending to it

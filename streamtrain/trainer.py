@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,24 +100,46 @@ class TrainResult(BaseModel):
     history: list[ProgressPoint]
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: finish what is in flight, checkpoint, stop."""
+class _StopSignals:
+    """Ctrl-C and SIGTERM during a run, turned into flags that the dispatcher reads where its state is whole.
 
+    An exception raised by a signal handler lands between any two bytecodes: between advancing the read position
+    and marking a sample in flight, or between finishing a sample and counting it. The checkpoint written after it
+    would then skip that sample or lose its counts. So the first signal only asks the run to stop: no sample is
+    dispatched any more, each worker finishes the one it holds, and an 'interrupt' checkpoint is written. The
+    second stops waiting for the workers (their samples stay unfinished; the next run replays them from the
+    journal). The third raises KeyboardInterrupt at once and no checkpoint is written: the last checkpoint and the
+    journal still resume exactly, as after a crash.
+    """
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
+    def __init__(self) -> None:
+        self.received = 0
+        self.stop = threading.Event()
+        self.abandon = threading.Event()
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum: int, frame: Any) -> None:
+        # no logging here: the handler may run inside a logging call of the same thread
+        self.received += 1
+        if self.received == 1:
+            self.stop.set()
+        elif self.received == 2:
+            self.abandon.set()
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach only the main thread: nothing to catch here
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextmanager
@@ -178,6 +200,7 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         run = self.run_
+        clean = True  # no sample left half done: the sessions can go
         try:
             while not run.stop.is_set():
                 item = run.inbox.get()
@@ -188,10 +211,13 @@ class _Worker(threading.Thread):
                     outcome = self._train_sample(raw_index, text, recovery)
                 except BaseException as exc:  # e.g. the journal cannot be written: the dispatcher must hear of it
                     outcome = _Outcome(raw_index=raw_index, fatal=exc)
+                clean = outcome.fatal is None
                 run.outbox.put(outcome)
         finally:
-            for s in self.sessions:
-                s.close()
+            if clean:
+                for s in self.sessions:
+                    s.close()
+            # else the sessions stay (until their TTL): the next run may read their STM to finish the sample
             self.client.close()
 
     def _train_sample(self, raw_index: int, text: str, recovery: SampleRecord | None) -> _Outcome:
@@ -267,7 +293,8 @@ class _Run:
         self.progress = progress
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.store = CheckpointStore(config.run_dir, keep=config.keep_checkpoints)
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # tells the workers to take no more samples
+        self.signals = _StopSignals()
         self.capacity = 2 * config.num_workers + 2
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
@@ -277,6 +304,7 @@ class _Run:
         self.history: list[ProgressPoint] = []
         self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
         self.stream: DatasetStream | None = None
+        self.workers: list[_Worker] = []
 
     # -- resume -------------------------------------------------------------------------------------------
     def load_state(self) -> None:
@@ -434,34 +462,52 @@ class _Run:
         if limit is not None and t.read_pos >= limit:
             return
         stream = self.stream = DatasetStream(cfg.dataset, start=t.read_pos, state_dict=self.stream_state, stop=limit)
+        stop = self.signals.stop
         for raw_index, text in stream:
-            t.read_pos = raw_index + 1
             if raw_index in t.done_above:
+                t.read_pos = raw_index + 1
                 continue
-            while len(t.in_flight) >= self.capacity:
+            while len(t.in_flight) >= self.capacity and not stop.is_set():
                 self._receive(block=True)
+            if stop.is_set():
+                return  # this record was read, not dispatched: the position stays below it
+            # in flight first, then the read position: the mark never passes a sample that is not finished
             t.in_flight.add(raw_index)
+            t.read_pos = raw_index + 1
             self.inbox.put((raw_index, text, self.recovery.pop(raw_index, None)))
             self._receive(block=False)
         t.read_pos = max(t.read_pos, stream.position)
 
-    def _stop_workers(self, workers: list[_Worker], abandon: bool) -> None:
-        """Let each worker finish the sample it holds; items not yet taken stay unfinished."""
-        if abandon:
+    def _stop_workers(self, workers: list[_Worker], finish_queued: bool) -> None:
+        """Wait for the workers: each finishes the sample it holds; queued ones too if ``finish_queued``.
+
+        Samples not finished stay in flight, so the checkpoint's position stays below them. A stop signal while
+        waiting turns a normal end into a stop; a second one stops waiting.
+        """
+        self._release_workers(workers, finish_queued)
+        announced = False
+        for w in workers:
+            while w.is_alive():
+                if self.signals.stop.is_set() and not self.stop.is_set():
+                    self.stop.set()
+                if self.stop.is_set() and not announced:
+                    announced = True
+                    logger.warning("waiting for the workers to finish their current sample (Ctrl-C again: stop "
+                                   "without waiting; the next run replays those samples from the journal)")
+                if self.signals.abandon.is_set():
+                    logger.warning("not waiting for the in-flight samples: the next run replays them from the journal")
+                    self._drain_quietly()
+                    return
+                w.join(timeout=0.2)
+                self._drain_quietly()
+        self._drain_quietly()
+
+    def _release_workers(self, workers: list[_Worker], finish_queued: bool) -> None:
+        """No more samples come: each worker ends after the sample it holds (after the queued ones too, if asked)."""
+        if not finish_queued:
             self.stop.set()
         for _ in workers:
             self.inbox.put(None)
-        pending = [w for w in workers if w.is_alive()]
-        if pending and abandon:
-            logger.warning("waiting for %d worker(s) to finish their current sample (Ctrl-C again to abandon)", len(pending))
-        try:
-            for w in workers:
-                while w.is_alive():
-                    w.join(timeout=0.2)
-                    self._drain_quietly()
-        except KeyboardInterrupt:
-            logger.warning("abandoning in-flight samples; the next run replays them from the journal")
-        self._drain_quietly()
 
     def _drain_quietly(self) -> None:
         while True:
@@ -476,6 +522,10 @@ class _Run:
             self._count(outcome)
 
     def execute(self) -> TrainResult:
+        with self.signals.installed():  # from here on a stop signal is a request the loop answers (_StopSignals)
+            return self._execute()
+
+    def _execute(self) -> TrainResult:
         cfg = self.config
         self.load_state()
         with KatoClient(self.server_url, token=cfg.server_token, settings=cfg.client) as probe:
@@ -491,31 +541,33 @@ class _Run:
 
             self.bar = tqdm(total=cfg.max_samples, initial=self.start_position, desc=cfg.run_name, unit="rec",
                             dynamic_ncols=True)
-        workers = [_Worker(self, i) for i in range(cfg.num_workers)]
-        reason: Literal["end", "interrupt"] = "end"
+        workers = self.workers
         try:
-            for w in workers:
-                w.start()
             try:
-                with _sigterm_as_interrupt():
-                    self._dispatch_all()
-                    self._stop_workers(workers, abandon=False)
+                workers.extend(_Worker(self, i) for i in range(cfg.num_workers))
+                for w in workers:
+                    w.start()
+                self._dispatch_all()
+                if self.signals.stop.is_set():
+                    logger.warning("run %s interrupted: finishing in-flight samples, then checkpointing", cfg.run_name)
+                self._stop_workers(workers, finish_queued=not self.signals.stop.is_set())
+                if self.fatal is not None:
+                    raise self.fatal
+                reason: Literal["end", "interrupt"] = "interrupt" if self.signals.stop.is_set() else "end"
+                self._record_point()
+                self.checkpoint(reason)
             except KeyboardInterrupt:
-                logger.warning("run %s interrupted: finishing in-flight samples, then checkpointing", cfg.run_name)
-                self._stop_workers(workers, abandon=True)
-                reason = "interrupt"
-            if self.fatal is not None:
-                raise self.fatal
-            self._record_point()
-            self.checkpoint(reason)
-        except BaseException as exc:
-            if not isinstance(exc, KeyboardInterrupt):
-                self._stop_workers(workers, abandon=True)
+                self._release_workers(workers, finish_queued=False)
+                logger.warning("run %s stopped at once, without a checkpoint: the next run resumes exactly from "
+                               "the last checkpoint and the journal", cfg.run_name)
+                raise
+            except BaseException as exc:
+                self._stop_workers(workers, finish_queued=False)
                 try:
                     self.checkpoint("error", error=f"{type(exc).__name__}: {exc}")
                 except StreamtrainError as ckpt_exc:
                     logger.error("could not write the error checkpoint: %s", ckpt_exc)
-            raise
+                raise
         finally:
             self.journal.close()
             if self.bar is not None:
@@ -566,9 +618,36 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     """
     if fresh:
         _start_fresh(config, move_aside)
-    lock_store = CheckpointStore(config.run_dir, keep=config.keep_checkpoints)
-    with lock_store.lock(), _server_for(config) as (url, embedded):
-        return _Run(config, url, embedded, progress).execute()
+    held = ExitStack()
+    held.enter_context(CheckpointStore(config.run_dir, keep=config.keep_checkpoints).lock())
+    run: _Run | None = None
+    try:
+        with _server_for(config) as (url, embedded):
+            run = _Run(config, url, embedded, progress)
+            return run.execute()
+    finally:
+        _release_lock(held, run)
+
+
+def _release_lock(held: ExitStack, run: _Run | None) -> None:
+    """Release the run's lock; after a second Ctrl-C, only once the workers left behind have stopped.
+
+    Those workers may still be sending their last request (retries included): a new call of the same run must not
+    replay that sample beside it, on a server without idempotency. The embedded server stopped with the call,
+    and it has idempotency keys anyway.
+    """
+    stragglers = [w for w in run.workers if w.is_alive()] if run is not None and not run.embedded else []
+    if not stragglers:
+        held.close()
+        return
+
+    def release() -> None:
+        for w in stragglers:
+            w.join()
+        held.close()
+        logger.info("run %s: the workers left behind have stopped; its lock is free", run.config.run_name)
+
+    threading.Thread(target=release, name="streamtrain-lock-release", daemon=True).start()
 
 
 def train_parallel(config: RunConfig, num_workers: int, **kwargs: Any) -> TrainResult:

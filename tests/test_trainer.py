@@ -181,6 +181,124 @@ def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_pat
     assert ckpt is not None and ckpt.reason == "interrupt" and ckpt.position.raw_offset > 0
 
 
+def _signal_and_resume(cfg: RunConfig, tmp_path: Path, signals: list[list[signal.Signals]], seed: int) -> int:
+    """Stop a training process with real signals at random moments (each entry: the signals sent, in order),
+    then let one run to the end. Returns how many runs the signals stopped."""
+    rng = random.Random(seed)
+    log = open(tmp_path / f"{cfg.run_name}.log", "ab")
+    stopped = 0
+    for burst in signals:
+        before = _journal_size(cfg)
+        proc = _start_child(cfg, tmp_path, log)
+        deadline = time.monotonic() + 60
+        target = before + rng.randint(1, 400)
+        while proc.poll() is None and _journal_size(cfg) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is not None:
+            break
+        for sig in burst:
+            proc.send_signal(sig)
+            time.sleep(rng.uniform(0, 0.01))
+        code = proc.wait(timeout=60)
+        assert code in (130, 0), (tmp_path / f"{cfg.run_name}.log").read_text()[-3000:]
+        stopped += code == 130
+    proc = _start_child(cfg, tmp_path, log)
+    assert proc.wait(timeout=240) == 0, (tmp_path / f"{cfg.run_name}.log").read_text()[-3000:]
+    return stopped
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, demo_corpus, tmp_path, reference):
+    """Ctrl-C and SIGTERM land anywhere in the dispatcher's loop (also twice: stop without waiting); every stop
+    writes its 'interrupt' checkpoint, and the resumed run still ends with exactly the uninterrupted knowledge base."""
+    cfg = make_config(tmp_path, demo_corpus, f"signals-{workers}", server.url, num_workers=workers, checkpoint_every=3)
+    rounds = 40 if SOAK else 8
+    bursts = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]]
+    stopped = _signal_and_resume(cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.reason == "end"
+    assert kb_by_level(server.url, cfg) == reference
+    assert ckpt.counters.patterns_learned == [sum(reference[level].values()) for level in sorted(reference)]
+    assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
+    assert stopped >= rounds // 2, f"only {stopped} of {rounds} signals landed before the run finished"
+
+
+class _SignalsAtLines:
+    """Sends this process SIGINT at given lines of the calling thread, counted from the start of the trainer's
+    dispatch loop (in any module: the trainer, the ``datasets`` reader, checkpointing, logging...). Python runs the
+    handler right there, at that line: real signals at chosen moments, which no timer can aim at."""
+
+    def __init__(self, lines: list[int]):
+        self.at, self.lines, self.armed, self.sent = sorted(lines), 0, False, 0
+
+    def _trace(self, frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_dispatch_all":
+            self.armed = True
+        if event == "line" and self.armed and self.sent < len(self.at):
+            self.lines += 1
+            while self.sent < len(self.at) and self.lines >= self.at[self.sent]:
+                self.sent += 1
+                os.kill(os.getpid(), signal.SIGINT)
+        return self._trace if self.sent < len(self.at) else None
+
+    def __enter__(self):
+        sys.settrace(self._trace)
+        return self
+
+    def __exit__(self, *exc):
+        sys.settrace(None)
+
+
+def _train_when_unlocked(cfg: RunConfig, timeout: float = 60):
+    """train(), waiting while the workers left behind by an earlier call of this process still hold the run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return train(cfg, progress=False)
+        except CheckpointError as exc:
+            if "this process is still training" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_at_any_line_of_the_calling_thread_loses_nothing(workers, server_without_idempotency, demo_corpus,
+                                                                 tmp_path, reference):
+    """Ctrl-C at random lines of the thread that runs train() (the dispatcher, the dataset reader, checkpointing),
+    once (finish the samples in flight), twice (stop without waiting) or three times (stop at once, no
+    checkpoint), again and again until the run ends: exactly the uninterrupted knowledge base and counts, on a
+    server without idempotency.
+
+    A KeyboardInterrupt raised in the middle of the dispatcher's bookkeeping or of the dataset reader once left a
+    checkpoint that skipped a record or lost its counts; stop signals are now requests the loop answers."""
+    srv = server_without_idempotency
+    rng = random.Random(workers)
+    cfg = make_config(tmp_path, demo_corpus, f"lines-{workers}", srv.url, num_workers=workers, checkpoint_every=3)
+    stops = {"interrupt": 0, "forced": 0}
+    for _ in range(200 if SOAK else 40):
+        first = rng.randint(1, 30_000)
+        lines = [first + rng.randint(0, 3_000) * k for k in range(rng.choice([1, 1, 2, 3]))]
+        with _SignalsAtLines(lines) as aim:
+            try:
+                result = _train_when_unlocked(cfg)
+            except KeyboardInterrupt:  # the third signal: raised at once
+                assert aim.sent == 3
+                stops["forced"] += 1
+                continue
+        if result.reason == "end" and aim.sent == 0:
+            break
+        stops["interrupt"] += result.reason == "interrupt"
+    else:
+        result = _train_when_unlocked(cfg)
+    assert result.reason == "end"
+    assert kb_by_level(srv.url, cfg) == reference
+    ckpt = CheckpointStore(cfg.run_dir).latest()
+    assert ckpt.counters.patterns_learned == [sum(reference[level].values()) for level in sorted(reference)]
+    assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
+    assert ckpt.counters.samples_failed == 0
+    assert stops["interrupt"] >= 5 and stops["forced"] >= 1, stops
+
 def test_server_gone_writes_error_checkpoint_and_raises(demo_corpus, tmp_path):
     """The server dies for good mid-run: an 'error' checkpoint is written and the error is raised."""
     with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:

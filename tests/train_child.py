@@ -1,4 +1,4 @@
-"""A trainer in its own process, for the tests that kill it: python train_child.py CONFIG.json [--fresh]."""
+"""A trainer in its own process, for the tests that kill or signal it: python train_child.py CONFIG.json."""
 
 import json
 import logging
@@ -11,10 +11,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from streamtrain.config import parse_config  # noqa: E402
 from streamtrain.trainer import train  # noqa: E402
 
-if __name__ == "__main__":
+
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
     with open(sys.argv[1], encoding="utf-8") as fh:
         config = parse_config(json.load(fh))
     result = train(config, progress=False)
     print(result.model_dump_json(include={"reason", "start_position", "final_position", "samples_trained"}))
-    sys.exit(130 if result.reason == "interrupt" else 0)
+    return 130 if result.reason == "interrupt" else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # as the CLI: a Ctrl-C outside the run's own handling (before it, after it) exits 130
+        sys.exit(130)
