@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,6 +24,8 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:  # as the CLI: a Ctrl-C outside the run's own handling (before it, after it) exits 130
-        sys.exit(130)
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late signal of a burst: the run is over
+    sys.exit(code)
