@@ -30,11 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .config import RunConfig
+from .datafiles import DatasetRecord
 from .errors import CheckpointError
+from .kbcheck import KnowledgeBaseRecord
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added knowledge_base, dataset and FailedSample.steps_done; 1 is still read
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 _TEMP = re.compile(r"^\.ckpt-\d{8}\.json\.\d+\.tmp$")
 
@@ -45,10 +47,12 @@ class _Record(BaseModel):
 
 
 class FailedSample(_Record):
-    """A sample that failed for good: the run goes on without it, and it is listed here."""
+    """A sample rejected for its own content (the server's faults never fail a sample: they stop the run). The
+    run goes on without it; the next call of the run retries it, from the first step that did not take effect."""
 
     raw_index: int = Field(ge=0)
     error: str
+    steps_done: int = Field(0, ge=0, description="Steps of the sample that took effect before it failed.")
 
 
 class StreamPosition(_Record):
@@ -79,7 +83,7 @@ class ServerInfo(_Record):
 
 
 class Checkpoint(_Record):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     library_version: str = __version__
     sequence: int = Field(ge=1, description="1, 2, 3... per run; the file name is ckpt-{sequence:08d}.json.")
     run_name: str
@@ -93,10 +97,20 @@ class Checkpoint(_Record):
     created_at: datetime = Field(description="When this checkpoint was written.")
     elapsed_seconds: float = Field(ge=0, description="Training time summed over all sessions of the run.")
     server: ServerInfo | None = None
+    knowledge_base: KnowledgeBaseRecord | None = Field(
+        None, description="What the server's knowledge base held at least; checked on resume (kbcheck.py).")
+    dataset: DatasetRecord | None = Field(
+        None, description="The dataset's resolved files; a change that moves raw positions is refused on resume.")
 
     @property
     def file_name(self) -> str:
         return checkpoint_file_name(self.sequence)
+
+    @property
+    def has_progress(self) -> bool:
+        """Whether the run got past its start (anything trained, failed or finished above the position)."""
+        c, p = self.counters, self.position
+        return bool(p.raw_offset or p.done_above or c.samples_trained or c.samples_failed or self.failures)
 
 
 def checkpoint_file_name(sequence: int) -> str:
@@ -148,10 +162,16 @@ def _read(path: Path) -> Checkpoint:
     version = data.get("schema_version")
     if version is None:
         looks_old = {"config", "position", "offset", "run_name", "step"} & data.keys()
-        what = "an old-format streamtrain checkpoint (it has no schema_version)" if looks_old else "not a streamtrain checkpoint (no schema_version)"
+        if looks_old:
+            raise _Incompatible(
+                f"checkpoint {path} is an old-format streamtrain checkpoint (it has no schema_version). Resume it "
+                f"with the streamtrain version that wrote it, or move {path.parent} aside (or train with --fresh) "
+                "to start the run over."
+            )
         raise _Incompatible(
-            f"checkpoint {path} is {what}. Resume it with the streamtrain version that wrote it, or move "
-            f"{path.parent} aside (or train with --fresh) to start the run over."
+            f"{path} is not a streamtrain checkpoint (a JSON file without schema_version, named like one). Move "
+            "that one file out of the run folder (or rename it) and train again; the run's own checkpoints are "
+            "untouched."
         )
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _Incompatible(

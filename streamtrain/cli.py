@@ -1,7 +1,8 @@
 """The ``streamtrain`` command: train, demo, inspect, serve, schema.
 
 The CLI is the only place that prints and configures logging. Exit codes: 0 done, 1 a streamtrain error
-(its message on stderr, no traceback), 130 interrupted (Ctrl-C; the trainer checkpoints first), 2 usage.
+(its message on stderr, no traceback), 2 usage, 3 the run reached its end but samples failed for their own content
+and are still open (the same command retries them), 130 interrupted (Ctrl-C; the trainer checkpoints first).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from .errors import CheckpointError, StreamtrainError
 
 logger = logging.getLogger("streamtrain.cli")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_SAMPLES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _positive_int(text: str) -> int:
@@ -175,7 +177,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace, config: RunConfig, fresh: bool | None = None) -> int:
     from .trainer import train  # lazy: the trainer pulls in the client, datasets and the server
 
-    config = config.model_copy(update=_overrides(args))
+    config = config.with_overrides(**_overrides(args))  # validated like the file: --workers 1000 is refused
     result = train(
         config,
         fresh=args.fresh if fresh is None else fresh,
@@ -183,7 +185,9 @@ def _train(args: argparse.Namespace, config: RunConfig, fresh: bool | None = Non
         progress=not args.no_progress,
     )
     print(_describe_result(result))
-    return EXIT_INTERRUPTED if result.reason == "interrupt" else EXIT_OK
+    if result.reason == "interrupt":
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_SAMPLES if result.failures else EXIT_OK
 
 
 def _describe_result(result: Any) -> str:
@@ -202,6 +206,10 @@ def _describe_result(result: Any) -> str:
         lines.append(f"  failed raw record {failure.raw_index}: {failure.error}")
     if result.reason == "interrupt":
         lines.append("  run the same command again to resume")
+    elif result.failures:
+        lines.append(f"  {len(result.failures)} sample(s) failed for their own content and are still open (exit code "
+                     f"{EXIT_FAILED_SAMPLES}): run the same command again to retry them; every one is listed by "
+                     "streamtrain inspect")
     return "\n".join(lines)
 
 
@@ -211,7 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     paths = build_demo_corpus()
     print(f"demo corpus: {len(paths)} Parquet shards in {paths[0].parent}")
-    config = load_config(DEMO_CONFIG)
+    config = load_config(DEMO_CONFIG, relative_to=Path.cwd())  # its data/demo is the corpus just built here
     run_dir = config.run_dir
     if not args.resume and run_dir.exists():
         with CheckpointStore(run_dir).lock():  # refuses if a demo is training right now
@@ -220,8 +228,21 @@ def _demo(args: argparse.Namespace) -> int:
         logger.info("deleted the previous demo run %s", run_dir)
     args.fresh = False
     code = _train(args, config)
-    print(f"see its checkpoints: streamtrain inspect {run_dir}")
+    print(f"see its checkpoints: {_own_command()} inspect {shlex.quote(str(run_dir))}")
     return code
+
+
+def _own_command() -> str:
+    """This streamtrain as a shell command that works as printed: ``streamtrain`` when that is the one on PATH
+    (an activated venv), else the full path of the script beside the running interpreter, else
+    ``<python> -m streamtrain``."""
+    script = Path(sys.executable).parent / ("streamtrain.exe" if os.name == "nt" else "streamtrain")
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m streamtrain"
+    on_path = shutil.which("streamtrain")
+    if on_path is not None and Path(on_path).absolute() == script.absolute():
+        return "streamtrain"
+    return shlex.quote(str(script))
 
 
 # -- inspect -----------------------------------------------------------------------------------------------
@@ -249,11 +270,17 @@ def _inspect(args: argparse.Namespace) -> int:
 def _inspect_run(run_dir: Path, as_json: bool) -> int:
     from .checkpoint import CheckpointStore
 
-    entries = CheckpointStore(run_dir).entries()
-    newest = next((e for e in reversed(entries) if e.valid), None)
+    store = CheckpointStore(run_dir)
+    entries = store.entries()
+    try:  # the checkpoint `train` would resume from: the same lookup, so the two always agree
+        found = store.latest_with_path()
+        refusal = None
+    except CheckpointError as exc:
+        found, refusal = None, str(exc)
+    newest = next((e for e in entries if found is not None and e.path == found[1]), None)
     if as_json:
         if newest is None:
-            raise CheckpointError(f"no valid checkpoint in {run_dir}")
+            raise CheckpointError(refusal or f"no valid checkpoint in {run_dir}")
         print(newest.checkpoint.model_dump_json(indent=2))
         return EXIT_OK
     print(f"run folder {run_dir}: {len(entries)} checkpoint file(s)")
@@ -267,7 +294,7 @@ def _inspect_run(run_dir: Path, as_json: bool) -> int:
         else:
             print(f"  {e.path.name}  INVALID  {e.error}")
     if newest is None:
-        print("no valid checkpoint: this run cannot be resumed")
+        print(f"this run cannot be resumed: {refusal}" if refusal else "no valid checkpoint: this run cannot be resumed")
         return EXIT_ERROR
     print()
     print(_describe_checkpoint(newest.checkpoint, newest.path))

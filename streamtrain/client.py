@@ -133,6 +133,7 @@ class ServiceInfo(_Model):
     session_support: bool = True
     idempotency: bool = False  # only the embedded server sends it; a real KATO has none
     extensions: list[str] = []  # the embedded server's extra endpoints ("nodes", "learn-batch")
+    database_id: str | None = None  # the embedded server's id of its database file (a real KATO has none)
 
 
 class Health(_Model):
@@ -514,7 +515,8 @@ class KatoClient:
             )
         hint = "; check the bearer token (server_token in the run config)" if status in (401, 403) else ""
         raise ProtocolError(
-            f"server {self.base_url}: {call} answered HTTP {status}: {_short(response.text)}{hint}"
+            f"server {self.base_url}: {call} answered HTTP {status}: {_short(response.text)}{hint}",
+            status_code=status,
         )
 
     @staticmethod
@@ -733,7 +735,16 @@ class KatoClient:
     def learn_batch(self, items: Sequence[tuple[str, Sequence[Sequence[str]]]], idempotency_key: str) -> list[str]:
         """Learn each ``(node_id, events)`` as one pattern, in order, in one request and one transaction
         (embedded server extension ``POST /learn-batch``). Keyed, so a retry after any failure is harmless:
-        the server applies the batch once and answers a replay with its stored answer. Returns the names."""
+        the server applies the batch once and answers a replay with its stored answer. Returns the names.
+
+        More than ``LEARN_BATCH_PART`` items (a huge sample; the server accepts 20,000 by default) go in parts of
+        that size, in order, part ``i`` keyed ``<key>/<i>``: the split depends on the items alone, so a resend after
+        a crash sends the same parts under the same keys, and each part is applied once."""
+        if len(items) > LEARN_BATCH_PART:
+            names: list[str] = []
+            for i, start in enumerate(range(0, len(items), LEARN_BATCH_PART)):
+                names += self.learn_batch(items[start:start + LEARN_BATCH_PART], f"{idempotency_key}/{i}")
+            return names
         body = {"items": [{"node_id": node, "events": [list(e) for e in events]} for node, events in items]}
         return self._post("/learn-batch", LearnBatchResult, json=body, resend=True,
                           idempotency_key=idempotency_key).patterns
@@ -748,6 +759,11 @@ class KatoClient:
 
 class _NodeList(_Model):
     nodes: list[NodeInfo]
+
+
+# Items of one learn-batch request; a larger batch is sent in parts (learn_batch). A constant, never read from the
+# server: the parts and their keys must be the same when a batch is sent again after a crash.
+LEARN_BATCH_PART = 10_000
 
 
 class LearnBatchResult(_Model):

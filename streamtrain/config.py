@@ -12,13 +12,14 @@ A test checks that every field carries one of the two, so a new field cannot be 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, ValidationError, field_validator
 
 from .errors import ConfigError, ResumeMismatch
 
@@ -39,6 +40,11 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The arguments of ``datasets.load_dataset`` that streamtrain sets itself (from the fields of ``[dataset]``, and
+#: streaming=True): ``dataset.load_kwargs`` must not hold them.
+LOAD_DATASET_OWN_ARGS = ("path", "name", "data_files", "split", "revision", "streaming")
+
+
 class DatasetConfig(StrictModel):
     """What to stream: the arguments of ``datasets.load_dataset(..., streaming=True)`` plus the text filter."""
 
@@ -50,6 +56,28 @@ class DatasetConfig(StrictModel):
     split: str = Field("train", description="The split to stream.")
     text_field: str = Field("text", min_length=1, description="The record field holding the text.")
     min_chars: int = Field(1, ge=0, description="Records whose text is shorter are counted as filtered.")
+    revision: str | None = Field(
+        None, min_length=1, description="Hub dataset revision (a branch, tag or commit) passed to load_dataset."
+    )
+    load_kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="More keyword arguments of datasets.load_dataset (e.g. {encoding = 'latin-1'} for the text "
+        "builder); not those streamtrain sets itself: " + ", ".join(LOAD_DATASET_OWN_ARGS) + ".",
+    )
+
+    @field_validator("load_kwargs")
+    @classmethod
+    def _no_own_args(cls, v: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        taken = [k for k in v if k in LOAD_DATASET_OWN_ARGS]
+        if taken:
+            fields = {"path": "dataset.path", "name": "dataset.name", "data_files": "dataset.data_files",
+                      "split": "dataset.split", "revision": "dataset.revision"}
+            hints = [f"{k} (set {fields[k]} instead)" if k in fields else f"{k} (streamtrain always streams)"
+                     for k in taken]
+            raise ValueError(
+                "must not hold arguments that streamtrain passes to load_dataset itself: " + ", ".join(hints)
+            )
+        return v
 
 
 class LayerConfig(StrictModel):
@@ -97,6 +125,17 @@ class ClientConfig(StrictModel):
     )
 
 
+class HFTokenizer(StrictModel):
+    """A Hugging Face ``tokenizers`` tokenizer: ``tokenizer = { hf = "<tokenizer.json path, or a hub name>" }``."""
+
+    hf: str = Field(
+        min_length=1,
+        description="A tokenizer.json file (a value ending in '.json'; in a config file, relative to the file's "
+        "folder), or a Hugging Face Hub model name whose tokenizer.json is fetched (or read from the hub cache "
+        "offline).",
+    )
+
+
 def _default_layers() -> list[LayerConfig]:
     return [LayerConfig(chunk_size=8) for _ in range(4)]
 
@@ -110,12 +149,21 @@ class RunConfig(StrictModel):
     server_url: str | None = Field(
         None, json_schema_extra=MAY_CHANGE, description="A KATO server; absent = start the embedded server."
     )
-    server_token: str | None = Field(None, json_schema_extra=MAY_CHANGE, description="Bearer token, if any.")
+    server_token: SecretStr | None = Field(
+        default_factory=lambda: _token_from_env(),
+        exclude=True,  # a secret: never in a checkpoint, the journal or `inspect` output
+        repr=False,
+        json_schema_extra=MAY_CHANGE,
+        description="Bearer token of server_url, if it wants one (absent: the "
+        "STREAMTRAIN_SERVER_TOKEN environment variable, if set). Never written to checkpoints, the journal or "
+        "logs. The embedded server ignores it: each start generates its own token.",
+    )
     dataset: DatasetConfig = Field(json_schema_extra=MUST_MATCH, description="What to stream, and the text filter.")
-    tokenizer: Literal["words", "gpt2"] = Field(
+    tokenizer: Literal["words", "gpt2"] | HFTokenizer = Field(
         "words",
         json_schema_extra=MUST_MATCH,
-        description="'words': offline words-and-punctuation; 'gpt2': tiktoken BPE (needs its file locally).",
+        description="'words': offline words-and-punctuation; 'gpt2': tiktoken BPE (needs its file locally); "
+        "{hf = '<tokenizer.json or hub name>'}: a Hugging Face tokenizers tokenizer.",
     )
     layers: list[LayerConfig] = Field(
         default_factory=_default_layers,
@@ -155,6 +203,32 @@ class RunConfig(StrictModel):
             )
         return v
 
+    @field_validator("tokenizer", mode="wrap")
+    @classmethod
+    def _one_tokenizer_message(cls, v: Any, handler: Any) -> Any:
+        """One readable problem instead of pydantic's one per union branch."""
+        try:
+            return handler(v)
+        except ValidationError:
+            pass
+        expected = 'must be "words", "gpt2", or a table { hf = "<path of a tokenizer.json, or a hub name>" }'
+        if not isinstance(v, dict):
+            raise ValueError(expected) from None
+        try:
+            HFTokenizer.model_validate(v)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "hf"
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"{key}: unknown key (the table holds only hf)")
+                elif err["type"] == "missing":
+                    problems.append(f"{key}: required, but missing")
+                else:
+                    problems.append(f"{key}: {err['msg']}")
+            raise ValueError(f"{expected}; in the table: " + "; ".join(problems)) from None
+        raise ValueError(expected) from None  # pragma: no cover - the table validated, so the union did
+
     @field_validator("server_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
@@ -164,6 +238,10 @@ class RunConfig(StrictModel):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000")
         return v.rstrip("/")
 
+    def server_token_value(self) -> str | None:
+        """The bearer token for ``server_url`` as plain text (only for the Authorization header), or None."""
+        return self.server_token.get_secret_value() if self.server_token is not None else None
+
     @property
     def run_dir(self) -> Path:
         """The run's folder: checkpoints, journal and (embedded server) knowledge base."""
@@ -172,6 +250,26 @@ class RunConfig(StrictModel):
     def node_id(self, level: int) -> str:
         """The KATO node of a level: deterministic in run_name and level."""
         return f"{self.run_name}-L{level}"
+
+    def with_overrides(self, **update: Any) -> RunConfig:
+        """A copy with ``update`` applied, validated like a config file (``model_copy(update=...)`` validates
+        nothing: ``num_workers=0`` would hang a run, 1000 would write checkpoints no resume accepts)."""
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        data.update(update)
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "(after overrides)")) from None
+
+
+#: The environment variable that holds the bearer token of ``server_url`` when the config does not set
+#: ``server_token`` (``streamtrain serve`` reads the same variable for the token it requires).
+SERVER_TOKEN_ENV = "STREAMTRAIN_SERVER_TOKEN"
+
+
+def _token_from_env() -> SecretStr | None:
+    value = os.environ.get(SERVER_TOKEN_ENV, "").strip()
+    return SecretStr(value) if value else None
 
 
 def resume_policy() -> dict[str, str]:
@@ -284,8 +382,70 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load a RunConfig from a .toml or .json file (decided by the file's suffix)."""
+#: datasets' packaged file builders, whose data_files are local paths (when datasets cannot tell its own list).
+_FILE_BUILDERS = frozenset(
+    {"arrow", "audiofolder", "csv", "imagefolder", "json", "pandas", "parquet", "pdffolder", "text", "videofolder",
+     "webdataset", "xml"}
+)
+
+
+def _file_builders() -> frozenset[str]:
+    """The builder names (``path = "parquet"`` ...) whose data_files name local files, not files of a hub repo."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # pragma: no cover - another datasets layout
+        return _FILE_BUILDERS
+    return _FILE_BUILDERS | frozenset(_PACKAGED_DATASETS_MODULES)
+
+
+def _is_relative_local(value: str) -> bool:
+    """A relative path on this machine: not absolute, not a URL or fsspec path (hf://, s3://, zip://...::...),
+    not ~-prefixed."""
+    return bool(value) and not (os.path.isabs(value) or "://" in value or "::" in value or value.startswith("~"))
+
+
+def _against(base: Path, value: Any) -> Any:
+    if isinstance(value, str) and _is_relative_local(value):
+        return os.path.normpath(os.path.join(base, value))
+    return value
+
+
+def resolve_config_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """A copy of a config mapping read from a file, with its relative local paths joined to ``base`` (the file's
+    folder): ``checkpoint_dir``, ``dataset.data_files`` when ``dataset.path`` is a file builder (parquet, json,
+    text ...; a hub dataset's data_files name files of its repository and are left as they are), and a
+    ``tokenizer.hf`` that ends in ``.json``. Absolute paths, URLs and hub paths (``hf://...``) are kept. Values
+    of the wrong type are kept too, for validation to report."""
+    base = Path(base).absolute()
+    data = dict(data)
+    if "checkpoint_dir" in data:
+        data["checkpoint_dir"] = _against(base, data["checkpoint_dir"])
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and dataset.get("data_files") is not None:
+        files = dataset["data_files"]
+        if dataset["path"] in _file_builders():
+            if isinstance(files, list):
+                files = [_against(base, f) for f in files]
+            elif isinstance(files, dict):
+                files = {split: [_against(base, f) for f in v] if isinstance(v, list) else _against(base, v)
+                         for split, v in files.items()}
+            else:
+                files = _against(base, files)
+            data["dataset"] = {**dataset, "data_files": files}
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("hf"), str) and tokenizer["hf"].lower().endswith(".json"):
+        data["tokenizer"] = {**tokenizer, "hf": _against(base, tokenizer["hf"])}
+    return data
+
+
+def load_config(path: str | Path, *, relative_to: str | Path | None = None) -> RunConfig:
+    """Load a RunConfig from a .toml or .json file (decided by the file's suffix).
+
+    Relative paths in the file (``checkpoint_dir``, the local ``dataset.data_files``, a ``tokenizer.hf`` file)
+    are relative to the file's folder, whatever the working folder, and come back absolute; ``relative_to``
+    names another folder to resolve them against (the bundled demo config uses the working folder). A path
+    the file leaves out keeps its default (``checkpoint_dir = "checkpoints"``, relative to the working folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (or is not a file); pass the path of a .toml or .json run config")
@@ -299,7 +459,30 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold an object/table at the top level")
-    return parse_config(data, str(path))
+    config = parse_config(resolve_config_paths(data, path.parent if relative_to is None else relative_to), str(path))
+    _refuse_a_moved_run(data.get("checkpoint_dir"), config, path)
+    return config
+
+
+def _refuse_a_moved_run(written: Any, config: RunConfig, path: Path) -> None:
+    """A relative checkpoint_dir once meant the working folder's. When that older reading finds this run's
+    checkpoints and the file folder's reading finds none, continuing would start the run over (and train its
+    samples a second time into a server that keeps its knowledge base): refuse, and say how to choose."""
+    if not isinstance(written, str) or not _is_relative_local(written):
+        return
+    old_dir, new_dir = Path(written).absolute(), Path(config.checkpoint_dir)
+    old_run, new_run = old_dir / config.run_name, config.run_dir
+    if os.path.normpath(old_run) == os.path.normpath(new_run):
+        return
+    if any(old_run.glob("ckpt-*.json")) and not any(new_run.glob("ckpt-*.json")):
+        raise ConfigError(
+            f"config file {path}: checkpoint_dir = {written!r} is relative to the config file's folder, so run "
+            f"'{config.run_name}' lives in {new_run}, which holds no checkpoint; but {old_run} (the same path "
+            "taken from the working folder, as streamtrain read it before) holds this run's checkpoints, and "
+            "training on would start the run over.\nWhat to do: to continue that run, set checkpoint_dir = "
+            f"{json.dumps(str(old_dir))} (or move {old_run} to {new_run}); to start a separate run in the config's "
+            f"folder, set checkpoint_dir = {json.dumps(str(new_dir))}."
+        )
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -4,6 +4,9 @@
      + ConfigError                   a config file or value is wrong (lists every bad field)
      + ResumeMismatch                a checkpoint was made with a config that differs where it matters
      + CheckpointError               a checkpoint folder or file cannot be read or written
+        + JournalDamaged             (journal.py) a journal line is damaged, not just torn
+     + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds
+     + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
      + DatasetError                  the dataset cannot be opened or has no usable text field
      + TokenizerUnavailable          the asked-for tokenizer's files are not on this machine
      + ServerError                   anything between the client and a KATO server
@@ -36,6 +39,14 @@ class CheckpointError(StreamtrainError):
     """A checkpoint folder or file cannot be read or written."""
 
 
+class KnowledgeBaseMismatch(StreamtrainError):
+    """The server's knowledge base holds less than the run's checkpoint says it must (deleted, swapped, cleared)."""
+
+
+class DatasetChanged(StreamtrainError):
+    """The dataset's resolved files differ from those the run's checkpoint was written on."""
+
+
 class DatasetError(StreamtrainError):
     """The dataset cannot be opened, or no record carries the text field."""
 
@@ -53,7 +64,14 @@ class ServerUnavailable(ServerError):
 
 
 class ProtocolError(ServerError):
-    """The server's answer breaks the API contract (unexpected status or body)."""
+    """The server's answer breaks the API contract (unexpected status or body).
+
+    ``status_code`` is the HTTP status of the answer, when there was one.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ConfigRejected(ProtocolError):

@@ -109,3 +109,10 @@ def sample_key(run_name: str, raw_index: int, steps: Sequence[Step]) -> str:
     """Deterministic idempotency key of a whole sample's batch (every step, every level, in one request)."""
     raw = "\x1f".join([run_name, str(raw_index)] + [s.name for s in steps])
     return "sb1-" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:40]
+
+
+def part_key(run_name: str, raw_index: int, first_step: int, steps: Sequence[Step]) -> str:
+    """Key of one part of a sample's batch, when the sample is too big for one request: the part's first step index
+    is in it, so two parts with the same content (repetitive text) never share a key."""
+    raw = "\x1f".join([run_name, str(raw_index), f"part@{first_step}"] + [s.name for s in steps])
+    return "sp1-" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:40]

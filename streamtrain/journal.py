@@ -14,8 +14,13 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
     {"s": 17, "k": 3, "p": "observe", "sid": "..."}    sample 17, step 3: about to send its observe-sequence
     {"s": 17, "k": 3, "p": "learn", "sid": "..."}      ... its observe-sequence succeeded; about to send the learn
     {"s": 17, "k": 3, "p": "keyed", "sid": "..."}      ... (idempotent server) about to send the one keyed request
-    {"s": 17, "k": 0, "p": "batch", "sid": ""}         about to send the whole sample as one keyed learn-batch
+    {"s": 17, "k": 0, "p": "batch", "sid": "", "e": 40}   about to send steps 0-39 as one keyed learn-batch
     {"s": 17, "p": "fin", "trained": 1, "tokens": 40, "learns": [5, 1], "error": null}   sample 17 finished
+    {"s": 18, "p": "fin", "trained": 0, ..., "error": "...", "steps_done": 3}   sample 18 failed for its own
+                                                  content after its first 3 steps took effect (retried later)
+
+A step line after a ``fin`` line of the same sample starts a new attempt (the retry of a failed sample): the
+``fin`` no longer holds.
 
 The argument. A worker sends the steps of a sample in order (``hierarchy.plan_sample``), one request at a time on
 sessions no other worker uses, and writes a step's line before sending the step's request. So for an unfinished
@@ -29,8 +34,15 @@ batch, whatever the current setting, so one sample never mixes the two). The res
 another crash gives the same answer. A ``fin`` line means the whole sample took effect: it is skipped and its
 counters are added back.
 
-Compaction: after each checkpoint the journal is rewritten (atomically) keeping the header and the lines of
-samples at or above the checkpoint's position that it does not list as finished.
+Compaction: after each checkpoint the journal is rewritten (atomically) keeping the header and the lines of the
+samples at or above the position of the *oldest* checkpoint still kept, and of the failed samples still open. So a
+resume from any kept checkpoint (the newest, or an older one when the newest is damaged) finds every sample
+finished since it.
+
+Damage. A torn last line (a killed write) is expected and ignored, and cut off before the next append. Any other
+line that is not a valid journal line is damage: :class:`JournalDamaged` names the file and the line and says
+what to do. A write that fails halfway (a full disk) is cut back to the last whole line before the error is
+raised, so the file always holds whole lines.
 """
 
 from __future__ import annotations
@@ -41,13 +53,48 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 FILENAME = "journal.jsonl"
+
+
+class JournalDamaged(CheckpointError):
+    """A journal line that is neither valid nor a torn last line."""
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeaderLine(_Line):
+    header: Literal[1]
+    run_name: str
+    config: dict[str, Any]
+    dataset: dict[str, Any] | None = None  # datafiles.DatasetRecord: checked on a resume before any checkpoint
+
+
+class StepLine(_Line):
+    s: int = Field(ge=0)
+    k: int = Field(ge=0)
+    p: Literal["observe", "learn", "keyed", "batch"]
+    sid: str | None = None
+    e: int | None = Field(None, ge=1, description="batch: the end of the range of steps the request carries.")
+
+
+class FinLine(_Line):
+    s: int = Field(ge=0)
+    p: Literal["fin"]
+    trained: Literal[0, 1]
+    tokens: int = Field(ge=0)
+    learns: list[int]
+    error: str | None = None
+    steps_done: int = Field(0, ge=0, description="Steps known to have taken effect before a failure.")
 
 
 @dataclass
@@ -57,6 +104,7 @@ class SampleRecord:
     last_step: int | None = None
     last_phase: str | None = None
     last_session: str | None = None
+    last_end: int | None = None
     finished: dict[str, Any] | None = None
 
 
@@ -66,30 +114,66 @@ class JournalState:
     samples: dict[int, SampleRecord] = field(default_factory=dict)
 
 
+def _damaged(path: Path, lineno: int, what: str) -> JournalDamaged:
+    return JournalDamaged(
+        f"the journal {path} is damaged at line {lineno}: {what}. It records what the last trainer did since its "
+        "last checkpoint, so it was not written by streamtrain this way (edited, or the disk is failing). Ways out: "
+        "restore the file from a backup; or move it aside and train again, which resumes from the last checkpoint "
+        "alone: exact on a server with idempotency keys (the embedded server), but on a server without them "
+        "(a real KATO) the samples finished since that checkpoint are learned a second time."
+    )
+
+
+def _parse(path: Path, lineno: int, raw: bytes) -> HeaderLine | StepLine | FinLine:
+    try:
+        entry = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _damaged(path, lineno, "not JSON") from None
+    if not isinstance(entry, dict):
+        raise _damaged(path, lineno, f"a JSON {type(entry).__name__}, not an object")
+    model: type[HeaderLine] | type[StepLine] | type[FinLine]
+    model = HeaderLine if "header" in entry else FinLine if entry.get("p") == "fin" else StepLine
+    try:
+        return model.model_validate(entry)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<line>'}: {e['msg']}" for e in exc.errors()[:3])
+        raise _damaged(path, lineno, f"not a valid {model.__name__} ({problems})") from None
+
+
 def read_journal(path: Path) -> JournalState:
-    """Parse a journal; a torn last line (a killed write) is ignored."""
+    """Parse a journal; a torn last line (a killed write) is ignored, any other damage raises JournalDamaged."""
     state = JournalState()
-    if not path.exists():
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
         return state
-    with open(path, "rb") as fh:
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the journal {path}: {exc.strerror or exc}") from None
+    with fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.endswith(b"\n"):
                 logger.info("journal %s: ignoring a torn last line %d", path, lineno)
                 break
-            try:
-                entry = json.loads(raw)
-            except json.JSONDecodeError:
-                logger.warning("journal %s: ignoring unreadable line %d", path, lineno)
+            line = _parse(path, lineno, raw)
+            if isinstance(line, HeaderLine):
+                state.header = line.model_dump()
                 continue
-            if "header" in entry:
-                state.header = entry
-                continue
-            rec = state.samples.setdefault(int(entry["s"]), SampleRecord())
-            if entry["p"] == "fin":
-                rec.finished = entry
-            else:
-                rec.last_step, rec.last_phase, rec.last_session = int(entry["k"]), entry["p"], entry.get("sid")
+            rec = state.samples.setdefault(line.s, SampleRecord())
+            if isinstance(line, FinLine):
+                rec.finished = line.model_dump()
+            else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
+                rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
+                rec.finished = None
     return state
+
+
+def _whole_lines_size(path: Path) -> int | None:
+    """The size of the file up to its last newline, if a torn line follows it; else None."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if not data or data.endswith(b"\n"):
+        return None
+    return data.rfind(b"\n") + 1
 
 
 class Journal:
@@ -105,6 +189,10 @@ class Journal:
             if existing.header is None:
                 # a new journal, or one whose header was lost: (re)write it first, keeping what is there
                 self._rewrite([self._header] + self._entries_of(existing))
+            else:
+                cut = _whole_lines_size(self.path)
+                if cut is not None:  # a torn last line: the next append must start on a line of its own
+                    os.truncate(self.path, cut)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise CheckpointError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from exc
@@ -114,7 +202,10 @@ class Journal:
         out: list[dict[str, Any]] = []
         for s, rec in sorted(state.samples.items()):
             if rec.last_step is not None:
-                out.append({"s": s, "k": rec.last_step, "p": rec.last_phase, "sid": rec.last_session})
+                line = {"s": s, "k": rec.last_step, "p": rec.last_phase, "sid": rec.last_session}
+                if rec.last_end is not None:
+                    line["e"] = rec.last_end
+                out.append(line)
             if rec.finished is not None:
                 out.append(rec.finished)
         return out
@@ -125,15 +216,28 @@ class Journal:
             if self._fd is None:
                 raise CheckpointError(f"the journal {self.path} is closed")
             try:
-                os.write(self._fd, line)
+                size = os.fstat(self._fd).st_size
             except OSError as exc:
+                raise CheckpointError(f"cannot append to the journal {self.path}: {exc.strerror or exc}") from exc
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                try:  # a half-written line must not stay: the next append would be glued to it
+                    os.ftruncate(self._fd, size)
+                except OSError:
+                    logger.warning("journal %s: could not cut a half-written line", self.path)
                 raise CheckpointError(
                     f"cannot append to the journal {self.path}: {exc.strerror or exc}. Free space (or fix the folder) "
                     "and run again: the run resumes from its last checkpoint and this journal"
                 ) from exc
 
-    def step(self, raw_index: int, step: int, phase: str, session_id: str) -> None:
-        self._append({"s": raw_index, "k": step, "p": phase, "sid": session_id})
+    def step(self, raw_index: int, step: int, phase: str, session_id: str, end: int | None = None) -> None:
+        entry: dict[str, Any] = {"s": raw_index, "k": step, "p": phase, "sid": session_id}
+        if end is not None:
+            entry["e"] = end
+        self._append(entry)
 
     def finished(self, raw_index: int, **counts: Any) -> None:
         self._append({"s": raw_index, "p": "fin", **counts})
@@ -147,12 +251,18 @@ class Journal:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
-    def compact(self, raw_offset: int, done_above: set[int]) -> None:
-        """Keep only what a resume from a checkpoint at ``raw_offset`` (with ``done_above``) still needs."""
+    def compact(self, keep_from: int, keep_also: set[int] | frozenset[int] = frozenset()) -> None:
+        """Keep the lines of samples at or above ``keep_from`` (the position of the oldest checkpoint kept) and
+        of the samples in ``keep_also`` (failed samples still open): all that a resume from a kept checkpoint
+        can need."""
         with self._lock:
-            state = read_journal(self.path)
+            try:
+                state = read_journal(self.path)
+            except CheckpointError as exc:
+                logger.warning("journal compaction skipped: %s", exc)
+                return
             keep = JournalState(
-                samples={s: r for s, r in state.samples.items() if s >= raw_offset and s not in done_above}
+                samples={s: r for s, r in state.samples.items() if s >= keep_from or s in keep_also}
             )
             try:
                 self._rewrite([self._header] + self._entries_of(keep))
@@ -163,6 +273,8 @@ class Journal:
             except OSError as exc:
                 # the old journal is still complete (os.replace is atomic): keep appending to it
                 logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def close(self) -> None:
         with self._lock:

@@ -22,14 +22,14 @@ line after a crash), and ``samples_filtered`` is derived from the position, so n
 from __future__ import annotations
 
 import logging
-import os
 import queue
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -37,27 +37,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from . import __version__
-from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
+from .checkpoint import Checkpoint, CheckpointStore, FailedSample, ServerInfo
 from .client import KatoClient, NodeSession, unit_took_effect
 from .config import RunConfig, check_resume
-from .errors import (
-    CheckpointError,
-    ConfigRejected,
-    ProtocolError,
-    ServerUnavailable,
-    SessionLost,
-    StreamtrainError,
-    TooManyFailures,
-)
-from .hierarchy import Step, plan_sample, sample_key, step_key
+from .datafiles import DatasetRecord, dataset_changes, describe_dataset
+from .errors import CheckpointError, DatasetChanged, DatasetError, ProtocolError, StreamtrainError, TooManyFailures
+from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord, read_journal
+from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
+from .rundir import RunDir
+from .runstate import Outcome, RunState
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
 
 logger = logging.getLogger(__name__)
-
-# Errors that say the server or its setup is unusable: retrying other samples would only fail them all.
-FATAL_ERRORS = (ServerUnavailable, ConfigRejected, SessionLost, CheckpointError)
 
 # Training sessions live a day (the idempotency keys' default lifetime too): a trainer killed mid-step and resumed
 # within that time can still read its old sessions' STM to decide whether the step took effect.
@@ -142,46 +135,71 @@ class _StopSignals:
                 signal.signal(sig, handler)
 
 
+def _token_for(url: str, config: RunConfig) -> str | None:
+    """The bearer token of the run's server: that of an embedded server this process started at ``url`` (kept in
+    memory only), else the config's ``server_token`` (or its environment variable)."""
+    from .server.launcher import token_for
+
+    return token_for(url) or config.server_token_value()
+
+
 @contextmanager
 def _server_for(config: RunConfig) -> Iterator[tuple[str, bool]]:
-    """The run's server URL; starts the embedded server (its database beside the checkpoints) when none is given."""
+    """The run's server URL; starts the embedded server (its database beside the checkpoints) when none is given.
+
+    The embedded server gets a fresh random bearer token at each start, so no other local process can read or
+    change the run's knowledge base while it trains; the run's clients send it (``_token_for``).
+    """
     if config.server_url:
         yield config.server_url, False
         return
     from .server import EmbeddedServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    with EmbeddedServer(config.run_dir / "kb.sqlite3", log_path=config.run_dir / "server.log") as server:
-        logger.info("embedded server for run %s at %s", config.run_name, server.url)
+    token = secrets.token_urlsafe(32)
+    with EmbeddedServer(config.run_dir / "kb.sqlite3", log_path=config.run_dir / "server.log", token=token) as server:
+        logger.info("embedded server for run %s at %s (bearer token required)", config.run_name, server.url)
         yield server.url, True
 
 
-class _Tracker:
-    """Which raw indices are finished: the low-water mark and the finished ones above it."""
-
-    def __init__(self, raw_offset: int, done_above: set[int]):
-        self.read_pos = raw_offset
-        self.in_flight: set[int] = set()
-        self.done_above = set(done_above)
-
-    @property
-    def mark(self) -> int:
-        return min(self.in_flight) if self.in_flight else self.read_pos
-
-    def finish(self, raw_index: int) -> None:
-        self.in_flight.discard(raw_index)
-        self.done_above.add(raw_index)
-        mark = self.mark
-        self.done_above = {i for i in self.done_above if i >= mark}
-
-
-@dataclass
-class _Outcome:
+@dataclass(frozen=True)
+class _Job:
     raw_index: int
-    tokens: int = 0
-    learns: list[int] = field(default_factory=list)
-    error: str | None = None
-    fatal: BaseException | None = None  # raised again in the dispatcher: the run cannot go on
+    text: str
+    recovery: SampleRecord | None  # what the journal knows of an earlier attempt that a crash cut short
+    retry: FailedSample | None = None  # a failed sample of an earlier call, tried again
+
+
+class _SampleFault(Exception):
+    """The sample's own content was rejected: it fails, the run goes on, and the next call retries it."""
+
+    def __init__(self, message: str, steps_done: int) -> None:
+        super().__init__(message)
+        self.steps_done = steps_done
+
+
+# Answers that reject a request for what it carries (malformed, too large): the sample's fault. Every other error
+# (5xx, transport errors, time-outs past the retry budget, a wrong token) is the server's, and stops the run.
+_CONTENT_REJECTED = frozenset({400, 413, 422})
+
+# One learn-batch request carries at most this much of a sample; a bigger sample goes in several keyed parts.
+MAX_BATCH_ITEMS = 1000
+MAX_BATCH_BYTES = 1 << 20
+
+
+def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
+    """Cut a sample's steps into consecutive parts (first, end) within the items and (estimated) bytes bounds."""
+    parts: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, step in enumerate(steps):
+        cost = 48 + sum(len(symbol) + 6 for event in step.events for symbol in event)
+        if i > start and (i - start >= MAX_BATCH_ITEMS or size + cost > MAX_BATCH_BYTES):
+            parts.append((start, i))
+            start, size = i, 0
+        size += cost
+    if start < len(steps):
+        parts.append((start, len(steps)))
+    return parts
 
 
 class _Worker(threading.Thread):
@@ -190,7 +208,7 @@ class _Worker(threading.Thread):
     def __init__(self, run: _Run, number: int):
         super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
         self.run_ = run
-        self.client = KatoClient(run.server_url, token=run.config.server_token, settings=run.config.client)
+        self.client = KatoClient(run.server_url, token=_token_for(run.server_url, run.config), settings=run.config.client)
         self.sessions = self._new_sessions()
 
     def _new_sessions(self) -> list[NodeSession]:
@@ -202,15 +220,14 @@ class _Worker(threading.Thread):
         run = self.run_
         clean = True  # no sample left half done: the sessions can go
         try:
-            while not run.stop.is_set():
-                item = run.inbox.get()
-                if item is None or run.stop.is_set():
-                    break  # an item left here stays unfinished: the position cannot pass it
-                raw_index, text, recovery = item
+            while clean and not run.stop.is_set():
+                job = run.inbox.get()
+                if job is None or run.stop.is_set():
+                    break  # a job left here stays unfinished: the position cannot pass it
                 try:
-                    outcome = self._train_sample(raw_index, text, recovery)
-                except BaseException as exc:  # e.g. the journal cannot be written: the dispatcher must hear of it
-                    outcome = _Outcome(raw_index=raw_index, fatal=exc)
+                    outcome = self._train_sample(job)
+                except BaseException as exc:  # the server's fault, or the journal's: the dispatcher must hear of it
+                    outcome = Outcome(job.raw_index, retry=job.retry is not None, fatal=exc)
                 clean = outcome.fatal is None
                 run.outbox.put(outcome)
         finally:
@@ -220,57 +237,109 @@ class _Worker(threading.Thread):
             # else the sessions stay (until their TTL): the next run may read their STM to finish the sample
             self.client.close()
 
-    def _train_sample(self, raw_index: int, text: str, recovery: SampleRecord | None) -> _Outcome:
-        run = self.run_
-        cfg = run.config
-        tokens: list[str] = []
+    def _train_sample(self, job: _Job) -> Outcome:
+        run, cfg = self.run_, self.run_.config
+        raw_index, retry, levels = job.raw_index, job.retry is not None, len(cfg.layers)
         try:
-            tokens = run.tokenizer(text)
+            try:
+                tokens = run.tokenizer(job.text)
+            except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
+                raise _SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0) from exc
             steps = plan_sample(tokens, cfg.layers)
-            batched = recovery is not None and recovery.last_phase == "batch"
+            first = self._first_step(job, steps)
+            rec = job.recovery
+            batched = rec is not None and rec.last_phase == "batch"
             if steps and (run.learn_batch or batched):
-                self._learn_batch(raw_index, steps)
+                resend = None
+                if batched and rec is not None and rec.last_step is not None and rec.last_step < len(steps):
+                    # the range the last request carried (a journal line without "e" is a whole-sample batch)
+                    resend = (rec.last_step, rec.last_end if rec.last_end is not None else len(steps))
+                self._learn_batch(raw_index, steps, first, resend)
             else:
-                first = self._first_step_to_send(raw_index, steps, recovery)
-                for step in steps[first:]:
-                    session = self.sessions[step.level]
-                    key = step_key(cfg.run_name, session.node_id, raw_index, step)
-                    on_phase = lambda phase, sid, k=step.index: run.journal.step(raw_index, k, phase, sid)  # noqa: E731
-                    session.learn_unit(step.events, key, on_phase=on_phase)
-            learns = [0] * len(cfg.layers)
-            for step in steps:
-                learns[step.level] += 1
-            run.journal.finished(raw_index, trained=1, tokens=len(tokens), learns=learns)
-            return _Outcome(raw_index=raw_index, tokens=len(tokens), learns=learns)
-        except FATAL_ERRORS as exc:
-            return _Outcome(raw_index=raw_index, fatal=exc)
-        except Exception as exc:  # noqa: BLE001 - a bad sample is recorded, counted and shown, not fatal
-            message = f"{type(exc).__name__}: {exc}"
-            logger.warning("sample %d failed: %s", raw_index, message)
+                self._learn_steps(raw_index, steps, first)
+        except _SampleFault as exc:
+            message = str(exc)
+            logger.warning("sample %d failed (the next call retries it): %s", raw_index, message)
             # the sessions' STM may hold part of the sample: start the next one from fresh sessions
             for s in self.sessions:
                 s.close()
             self.sessions = self._new_sessions()
-            run.journal.finished(raw_index, trained=0, tokens=len(tokens), learns=[0] * len(cfg.layers), error=message)
-            return _Outcome(raw_index=raw_index, tokens=len(tokens), error=message)
+            run.journal.finished(raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
+                                 steps_done=exc.steps_done)
+            return Outcome(raw_index, retry, error=message, steps_done=exc.steps_done)
+        learns = [0] * levels
+        names: dict[int, str] = {}
+        for step in steps:
+            learns[step.level] += 1
+            names.setdefault(step.level, step.name)
+        run.journal.finished(raw_index, trained=1, tokens=len(tokens), learns=learns)
+        return Outcome(raw_index, retry, tokens=len(tokens), learns=learns, names=names)
 
-    def _learn_batch(self, raw_index: int, steps: list[Step]) -> None:
-        """The whole sample in one keyed request: applied once however often it is sent (also after a crash)."""
-        cfg = self.run_.config
+    def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:
+        """One exactly-once unit per step (keys, or verify on a server without them)."""
+        run, cfg = self.run_, self.run_.config
+        for step in steps[first:]:
+            session = self.sessions[step.level]
+            key = step_key(cfg.run_name, session.node_id, raw_index, step)
+            on_phase = lambda phase, sid, k=step.index: run.journal.step(raw_index, k, phase, sid)  # noqa: E731
+            try:
+                session.learn_unit(step.events, key, on_phase=on_phase)
+            except ProtocolError as exc:
+                if exc.status_code not in _CONTENT_REJECTED:
+                    raise
+                raise _SampleFault(f"step {step.index} (level {step.level}) was rejected: {exc}", step.index) from exc
+
+    def _learn_batch(self, raw_index: int, steps: list[Step], first: int, resend: tuple[int, int] | None) -> None:
+        """The sample's steps from ``first`` on, in keyed learn-batch requests (one, unless the sample is big).
+
+        A request's key is a function of the range of steps it carries, and each range is journaled (start and
+        end) before it is sent. After a crash, ``resend`` is the last range sent: it goes again under its key
+        (answered from the server's record if it took effect), then the rest from its end, as it would have.
+        """
         if not self.client.supports_learn_batch:
             raise ProtocolError(
-                f"sample {raw_index} was sent as one learn-batch before the last stop, but {self.client.base_url} "
+                f"sample {raw_index} was sent as a learn-batch before the last stop, but {self.client.base_url} "
                 "does not offer that extension now: it cannot be finished exactly on this server"
             )
-        self.run_.journal.step(raw_index, 0, "batch", "")
-        names = self.client.learn_batch([(cfg.node_id(s.level), s.events) for s in steps],
-                                        sample_key(cfg.run_name, raw_index, steps))
-        if names != [s.name for s in steps]:
+        if resend is not None:
+            self._send_range(raw_index, steps, *resend)
+            first = resend[1]
+        for a, b in batch_parts(steps):
+            if b > first:
+                self._send_range(raw_index, steps, max(a, first), b)
+
+    def _send_range(self, raw_index: int, steps: list[Step], a: int, b: int) -> None:
+        cfg = self.run_.config
+        part = steps[a:b]
+        key = (sample_key(cfg.run_name, raw_index, part) if (a, b) == (0, len(steps))
+               else part_key(cfg.run_name, raw_index, a, part))
+        self.run_.journal.step(raw_index, a, "batch", "", end=b)
+        try:
+            names = self.client.learn_batch([(cfg.node_id(s.level), s.events) for s in part], key)
+        except ProtocolError as exc:
+            if exc.status_code not in _CONTENT_REJECTED:
+                raise
+            if exc.status_code == 413 and b - a > 1:  # over the server's body limit: halves, each keyed
+                mid = (a + b) // 2
+                self._send_range(raw_index, steps, a, mid)
+                self._send_range(raw_index, steps, mid, b)
+                return
+            raise _SampleFault(f"steps {a}-{b - 1} were rejected: {exc}", a) from exc
+        if names != [s.name for s in part]:
             raise ProtocolError(f"sample {raw_index}: {self.client.base_url} learned other names than planned")
 
-    def _first_step_to_send(self, raw_index: int, steps: list[Step], recovery: SampleRecord | None) -> int:
+    def _first_step(self, job: _Job, steps: list[Step]) -> int:
+        """The first step to send: after a crash, from the journal; for a retried failure, past its steps done."""
+        rec = job.recovery
+        if rec is not None and rec.last_step is not None:
+            return self._first_step_to_send(job.raw_index, steps, rec)
+        if job.retry is not None:
+            return min(job.retry.steps_done, len(steps))
+        return 0
+
+    def _first_step_to_send(self, raw_index: int, steps: list[Step], recovery: SampleRecord) -> int:
         """After a trainer crash: the first step of this sample that did not take effect (journal.py argues why)."""
-        if recovery is None or recovery.last_step is None or recovery.last_step >= len(steps):
+        if recovery.last_step is None or recovery.last_step >= len(steps):
             return 0
         k = recovery.last_step
         if recovery.last_phase == "learn":
@@ -279,7 +348,7 @@ class _Worker(threading.Thread):
             applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events, "learn")
             logger.info("sample %d: step %d's learn %s before the crash", raw_index, k, "took effect" if applied else "did not take effect")
             return k + 1 if applied else k
-        # "observe": its learn was never sent; a keyed step replays harmlessly under its idempotency key
+        # "observe": its learn was never sent; "keyed" and "batch" replay harmlessly under their idempotency keys
         return k
 
 
@@ -292,12 +361,13 @@ class _Run:
         self.embedded = embedded
         self.progress = progress
         self.tokenizer = get_tokenizer(config.tokenizer)
-        self.store = CheckpointStore(config.run_dir, keep=config.keep_checkpoints)
+        self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
+        self.store = self.rundir.checkpoints
         self.stop = threading.Event()  # tells the workers to take no more samples
         self.signals = _StopSignals()
         self.capacity = 2 * config.num_workers + 2
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue[_Job | None] = queue.Queue()
+        self.outbox: queue.Queue[Outcome] = queue.Queue()
         self.journal: Journal  # opened in execute()
         self.checkpoints_written = 0
         self.last_checkpoint: Path | None = None
@@ -305,83 +375,83 @@ class _Run:
         self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
         self.stream: DatasetStream | None = None
         self.workers: list[_Worker] = []
+        self.kb_record: KnowledgeBaseRecord | None = None
+        self.probe_names: dict[int, str] = {}  # level -> a pattern learned since the last checkpoint
+        self.kept_marks: list[int] = []  # positions of the checkpoints kept on disk, oldest first
 
     # -- resume -------------------------------------------------------------------------------------------
-    def load_state(self) -> None:
-        cfg = self.config
+    def load_state(self, client: KatoClient) -> None:
+        """The newest checkpoint and the journal, checked against the config, the dataset and the knowledge base."""
+        cfg, rundir = self.config, self.rundir
         found = self.store.latest_with_path()
-        journal_state = read_journal(cfg.run_dir / "journal.jsonl")
-        if found is not None:
-            ckpt, path = found
+        journal_state = read_journal(rundir.journal_path)
+        ckpt, path = found if found is not None else (None, None)
+        # Pinned: something of this run may be on the server. A run that stopped before its first sample (a typo in
+        # data_files, a wrong text_field) pins nothing, so the corrected config simply runs.
+        pinned = (ckpt is not None and ckpt.has_progress) or bool(journal_state.samples)
+        header = journal_state.header or {}
+        if pinned and ckpt is not None:
             check_resume(ckpt.config, cfg, path)
-            self.resumed = True
-            self.sequence = ckpt.sequence
+        elif pinned and header:
+            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path)
+        elif ckpt is not None or header:
+            logger.info("run %s trained nothing before: starting it with this config", cfg.run_name)
+            rundir.journal_path.unlink(missing_ok=True)
+        self.dataset_record = describe_dataset(cfg.dataset)
+        recorded = (ckpt.dataset if ckpt is not None else
+                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
+        if pinned and recorded is not None:
+            problems = dataset_changes(recorded, self.dataset_record)
+            if problems:
+                raise DatasetChanged(
+                    f"cannot resume run '{cfg.run_name}': its dataset's files changed since "
+                    f"{path or rundir.journal_path}, so its raw positions would point at other records:\n  "
+                    + "\n  ".join(problems)
+                    + "\nWays out: restore the files as they were (new files may only come after all the old ones); "
+                    "or train the new data as a new run (another run_name); or start this run over "
+                    "(streamtrain train --fresh --move-aside)."
+                )
+        self.resumed = pinned
+        self.sequence = ckpt.sequence if ckpt is not None else 0
+        if pinned and ckpt is not None:
+            where = str(rundir.kb_path) if self.embedded else self.server_url
+            check_knowledge_base(client, ckpt.knowledge_base, str(path), where, self.embedded)
+            self.kb_record = ckpt.knowledge_base
             self.started_at = ckpt.started_at
             self.elapsed_before = ckpt.elapsed_seconds
-            self.counters = ckpt.counters.model_copy(deep=True)
-            self.failures = list(ckpt.failures)
-            raw_offset, done_above = ckpt.position.raw_offset, set(ckpt.position.done_above)
             self.stream_state = ckpt.position.state_dict
-            logger.info("resuming run %s from %s at raw position %d", cfg.run_name, path.name, raw_offset)
+            self.kept_marks = [e.checkpoint.position.raw_offset for e in self.store.entries() if e.checkpoint]
+            logger.info("resuming run %s from %s at raw position %d", cfg.run_name, path.name,
+                        ckpt.position.raw_offset)
         else:
-            if journal_state.header is not None:
-                check_resume(RunConfig.model_validate(journal_state.header["config"]), cfg, cfg.run_dir / "journal.jsonl")
-            self.resumed = journal_state.header is not None
-            self.sequence = 0
             self.started_at = datetime.now(timezone.utc)
             self.elapsed_before = 0.0
-            self.counters = Counters(patterns_learned=[0] * len(cfg.layers))
-            self.failures = []
-            raw_offset, done_above = 0, set()
             self.stream_state = None
-        if len(self.counters.patterns_learned) != len(cfg.layers):
-            self.counters.patterns_learned = [0] * len(cfg.layers)
-        # what the journal knows beyond the checkpoint: samples finished since, and steps in flight
-        self.recovery: dict[int, SampleRecord] = {}
-        for raw_index, rec in journal_state.samples.items():
-            if raw_index < raw_offset or raw_index in done_above:
-                continue
-            if rec.finished is not None:
-                self._count(_Outcome(raw_index=raw_index, tokens=rec.finished.get("tokens", 0),
-                                     learns=rec.finished.get("learns", []), error=rec.finished.get("error")))
-                done_above.add(raw_index)
-            elif rec.last_step is not None:
-                self.recovery[raw_index] = rec
-        if self.recovery:
-            logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name, len(self.recovery))
-        self.start_position = raw_offset
-        self.tracker = _Tracker(raw_offset, done_above)
-        self.done_at_start = self.counters.samples_trained + self.counters.samples_failed
-        self.tokens_at_start = self.counters.tokens
-
-    def _count(self, outcome: _Outcome) -> None:
-        c = self.counters
-        c.tokens += outcome.tokens
-        if outcome.error is None:
-            c.samples_trained += 1
-            for level, n in enumerate(outcome.learns[: len(c.patterns_learned)]):
-                c.patterns_learned[level] += n
-        else:
-            c.samples_failed += 1
-            self.failures.append(FailedSample(raw_index=outcome.raw_index, error=outcome.error))
+        self.state = RunState.resume(len(cfg.layers), ckpt if pinned else None, journal_state)
+        if self.state.recovery:
+            logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name,
+                        len(self.state.recovery))
+        self.start_position = self.state.read_pos
+        c = self.state.counters
+        self.done_at_start = c.samples_trained + c.samples_failed
+        self.tokens_at_start = c.tokens
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def checkpoint(self, reason: str, error: str | None = None) -> Path:
-        t = self.tracker
-        mark = t.mark
-        done_above = sorted(i for i in t.done_above if i >= mark)
-        finished = self.counters.samples_trained + self.counters.samples_failed
-        # every raw index below the mark is finished or was filtered out
-        self.counters.samples_filtered = max(0, mark - (finished - len(done_above)))
+        state = self.state
+        position = state.position()
+        position.state_dict = self._stream_state(position.raw_offset)
+        if reason != "error":  # after an error the server may be down: the last record still holds (KBs only grow)
+            self.kb_record = self._record_knowledge_base()
         self.sequence = max(self.sequence + 1, self.store.next_sequence())
         ckpt = Checkpoint(
             library_version=__version__,
             sequence=self.sequence,
             run_name=self.config.run_name,
             config=self.config,
-            position=StreamPosition(raw_offset=mark, done_above=done_above, state_dict=self._stream_state(mark)),
-            counters=self.counters,
-            failures=self.failures,
+            position=position,
+            counters=state.snapshot_counters(),
+            failures=state.failure_list(),
             reason=reason,
             error=error,
             started_at=self.started_at,
@@ -389,14 +459,28 @@ class _Run:
             elapsed_seconds=self.elapsed_before + (time.monotonic() - self.t0),
             server=ServerInfo(url=None if self.embedded else self.server_url, embedded=self.embedded,
                               idempotency=self.idempotency),
+            knowledge_base=self.kb_record,
+            dataset=self.dataset_record,
         )
         path = self.store.save(ckpt)
-        self.journal.compact(mark, set(done_above))
+        self.kept_marks = (self.kept_marks + [position.raw_offset])[-self.config.keep_checkpoints:]
+        # lines back to the oldest kept checkpoint: a fallback to it (when a newer one is damaged) stays exact
+        self.journal.compact(min(self.kept_marks), set(state.failures))
         self.checkpoints_written += 1
         self.last_checkpoint = path
         self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
-        logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, mark)
+        logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, position.raw_offset)
         return path
+
+    def _record_knowledge_base(self) -> KnowledgeBaseRecord | None:
+        node_ids = [self.config.node_id(level) for level in range(len(self.config.layers))]
+        try:
+            record = record_knowledge_base(self.kb_client, node_ids, self.probe_names, self.kb_record)
+        except StreamtrainError as exc:
+            logger.warning("could not read the knowledge base for the checkpoint (%s); it keeps the last record", exc)
+            return self.kb_record
+        self.probe_names = {}
+        return record
 
     def _stream_state(self, mark: int) -> dict[str, Any] | None:
         """The dataset's exact state at the mark, when the reader stands there (always at the end of a call)."""
@@ -412,6 +496,11 @@ class _Run:
         return every is not None and self.since_checkpoint > 0 and time.monotonic() - self.checkpoint_time >= every
 
     # -- the loop -----------------------------------------------------------------------------------------
+    def _take(self, outcome: Outcome) -> None:
+        self.state.finish(outcome)
+        if outcome.names:
+            self.probe_names.update(outcome.names)
+
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
         try:
@@ -422,12 +511,11 @@ class _Run:
             if outcome.fatal is not None:
                 self.fatal = outcome.fatal
                 raise outcome.fatal
-            self.tracker.finish(outcome.raw_index)
-            self._count(outcome)
+            self._take(outcome)
             self.since_checkpoint += 1
-            if self.counters.samples_failed > self.config.max_failures:
+            if self.state.counters.samples_failed > self.config.max_failures:
                 raise TooManyFailures(
-                    f"run {self.config.run_name}: {self.counters.samples_failed} samples failed, more than "
+                    f"run {self.config.run_name}: {self.state.counters.samples_failed} samples failed, more than "
                     f"max_failures={self.config.max_failures}; the last: raw index {outcome.raw_index}: {outcome.error}. "
                     "Every failure is listed in the checkpoint (streamtrain inspect); fix the cause, or raise max_failures."
                 )
@@ -439,9 +527,10 @@ class _Run:
 
     def _after_progress(self) -> None:
         now = time.monotonic()
+        c = self.state.counters
         if self.bar is not None:
-            self.bar.update(self.tracker.mark - self.bar.n)
-            self.bar.set_postfix(trained=self.counters.samples_trained, failed=self.counters.samples_failed,
+            self.bar.update(self.state.mark - self.bar.n)
+            self.bar.set_postfix(trained=c.samples_trained, failed=c.samples_failed,
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
         if now - self.last_point >= self.point_every:
             self._record_point()
@@ -453,30 +542,56 @@ class _Run:
         if len(self.history) >= MAX_HISTORY_POINTS:
             self.history = self.history[::2]  # thinned evenly: days of training keep a bounded, even record
             self.point_every *= 2
-        self.history.append(ProgressPoint(elapsed_seconds=round(self.last_point - self.t0, 3), position=self.tracker.mark,
-                                          samples_trained=self.counters.samples_trained, tokens=self.counters.tokens))
+        c = self.state.counters
+        self.history.append(ProgressPoint(elapsed_seconds=round(self.last_point - self.t0, 3), position=self.state.mark,
+                                          samples_trained=c.samples_trained, tokens=c.tokens))
+
+    def _wait_for_room(self) -> bool:
+        """Block until fewer than ``capacity`` samples are outstanding; False when a stop was asked for."""
+        stop = self.signals.stop
+        while self.state.outstanding >= self.capacity and not stop.is_set():
+            self._receive(block=True)
+        return not stop.is_set()
+
+    def _dispatch_retries(self) -> None:
+        """Failed samples of earlier calls first: each from the first step that did not take effect."""
+        st = self.state
+        if st.failures:
+            logger.info("run %s: retrying %d failed sample(s)", self.config.run_name, len(st.failures))
+        for raw_index in sorted(st.failures):
+            text = self._read_record(raw_index)
+            if not self._wait_for_room():
+                return
+            st.dispatch_retry(raw_index)
+            self.inbox.put(_Job(raw_index, text, st.recovery.pop(raw_index, None), retry=st.failures[raw_index]))
+            self._receive(block=False)
+
+    def _read_record(self, raw_index: int) -> str:
+        with DatasetStream(self.config.dataset, start=raw_index, stop=raw_index + 1) as stream:
+            for _, text in stream:
+                return text
+        raise DatasetError(
+            f"raw record {raw_index} (a failed sample to retry) is no longer a sample of dataset "
+            f"{self.config.dataset.path!r}: the data changed in place. Restore it, or start the run over."
+        )
 
     def _dispatch_all(self) -> None:
-        cfg, t = self.config, self.tracker
+        self._dispatch_retries()
+        cfg, st = self.config, self.state
         limit = cfg.max_samples
-        if limit is not None and t.read_pos >= limit:
+        if self.signals.stop.is_set() or (limit is not None and st.read_pos >= limit):
             return
-        stream = self.stream = DatasetStream(cfg.dataset, start=t.read_pos, state_dict=self.stream_state, stop=limit)
-        stop = self.signals.stop
+        stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state, stop=limit)
         for raw_index, text in stream:
-            if raw_index in t.done_above:
-                t.read_pos = raw_index + 1
+            if raw_index in st.done_above:
+                st.skip_to(raw_index + 1)
                 continue
-            while len(t.in_flight) >= self.capacity and not stop.is_set():
-                self._receive(block=True)
-            if stop.is_set():
+            if not self._wait_for_room():
                 return  # this record was read, not dispatched: the position stays below it
-            # in flight first, then the read position: the mark never passes a sample that is not finished
-            t.in_flight.add(raw_index)
-            t.read_pos = raw_index + 1
-            self.inbox.put((raw_index, text, self.recovery.pop(raw_index, None)))
+            st.dispatch(raw_index)
+            self.inbox.put(_Job(raw_index, text, st.recovery.pop(raw_index, None)))
             self._receive(block=False)
-        t.read_pos = max(t.read_pos, stream.position)
+        st.skip_to(stream.position)
 
     def _stop_workers(self, workers: list[_Worker], finish_queued: bool) -> None:
         """Wait for the workers: each finishes the sample it holds; queued ones too if ``finish_queued``.
@@ -490,7 +605,7 @@ class _Run:
             while w.is_alive():
                 if self.signals.stop.is_set() and not self.stop.is_set():
                     self.stop.set()
-                if self.stop.is_set() and not announced:
+                if self.signals.stop.is_set() and not announced:
                     announced = True
                     logger.warning("waiting for the workers to finish their current sample (Ctrl-C again: stop "
                                    "without waiting; the next run replays those samples from the journal)")
@@ -518,8 +633,7 @@ class _Run:
             if outcome.fatal is not None:
                 self.fatal = self.fatal or outcome.fatal
                 continue
-            self.tracker.finish(outcome.raw_index)
-            self._count(outcome)
+            self._take(outcome)
 
     def execute(self) -> TrainResult:
         with self.signals.installed():  # from here on a stop signal is a request the loop answers (_StopSignals)
@@ -527,11 +641,23 @@ class _Run:
 
     def _execute(self) -> TrainResult:
         cfg = self.config
-        self.load_state()
-        with KatoClient(self.server_url, token=cfg.server_token, settings=cfg.client) as probe:
-            self.idempotency = probe.supports_idempotency
-            self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
-        self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json")})
+        token = _token_for(self.server_url, cfg)
+        # checkpoint-time reads of the KB get a short budget: a checkpoint must not wait minutes for a dead server
+        quick = cfg.client.model_copy(update={"retry_total_seconds": min(10.0, cfg.client.retry_total_seconds)})
+        self.kb_client = KatoClient(self.server_url, token=token, settings=quick)
+        try:
+            with KatoClient(self.server_url, token=token, settings=cfg.client) as probe:
+                self.idempotency = probe.supports_idempotency
+                self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
+                self.load_state(probe)
+            return self._train()
+        finally:
+            self.kb_client.close()
+
+    def _train(self) -> TrainResult:
+        cfg = self.config
+        self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json"),
+                                             "dataset": self.dataset_record.model_dump(mode="json")})
         self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
         self.since_checkpoint = 0
         self.fatal: BaseException | None = None
@@ -575,47 +701,49 @@ class _Run:
         return self._result(reason)
 
     def _result(self, reason: Literal["end", "interrupt"]) -> TrainResult:
-        c = self.counters
+        c = self.state.counters
         elapsed = time.monotonic() - self.t0
         new_samples = c.samples_trained + c.samples_failed - self.done_at_start
         new_tokens = c.tokens - self.tokens_at_start
         return TrainResult(
             run_name=self.config.run_name, reason=reason, resumed=self.resumed,
-            start_position=self.start_position, final_position=self.tracker.mark,
+            start_position=self.start_position, final_position=self.state.mark,
             samples_trained=c.samples_trained, samples_filtered=c.samples_filtered, samples_failed=c.samples_failed,
             tokens=c.tokens, patterns_learned=list(c.patterns_learned), new_samples=new_samples, new_tokens=new_tokens,
             elapsed_seconds=elapsed, samples_per_second=new_samples / elapsed if elapsed else 0.0,
             tokens_per_second=new_tokens / elapsed if elapsed else 0.0, num_workers=self.config.num_workers,
             checkpoints_written=self.checkpoints_written, last_checkpoint=self.last_checkpoint,
-            server_url=self.server_url, server_idempotency=self.idempotency, failures=list(self.failures),
+            server_url=self.server_url, server_idempotency=self.idempotency, failures=self.state.failure_list(),
             history=self.history,
         )
 
 
 def _start_fresh(config: RunConfig, move_aside: bool) -> None:
-    run_dir = config.run_dir
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    rundir = RunDir(config.run_dir)
+    if rundir.is_empty():
+        return
+    if not rundir.has_progress():  # nothing of it reached a server: its files pin nothing
+        rundir.clear_unpinned()
         return
     if not move_aside:
         raise CheckpointError(
-            f"run '{config.run_name}' already has files in {run_dir} (checkpoints, journal or knowledge base): "
+            f"run '{config.run_name}' already has files in {rundir.path} (checkpoints, journal or knowledge base): "
             "a fresh start would mix with them. Resume instead (drop --fresh), use a new run_name, or let streamtrain "
             "move the folder aside (--fresh --move-aside / fresh=True, move_aside=True)."
         )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}.moved-{stamp}")
-    os.replace(run_dir, target)
-    logger.warning("moved the previous run folder %s aside to %s", run_dir, target)
+    rundir.move_aside()
 
 
 def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True) -> TrainResult:
     """Train ``config``'s run: resume from its newest valid checkpoint (and journal), or start it.
 
     ``fresh=True`` refuses to start over existing checkpoints unless ``move_aside=True`` moves the run's folder
-    aside first. Raising ``max_samples`` continues a finished run from where it ended. Returns a TrainResult;
-    on Ctrl-C or SIGTERM it finishes in-flight samples, writes an ``interrupt`` checkpoint and returns; on an
-    error it writes an ``error`` checkpoint and re-raises.
+    aside first (a run that trained nothing yet starts over without it). Raising ``max_samples`` continues a
+    finished run from where it ended; samples that failed (rejected for their content) are retried first. Returns
+    a TrainResult; on Ctrl-C or SIGTERM it finishes in-flight samples, writes an ``interrupt`` checkpoint and
+    returns; on an error (the server's faults included) it writes an ``error`` checkpoint and re-raises.
     """
+    config = config.with_overrides()  # a config changed with model_copy(update=...) was never validated
     if fresh:
         _start_fresh(config, move_aside)
     held = ExitStack()
@@ -652,4 +780,4 @@ def _release_lock(held: ExitStack, run: _Run | None) -> None:
 
 def train_parallel(config: RunConfig, num_workers: int, **kwargs: Any) -> TrainResult:
     """:func:`train` with ``num_workers`` worker threads (each with its own client and sessions)."""
-    return train(config.model_copy(update={"num_workers": num_workers}), **kwargs)
+    return train(config.with_overrides(num_workers=num_workers), **kwargs)

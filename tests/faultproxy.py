@@ -12,6 +12,7 @@ from ``kinds``:
 * ``drop_after``: forward the request, read the whole answer, then close the client's connection without
   sending it. The request IS applied, and the client cannot know (the ambiguous case).
 * ``503`` / ``429``: answer that status with ``Retry-After: <retry_after>`` and do not forward.
+* ``500``: answer 500 (as a server whose disk is full does) and do not forward. The request is NOT applied.
 * ``stall``: hold the connection without forwarding for ``stall_seconds`` (past the client's read
   timeout), then close it. The request is not applied, but the client sees a read timeout.
 * ``stall_after``: forward the request, then hold the answer for ``stall_seconds`` and close. Applied,
@@ -34,7 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
-KINDS = ("drop_before", "drop_after", "503", "429", "stall", "stall_after")
+KINDS = ("drop_before", "drop_after", "503", "429", "stall", "stall_after")  # the default: what a client rides out
+ALL_KINDS = KINDS + ("500",)  # 500 only when asked for: the client does not retry it
 _HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection"}
 
 
@@ -139,9 +141,9 @@ class FaultProxy:
         max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         kinds = tuple(kinds)
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - set(ALL_KINDS)
         if unknown or not kinds:
-            raise ValueError(f"fault kinds must be a non-empty subset of {KINDS}, got {kinds}")
+            raise ValueError(f"fault kinds must be a non-empty subset of {ALL_KINDS}, got {kinds}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         parts = urlsplit(upstream_url)
@@ -260,7 +262,7 @@ class FaultProxy:
             self._counts["requests"] += 1
             roll, pick = self._rng.random(), self._rng.choice(self.kinds)  # always draw both: reproducible
             allowed = self.match is None or self.match(method, path)
-            under_cap = self.max_faults is None or sum(self._counts[k] for k in KINDS) < self.max_faults
+            under_cap = self.max_faults is None or sum(self._counts[k] for k in ALL_KINDS) < self.max_faults
             kind = pick if allowed and under_cap and roll < self.fault_rate else None
             self._counts[kind or "forwarded"] += 1
             return kind
@@ -282,6 +284,14 @@ class FaultProxy:
                 writer.write(
                     f"HTTP/1.1 {kind} {text.decode()}\r\ncontent-type: text/plain\r\n"
                     f"retry-after: {self.retry_after}\r\ncontent-length: {len(text)}\r\n\r\n".encode() + text
+                )
+                await writer.drain()
+                continue
+            if kind == "500":
+                text = b'{"detail": "database or disk is full"}'
+                writer.write(
+                    f"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(text)}\r\n\r\n".encode() + text
                 )
                 await writer.drain()
                 continue

@@ -119,7 +119,7 @@ def test_all_corrupt_is_a_clear_error(store: CheckpointStore, damage: bytes) -> 
 @pytest.mark.parametrize(
     ("content", "expect"),
     [
-        ({"schema_version": 2, "library_version": "9.0"}, "newer streamtrain"),
+        ({"schema_version": 3, "library_version": "9.0"}, "newer streamtrain"),
         ({"schema_version": 0}, "unknown schema_version 0"),
         ({"schema_version": "1"}, "unknown schema_version '1'"),
         ({"run_name": "x", "offset": 20000, "config": {}}, "old-format"),

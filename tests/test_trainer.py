@@ -6,7 +6,6 @@ names, independent of the run's name, so runs under different run_names on one s
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,40 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import SAMPLES, kb_by_level, make_config
 from soak import SOAK
 
-from streamtrain import analysis
 from streamtrain.checkpoint import CheckpointStore
-from streamtrain.client import KatoClient
-from streamtrain.config import ClientConfig, DatasetConfig, LayerConfig, RunConfig
+from streamtrain.config import ClientConfig, LayerConfig, RunConfig
 from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 
-SAMPLES = 90
-LAYERS = [LayerConfig(chunk_size=6), LayerConfig(chunk_size=4), LayerConfig(chunk_size=3)]
 CHILD = Path(__file__).with_name("train_child.py")
-
-
-def make_config(tmp_path: Path, corpus: Path, run_name: str, url: str | None, **overrides) -> RunConfig:
-    fields = dict(
-        run_name=run_name,
-        server_url=url,
-        dataset=DatasetConfig(path="parquet", data_files=str(corpus / "*.parquet"), min_chars=20),
-        layers=LAYERS,
-        max_samples=SAMPLES,
-        checkpoint_dir=tmp_path / "ckpt",
-        checkpoint_every=7,
-        checkpoint_every_seconds=None,
-        client=ClientConfig(retry_total_seconds=30, read_timeout=10),
-    )
-    fields.update(overrides)
-    return RunConfig(**fields)
-
-
-def kb_by_level(url: str, cfg: RunConfig) -> dict[int, dict[str, int]]:
-    with KatoClient(url) as client:
-        return analysis.kb_by_level(client, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -330,22 +305,32 @@ def test_fresh_refuses_then_moves_aside(server, demo_corpus, tmp_path):
     assert any(p.name.startswith("fresh.moved-") for p in cfg.run_dir.parent.iterdir())
 
 
-def test_failed_samples_are_recorded_and_stop_the_run(demo_corpus, tmp_path):
-    """Samples the server rejects (bodies over its limit) are listed with raw index; past max_failures the run stops."""
-    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-body-bytes", "700"]) as srv:
-        cfg = make_config(tmp_path, demo_corpus, "failing", srv.url,
-                          layers=[LayerConfig(chunk_size=40)], max_failures=1000)
+def test_failed_samples_are_retried_and_stop_the_run_past_max_failures(demo_corpus, tmp_path):
+    """Steps the server rejects for their size (even alone in a request) fail their samples, listed with raw index
+    and the steps that took effect; past max_failures the run stops. With the limit lifted, the next call retries
+    each failure from its first step not applied: the knowledge base equals a run that never failed."""
+    layers = [LayerConfig(chunk_size=40)]
+    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-body-bytes", "400"]) as srv:
+        cfg = make_config(tmp_path, demo_corpus, "failing", srv.url, layers=layers, max_failures=1000)
         result = train(cfg, progress=False)
-        assert result.samples_failed > 0 and result.samples_trained > 0
+        assert result.samples_failed > 0 and result.samples_trained > 0 and result.reason == "end"
         assert all(f.error for f in result.failures) and len(result.failures) == result.samples_failed
-        strict = make_config(tmp_path / "strict", demo_corpus, "failing", srv.url,
-                             layers=[LayerConfig(chunk_size=40)], max_failures=0)
+        assert any(f.steps_done > 0 for f in result.failures)  # some failed after a first part took effect
+        strict = make_config(tmp_path / "strict", demo_corpus, "failing", srv.url, layers=layers, max_failures=0)
         from streamtrain.errors import TooManyFailures
 
         with pytest.raises(TooManyFailures):
             train(strict, progress=False)
     ckpt = CheckpointStore(strict.run_dir).latest()
     assert ckpt.reason == "error" and ckpt.failures
+    with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:
+        retried = train(cfg.with_overrides(server_url=srv.url), progress=False)
+        assert retried.samples_failed == 0 and not retried.failures
+        assert retried.samples_trained == result.samples_trained + result.samples_failed
+        assert retried.samples_filtered == result.samples_filtered and retried.final_position == SAMPLES
+        clean = make_config(tmp_path / "clean", demo_corpus, "never-failed", srv.url, layers=layers)
+        assert train(clean, progress=False).samples_trained == retried.samples_trained
+        assert kb_by_level(srv.url, cfg) == kb_by_level(srv.url, clean)
 
 
 def test_embedded_server_by_default(demo_corpus, tmp_path):

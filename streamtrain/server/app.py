@@ -1,13 +1,17 @@
 """The FastAPI application: KATO 3.10.1's HTTP API (paths, fields, status codes, error bodies) plus
 idempotency keys and the /nodes extensions.
 
-Every handler is `async` and does its work synchronously on the event loop: requests are serialized,
-which gives per-session (and per-database) serialization without locks, and makes an idempotency key
-check and the commit of its effects one atomic step.
+Requests are serialized: the Guardrails middleware holds one lock from the moment a request is let in until its
+answer starts, and every handler does its work synchronously on the event loop, except a learn-batch, which is
+parsed and applied in a worker thread while the lock is held. That gives per-session (and per-database)
+serialization, makes an idempotency key check and the commit of its effects one atomic step, and keeps the event
+loop free meanwhile: `GET /health` (which reads through its own SQLite connection and takes no lock) answers while
+a large batch is applied, and the other requests wait their turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 KATO_VERSION = "3.10.1"
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Items of one POST /learn-batch. The trainer sends one sample per batch and splits a sample of more than
+# streamtrain.client.LEARN_BATCH_PART items (10,000) into parts, so this stays well above what it sends.
+DEFAULT_MAX_BATCH_ITEMS = 20_000
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -233,14 +242,56 @@ def do_learn(eng: Engine, s: Session) -> tuple[int, Any]:
                  "processor_id": None, "message": f"Learned pattern {name} from 0 events"}
 
 
+# Routes that take no lock: they touch no state a request changes (/health reads through its own connection).
+UNLOCKED_PATHS = frozenset({"/health", "/"})
+
+
+def bearer_ok(header: bytes, token: bytes) -> bool:
+    """`Authorization: Bearer <token>`, the scheme name in any case (RFC 7235), compared in constant time."""
+    scheme, _, credentials = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
 class Guardrails:
-    """ASGI middleware: bearer token (every route but /health) and the request body size limit."""
+    """ASGI middleware: bearer token (every route but /health), the request body size limit, and the lock that
+    serializes requests (see the module docstring)."""
 
     def __init__(self, app, *, token: str | None, max_body_bytes: int, fast=None) -> None:
         self.app = app
         self.token = token.encode() if token else None
         self.max_body = max_body_bytes
         self.fast = fast      # fast(scope, headers, body) -> (status, json bytes) | None (None: use the app)
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:   # in-process tests may run several loops in turn
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def _call_locked(self, scope, receive, send):
+        """The app under the lock, released as soon as the answer starts (a client slow to read its answer must
+        not hold every other request up)."""
+        lock = self.lock()
+        await lock.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lock.release()
+
+        async def send_and_release(message):
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, send_and_release)
+        finally:
+            release()
 
     async def _send_json(self, send, status: int, payload: Any, headers: list | None = None) -> None:
         body = render(payload)
@@ -254,8 +305,7 @@ class Guardrails:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.token is not None and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + self.token):
+            if not bearer_ok(headers.get(b"authorization", b""), self.token):
                 return await self._send_json(
                     send, 401, {"detail": "Missing or wrong bearer token: send 'Authorization: Bearer <token>' "
                                           "with the token the server was started with (--token)"},
@@ -292,7 +342,8 @@ class Guardrails:
                         "detail": f"Request body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 4]!r}); "
                                   "send JSON encoded as UTF-8"})
             if self.fast is not None:
-                answer = self.fast(scope, headers, body)
+                async with self.lock():
+                    answer = self.fast(scope, headers, body)
                 if answer is not None:
                     status, payload = answer
                     await send({"type": "http.response.start", "status": status,
@@ -309,15 +360,39 @@ class Guardrails:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)
+            return await self._call_locked(scope, replay, send)
+        if scope["path"] in UNLOCKED_PATHS:
+            return await self.app(scope, receive, send)
+        return await self._call_locked(scope, receive, send)
+
+
+def parse_batch(body: bytes, max_items: int) -> list[tuple[str, list[list[str]]]] | Response:
+    """A learn-batch body as (node_id, events sorted inside each event) pairs, or the error answer: 413 over
+    `max_items` items (counted before any item is validated), 422 with FastAPI's validation body otherwise."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
+                                       "msg": "JSON decode error", "input": {},
+                                       "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+    raw = data.get("items") if isinstance(data, dict) else None
+    if isinstance(raw, list) and len(raw) > max_items:
+        return json_response({"detail": f"learn-batch holds {len(raw)} items; this server accepts at most "
+                                        f"{max_items} per request (--max-batch-items): send the items in several "
+                                        "batches"}, 413)
+    try:
+        batch = LearnBatch.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                      for err in e.errors(include_url=False)]) from None
+    return [(item.node_id, [sorted(e) for e in item.events]) for item in batch.items]
 
 
 # ------------------------------------------------------------------------------------------ app
 def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL, token: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, sync: str = "normal",
-               store: Store | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+               sync: str = "normal", store: Store | None = None) -> FastAPI:
     """The server as an ASGI app over the SQLite file `db_path` (or an already opened `store`)."""
     if store is None:
         if db_path is None:
@@ -368,12 +443,14 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                               "docs": "/docs", "health": "/health", "status": "running",
                               "uptime_seconds": time.time() - eng.started, "architecture": "modular",
                               "session_support": True, "idempotency": srv.idempotency,
+                              "database_id": eng.store.database_id,
                               "extensions": ["nodes", "learn-batch"]})
 
     @app.get("/health")
     async def health() -> Response:
         now = time.time()
-        active = store.conn.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()[0]
+        # its own connection and no lock: answers at once while a learn-batch is applied in a worker thread
+        active = store.reader().execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()[0]
         return json_response({"status": "healthy", "processor_status": "healthy", "service_name": "kato",
                               "uptime_seconds": now - eng.started, "issues": [], "metrics_collected": 0,
                               "last_collection": now, "active_sessions": active, "timestamp": iso(now)})
@@ -547,18 +624,25 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
         return json_response(eng.node_stats(node_id))
 
     @app.post("/learn-batch")
-    async def learn_batch(req: LearnBatch, g: Guard = Depends(guard)) -> Response:
+    async def learn_batch(request: Request, g: Guard = Depends(guard)) -> Response:
         """Learn each item's events as one pattern of its node, in order, in one transaction: the knowledge-base
         effect of a session's observe-sequence + learn per item, without the sessions. With an Idempotency-Key
-        the whole batch is applied once. The trainer's fast path: one request per sample, every level."""
+        the whole batch is applied once. The trainer's fast path: one request per sample, every level.
+
+        Parsed, validated and applied in a worker thread (the request lock is held, so nothing else touches the
+        store meanwhile): the event loop stays free to answer /health. At most `max_batch_items` items (413)."""
+        body = await request.body()
+        items = await run_in_threadpool(parse_batch, body, max_batch_items)
+        if isinstance(items, Response):
+            return items
+
         def fn():
             names = []
-            for item in req.items:
-                events = [sorted(e) for e in item.events]
-                name = eng.learn_pattern(eng.kb_id(item.node_id), item.node_id, events, [], {})
+            for node_id, events in items:
+                name = eng.learn_pattern(eng.kb_id(node_id), node_id, events, [], {})
                 names.append(PREFIX + name if name else "")
             return 200, {"status": "learned", "patterns": names}
-        return srv.mutate(g, None, fn)
+        return await run_in_threadpool(srv.mutate, g, None, fn)
 
     # Hot path: the happy case of observe / observe-sequence / learn skips FastAPI's routing and dependency
     # machinery (about a third of a small request's CPU). Anything unusual (invalid JSON or body, query

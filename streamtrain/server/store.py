@@ -1,8 +1,9 @@
 """The embedded server's SQLite store: knowledge bases, sessions and idempotency keys in one WAL file.
 
-One connection, used by one thread at a time (the server runs every request on its event loop, so
-requests are serialized); each mutating request runs inside :meth:`Store.transaction`, which commits
-once at the end, so a crash leaves either all of a request's effects or none.
+One connection, used by one thread at a time (the server serializes requests: see app.py); each mutating
+request runs inside :meth:`Store.transaction`, which commits once at the end, so a crash leaves either all of a
+request's effects or none. A second, read-only connection (:meth:`Store.reader`) serves `GET /health`, which
+takes no lock: in WAL mode it reads the last commit while a write transaction is open on the first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +119,13 @@ class Store:
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path} has schema version {row[0]}, this server reads {SCHEMA_VERSION}; "
                                  "use a new database file")
+            # An id made once per database file: a trainer checks it on resume, so a deleted, replaced or
+            # swapped database is noticed instead of training on as if it held the run's knowledge base.
+            row = self.conn.execute("SELECT value FROM meta WHERE key='database_id'").fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO meta(key, value) VALUES('database_id', ?)", (uuid.uuid4().hex,))
+                row = self.conn.execute("SELECT value FROM meta WHERE key='database_id'").fetchone()
+            self.database_id: str = row[0]
         except sqlite3.DatabaseError as e:
             msg = str(e)
             if "readonly" in msg or "read-only" in msg or "unable to open" in msg:
@@ -127,6 +136,16 @@ class Store:
                 hint = "check the path and its permissions"
             raise StoreError(f"cannot use database {self.path}: {msg}; {hint}") from e
         self._depth = 0
+        self._reader: sqlite3.Connection | None = None
+
+    def reader(self) -> sqlite3.Connection:
+        """A second connection that only reads (for requests that must answer while a write is in progress)."""
+        if self._reader is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=2000")
+            conn.execute("PRAGMA query_only=1")
+            self._reader = conn
+        return self._reader
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -146,6 +165,18 @@ class Store:
             self._depth = 0
 
     def close(self) -> None:
+        """Fold the WAL into the main file, then close: a stopped server's database file is complete on its own
+        (it can be copied without its -wal file)."""
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except sqlite3.Error:
+                log.debug("closing the reader of %s failed", self.path, exc_info=True)
+            self._reader = None
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            log.warning("could not fold the WAL of %s into the database file; copy it with its -wal file", self.path)
         try:
             self.conn.close()
         except sqlite3.Error:  # closing is best effort at shutdown

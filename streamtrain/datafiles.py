@@ -1,0 +1,119 @@
+"""The dataset's identity: which files (and which hub revision) a run's raw positions refer to.
+
+A checkpoint's position is a count of raw records, so it means something only for the same files in the same
+order. ``describe_dataset`` resolves the config the way ``datasets`` does (``load_dataset_builder``: globs
+expanded, hub files pinned to a commit) and fingerprints each local file cheaply (size and a hash of its first and
+last 64 KiB); ``dataset_changes`` compares two descriptions. Allowed: new files that come after every file the
+run has seen (the stream's prefix is unchanged), and a folder moved as a whole (same files, same order). Anything
+else (a file added before or between the old ones, removed, reordered or changed) shifts raw positions and is
+refused on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import DatasetConfig
+from .errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+_EDGE = 64 * 1024
+
+
+class DataFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="As resolved by datasets (absolute local path, or a URL pinned to a revision).")
+    size: int | None = Field(None, description="Bytes, for a local file.")
+    fingerprint: str | None = Field(None, description="sha256 of size, first and last 64 KiB, for a local file.")
+
+    @property
+    def identity(self) -> str:
+        return self.fingerprint or self.path
+
+
+class DatasetRecord(BaseModel):
+    """The files of the run's split, in stream order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[DataFile] = Field(default_factory=list)
+
+
+def _fingerprint(path: str) -> tuple[int, str] | None:
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            h = hashlib.sha256(str(size).encode())
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(_EDGE, size - _EDGE))
+                h.update(fh.read(_EDGE))
+    except OSError:
+        return None
+    return size, h.hexdigest()[:32]
+
+
+def _split_files(cfg: DatasetConfig) -> list[str]:
+    import datasets
+
+    kwargs: dict[str, Any] = dict(getattr(cfg, "load_kwargs", None) or {})
+    revision = getattr(cfg, "revision", None)
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        builder = datasets.load_dataset_builder(cfg.path, cfg.name, data_files=cfg.data_files, **kwargs)
+    except Exception as exc:  # the one boundary where datasets' many exception types become ours
+        from .stream import _open_failure_message
+
+        raise DatasetError(_open_failure_message(cfg, exc)) from exc
+    data_files = getattr(builder.config, "data_files", None) or {}
+    files = data_files.get(cfg.split) if hasattr(data_files, "get") else None
+    return [str(f) for f in files or []]
+
+
+def describe_dataset(cfg: DatasetConfig) -> DatasetRecord:
+    """The resolved files of ``cfg``'s split, each local one fingerprinted."""
+    out = []
+    for path in _split_files(cfg):
+        local = "://" not in path
+        found = _fingerprint(path) if local else None
+        out.append(DataFile(path=path, size=found[0] if found else None, fingerprint=found[1] if found else None))
+    return DatasetRecord(files=out)
+
+
+def dataset_changes(old: DatasetRecord, new: DatasetRecord) -> list[str]:
+    """What changed in a way that moves raw positions; empty when the run can resume exactly."""
+    old_ids = [f.identity for f in old.files]
+    new_ids = [f.identity for f in new.files]
+    if new_ids[: len(old_ids)] == old_ids:
+        if len(new_ids) > len(old_ids):
+            logger.info("dataset: %d new file(s) after the ones the run has seen: %s", len(new_ids) - len(old_ids),
+                        [f.path for f in new.files[len(old_ids):]][:5])
+        return []
+    by_id_new = {f.identity: f for f in new.files}
+    by_path_new = {f.path: f for f in new.files}
+    by_path_old = {f.path: f for f in old.files}
+    problems = []
+    for f in old.files:
+        if f.identity in by_id_new:
+            continue
+        if f.path in by_path_new:
+            g = by_path_new[f.path]
+            problems.append(f"changed: {f.path} (was {f.size} bytes, now {g.size} bytes; content differs)")
+        else:
+            problems.append(f"removed: {f.path}")
+    old_id_set = set(old_ids)
+    for i, f in enumerate(new.files):
+        if f.identity not in old_id_set and f.path not in by_path_old and i < len(old.files):
+            problems.append(f"added before files the run has already read: {f.path}")
+    if not problems:
+        problems.append("the files are the same but in another order: "
+                        + ", ".join(f.path for f in new.files[: len(old.files)][:5]))
+    return problems
