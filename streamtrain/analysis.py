@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,7 +94,9 @@ def connect(
     Args:
         url: a KATO server such as ``http://127.0.0.1:8000``; None starts the embedded server.
         db_path: the embedded server's SQLite file (a run's is ``config.run_dir / "kb.sqlite3"``).
-        token: bearer token of the server, if any.
+        token: bearer token of the server, if any. The embedded server started here (``url`` None) gets this
+            token, or a random one that only this process knows; ``url`` of an embedded server this process
+            started needs no token.
         wait_seconds: how long ``GET /health`` may keep failing before giving up. Short on purpose: a notebook
             should say at once that nobody answers, not after the training retry budget of minutes.
         settings: the client's settings for everything after the health check (default: ``ClientConfig()``).
@@ -110,10 +113,15 @@ def connect(
 
         db_path = Path(db_path)
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedServer(db_path).start()
+        token = token or secrets.token_urlsafe(32)   # no other local process may use the server we start
+        server = EmbeddedServer(db_path, token=token).start()
         return Connection(server.url, KatoClient(server.url, token=token, settings=settings), server, db_path)
 
     url = url.rstrip("/")
+    if token is None:  # an embedded server this process started (a notebook's other connection, a trainer's)
+        from .server.launcher import token_for
+
+        token = token_for(url)
     quick = ClientConfig(
         connect_timeout=min(2.0, wait_seconds), read_timeout=min(5.0, max(wait_seconds, 0.5)),
         retry_total_seconds=wait_seconds, retry_max_attempts=50, backoff_initial=0.1, backoff_max=1.0,
@@ -434,6 +442,8 @@ def config_table(config: RunConfig) -> list[dict[str, Any]]:
     data = config.model_dump(mode="json")
     rows = []
     for name, policy in resume_policy().items():
+        if name not in data:  # a secret (server_token): left out of every dump, shown masked
+            data[name] = "**********" if getattr(config, name) is not None else None
         for key, value in _leaves(data[name], name).items():
             rows.append({"field": key, "value": value, "on_resume": policy})
     return rows
@@ -457,7 +467,7 @@ def config_diff(old: RunConfig | Checkpoint | str | Path, new: RunConfig | Check
     rows = [{"field": path, "policy": "must_match", "old": x, "new": y} for path, x, y in resume_differences(a, b)]
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
     for name, policy in resume_policy().items():
-        if policy == "must_match":
+        if policy == "must_match" or name not in da:  # not in a dump: a secret (server_token), never shown
             continue
         la, lb = _leaves(da[name], name), _leaves(db[name], name)
         for key in sorted(set(la) | set(lb)):

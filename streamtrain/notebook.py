@@ -142,6 +142,8 @@ def with_changes(config: RunConfig, **changes: Any) -> RunConfig:
     """A copy of ``config`` with top-level fields changed, validated like a config file (ConfigError on a bad
     value); ``model_copy(update=...)`` would skip the validation."""
     data = config.model_dump(mode="json")
+    if config.server_token is not None:  # a secret, left out of every dump: carried over explicitly
+        data["server_token"] = config.server_token
     data.update({k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in changes.items()})
     return parse_config(data, f"changes {sorted(changes)}")
 

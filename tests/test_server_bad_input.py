@@ -159,15 +159,22 @@ def test_missing_db_folder(tmp_path):
     assert p.returncode != 0 and "does not exist" in p.stderr
 
 
-def test_non_loopback_host_without_token_warns(tmp_path):
+def test_non_loopback_host_without_token_is_refused_unless_opted_out(tmp_path):
+    """Another interface without a token: refused with a one-line message; --allow-no-token serves it with a
+    warning; loopback without a token stays allowed (KATO clients send none)."""
+    p = run_server_cli("--db", str(tmp_path / "kb.sqlite3"), "--host", "0.0.0.0")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: refusing to listen on 0.0.0.0 without a token")
+    assert "--allow-no-token" in p.stderr and "--token-file" in p.stderr
     log = tmp_path / "server.log"
-    with EmbeddedServer(tmp_path / "kb.sqlite3", host="0.0.0.0", log_path=log) as srv:
+    with EmbeddedServer(tmp_path / "kb.sqlite3", host="0.0.0.0", log_path=log,
+                        extra_args=["--allow-no-token"]) as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
-    assert "without --token" in log.read_text()
+    assert "without a token (--allow-no-token)" in log.read_text()
     log2 = tmp_path / "server2.log"
     with EmbeddedServer(tmp_path / "kb.sqlite3", log_path=log2):
         pass
-    assert "without --token" not in log2.read_text()
+    assert "without a token" not in log2.read_text()
 
 
 def test_second_server_on_the_same_db_is_refused(tmp_path):

@@ -3,31 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
-from streamtrain.server.app import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MAX_BODY_BYTES, create_app
+from streamtrain.server.app import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_MAX_BATCH_ITEMS,
+    DEFAULT_MAX_BODY_BYTES,
+    create_app,
+)
+from streamtrain.server.protocol import DEFAULT_HEADER_TIMEOUT, MIN_UPLOAD_RATE, deadline_protocol
 from streamtrain.server.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 
+#: Environment variable holding the bearer token the server requires (the same name a run config reads its
+#: server_token from, so one exported variable serves both sides).
+TOKEN_ENV = "STREAMTRAIN_SERVER_TOKEN"
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: give a number from 1 to 65535 (0: any free "
+                                         "port)")
+    return port
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to listen on (default loopback; another host needs --token to be safe)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+                        help="interface to listen on (default loopback; any other needs a token, or "
+                             "--allow-no-token)")
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535, or 0 for any free one (default 8000)")
     parser.add_argument("--db", required=True, help="SQLite database file (created if missing)")
     parser.add_argument("--token", default=None,
-                        help="require 'Authorization: Bearer TOKEN' on every route but /health")
+                        help="require 'Authorization: Bearer TOKEN' on every route but /health. Visible to every "
+                             f"local user in the process list: prefer --token-file or ${TOKEN_ENV}")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="read the bearer token from this file (its first line; keep it mode 0600)")
+    parser.add_argument("--allow-no-token", action="store_true",
+                        help="serve a non-loopback --host without a token (anyone who reaches the port can read "
+                             "and change every knowledge base)")
     parser.add_argument("--no-idempotency", action="store_true",
                         help="ignore Idempotency-Key headers (behave like a real KATO)")
     parser.add_argument("--idempotency-ttl", type=float, default=DEFAULT_IDEMPOTENCY_TTL,
                         help="seconds an idempotency key is remembered (default 86400)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--max-batch-items", type=int, default=DEFAULT_MAX_BATCH_ITEMS,
+                        help=f"a learn-batch with more items gets 413 (default {DEFAULT_MAX_BATCH_ITEMS})")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                        help="seconds a request's line and headers may take to arrive; its body gets as long "
+                             f"again plus its size at {MIN_UPLOAD_RATE // 1_000_000} MB/s (default "
+                             f"{DEFAULT_HEADER_TIMEOUT:g})")
     parser.add_argument("--sync", choices=("normal", "full"), default="normal",
                         help="SQLite synchronous mode: normal survives process kills, full also power loss")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -88,16 +125,86 @@ def _lock_database(db: str):
     return f
 
 
+class _Refused(Exception):
+    """A setting the server will not start with; the message says what to do."""
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token, else --token-file, else $STREAMTRAIN_SERVER_TOKEN, else None."""
+    if args.token is not None and args.token_file is not None:
+        raise _Refused("give --token or --token-file, not both")
+    if args.token is not None:
+        if not args.token.strip():
+            raise _Refused("--token is empty; give a token, or leave the option out")
+        log.warning("--token on the command line is visible to every local user (ps); prefer --token-file or "
+                    "the %s environment variable", TOKEN_ENV)
+        return args.token.strip()
+    if args.token_file is not None:
+        path = Path(args.token_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _Refused(f"cannot read --token-file {path}: {e}; give a readable text file holding the "
+                           "token") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise _Refused(f"--token-file {path} is empty; write the token on its first line")
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            mode = 0
+        if mode & 0o077:
+            log.warning("--token-file %s is readable by other users (mode %o); make it private: chmod 600 %s",
+                        path, mode, path)
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one clear line, not uvicorn's traceback-like log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise _Refused(f"port {port} on {host} is already in use (another server?); stop that process or "
+                           "choose another --port") from None
+        if e.errno == errno.EACCES:
+            raise _Refused(f"no permission to listen on port {port} of {host} (ports below 1024 need "
+                           "privileges); choose another --port") from None
+        raise _Refused(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     """Open the database, build the app and serve until SIGTERM/SIGINT. Returns the exit code."""
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not _is_loopback(args.host) and not args.token:
-        log.warning("listening on %s without --token: anyone who can reach this port can read and change "
-                    "the knowledge base", args.host)
-    if args.max_body_bytes < 1:
-        print("error: --max-body-bytes must be positive", file=sys.stderr)
+    try:
+        token = _token(args)
+        if not _is_loopback(args.host) and token is None:
+            if not args.allow_no_token:
+                raise _Refused(
+                    f"refusing to listen on {args.host} without a token: anyone who can reach the port could read "
+                    f"and wipe every knowledge base. Give a token (${TOKEN_ENV}, --token-file or --token), listen "
+                    "on 127.0.0.1, or pass --allow-no-token if the network is trusted")
+            log.warning("listening on %s without a token (--allow-no-token): anyone who can reach this port can "
+                        "read and change the knowledge base", args.host)
+        if args.max_body_bytes < 1:
+            raise _Refused("--max-body-bytes must be positive")
+        if args.max_batch_items < 1:
+            raise _Refused("--max-batch-items must be positive")
+        if not args.header_timeout > 0:
+            raise _Refused("--header-timeout must be positive (seconds)")
+    except _Refused as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         lock = _lock_database(args.db)
@@ -105,16 +212,26 @@ def serve(args: argparse.Namespace) -> int:
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        sock = _bind(args.host, args.port)
+    except _Refused as e:
+        store.close()
+        if lock is not None:
+            lock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     app = create_app(store=store, idempotency=not args.no_idempotency, idempotency_ttl=args.idempotency_ttl,
-                     token=args.token, max_body_bytes=args.max_body_bytes)
+                     token=token, max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level=args.log_level,
-                            access_log=args.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=30)
+                            access_log=args.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=30,
+                            http=deadline_protocol(args.header_timeout, args.max_body_bytes))
     server = uvicorn.Server(config)
     if args.exit_with_parent is not None:
         _watch_parent(args.exit_with_parent, server)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         store.close()
         if lock is not None:
             lock.close()

@@ -16,8 +16,19 @@ from pathlib import Path
 import httpx
 
 from streamtrain.errors import ServerUnavailable
+from streamtrain.server.cli import TOKEN_ENV
 
 log = logging.getLogger(__name__)
+
+
+# URL -> bearer token of each server this process started with a token and has not stopped. In memory only: a
+# client of this process (the trainer, a notebook's analysis connection) finds its own server's token here.
+_tokens: dict[str, str] = {}
+
+
+def token_for(url: str) -> str | None:
+    """The bearer token of a running EmbeddedServer started by this process at ``url``, else None."""
+    return _tokens.get(url.rstrip("/"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,7 +47,7 @@ class EmbeddedServer:
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.idempotency = idempotency
-        self.token = token
+        self.token = token          # handed to the child in its environment, never on its command line
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self._own_log = log_path is None
@@ -56,11 +67,19 @@ class EmbeddedServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "streamtrain.server", "--host", self.host, "--port", str(self.port),
                "--db", str(self.db_path), "--log-level", "warning", "--exit-with-parent", str(os.getpid())]
-        if self.token:
-            cmd += ["--token", self.token]
+        # The token is never on the command line (any local user can read it with `ps`): see environment().
         if not self.idempotency:
             cmd.append("--no-idempotency")
         return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, with the bearer token in TOKEN_ENV (only the process itself and root can
+        read another process's environment), or without that variable when this server has no token."""
+        env = dict(os.environ)
+        env.pop(TOKEN_ENV, None)
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        return env
 
     def _log_tail(self, n: int = 30) -> str:
         try:
@@ -74,7 +93,7 @@ class EmbeddedServer:
             return self
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+                                          stdin=subprocess.DEVNULL, env=self.environment())
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(timeout=2.0) as client:
             while True:
@@ -86,6 +105,8 @@ class EmbeddedServer:
                 try:
                     if client.get(self.url + "/health").status_code == 200:
                         log.debug("embedded server up at %s (pid %s)", self.url, self._proc.pid)
+                        if self.token:
+                            _tokens[self.url] = self.token
                         return self
                 except httpx.HTTPError:
                     pass
@@ -97,6 +118,7 @@ class EmbeddedServer:
                 time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
+        _tokens.pop(self.url, None)
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -110,6 +132,7 @@ class EmbeddedServer:
             self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
+        _tokens.pop(self.url, None)
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
