@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import ClientConfig, DatasetConfig, LayerConfig, RunConfig, load_config, parse_config
+from .config import ClientConfig, DatasetConfig, HFTokenizer, LayerConfig, RunConfig, load_config, parse_config
 from .errors import (
     AmbiguousEffect,
     CheckpointError,
@@ -62,6 +62,7 @@ __all__ = [
     "ConfigRejected",
     "DatasetConfig",
     "DatasetError",
+    "HFTokenizer",
     "LayerConfig",
     "ProtocolError",
     "ResumeMismatch",

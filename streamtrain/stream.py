@@ -38,8 +38,10 @@ def _open(cfg: DatasetConfig) -> Any:
     import datasets
 
     try:
+        # load_kwargs never holds the arguments named here (the config refuses them), so none is passed twice.
         return datasets.load_dataset(
-            cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.split, streaming=True
+            cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.split, revision=cfg.revision, streaming=True,
+            **cfg.load_kwargs,
         )
     except Exception as exc:  # the one boundary where datasets' many exception types become ours
         raise DatasetError(_open_failure_message(cfg, exc)) from exc
@@ -51,11 +53,17 @@ def _open_failure_message(cfg: DatasetConfig, exc: Exception) -> str:
         what += f" name={cfg.name!r}"
     if cfg.data_files is not None:
         what += f" data_files={cfg.data_files!r}"
-    what += f" split={cfg.split!r}: {type(exc).__name__}: {exc}"
+    what += f" split={cfg.split!r}"
+    if cfg.revision is not None:
+        what += f" revision={cfg.revision!r}"
+    if cfg.load_kwargs:
+        what += f" load_kwargs={cfg.load_kwargs!r}"
+    what += f": {type(exc).__name__}: {exc}"
     if cfg.path in _BUILDERS:
         todo = (
-            "check that data_files points at existing local files (globs are relative to the working "
-            "folder), and that split names a split they provide"
+            "check that data_files points at existing local files (in a run config file, relative paths are "
+            "relative to the file's folder; in Python, to the working folder), that split names a split they "
+            "provide, and that load_kwargs holds only arguments this builder takes"
         )
     else:
         todo = (

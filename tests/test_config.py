@@ -10,6 +10,7 @@ import pytest
 from streamtrain.config import (
     ClientConfig,
     DatasetConfig,
+    HFTokenizer,
     LayerConfig,
     RunConfig,
     check_resume,
@@ -68,7 +69,7 @@ BAD = [
     ("data_files a number", with_(GOOD, dataset__data_files=5), "dataset.data_files", "valid string"),
     ("server_url not http", with_(GOOD, server_url="ftp://host"), "server_url", "http:// or https://"),
     ("server_url no host", with_(GOOD, server_url="localhost:8000"), "server_url", "http:// or https://"),
-    ("unknown tokenizer", with_(GOOD, tokenizer="bert"), "tokenizer", "'words' or 'gpt2'"),
+    ("unknown tokenizer", with_(GOOD, tokenizer="bert"), "tokenizer", 'must be "words", "gpt2", or a table { hf = '),
     ("max_samples 0", with_(GOOD, max_samples=0), "max_samples", "greater than or equal to 1"),
     ("max_samples text", with_(GOOD, max_samples="all"), "max_samples", "valid integer"),
     ("num_workers 0", with_(GOOD, num_workers=0), "num_workers", "greater than or equal to 1"),
@@ -112,7 +113,8 @@ def test_load_toml_and_json(tmp_path: Path) -> None:
     assert (cfg.run_name, cfg.max_samples, [la.chunk_size for la in cfg.layers]) == ("t1", 50, [4, 3])
     js = tmp_path / "run.json"
     js.write_text(cfg.model_dump_json())
-    assert load_config(js) == cfg
+    # the dump writes checkpoint_dir out ("checkpoints"), and a path written in a file is the file folder's
+    assert load_config(js) == cfg.model_copy(update={"checkpoint_dir": tmp_path / "checkpoints"})
 
 
 @pytest.mark.parametrize(
@@ -162,7 +164,11 @@ MUST_MATCH = [
     ("dataset.split", {"dataset": BASE.dataset.model_copy(update={"split": "test"})}, 'dataset.split: checkpoint="train" current="test"'),
     ("dataset.text_field", {"dataset": BASE.dataset.model_copy(update={"text_field": "body"})}, "dataset.text_field:"),
     ("dataset.min_chars", {"dataset": BASE.dataset.model_copy(update={"min_chars": 5})}, "dataset.min_chars: checkpoint=1 current=5"),
+    ("dataset.revision", {"dataset": BASE.dataset.model_copy(update={"revision": "v2"})}, 'dataset.revision: checkpoint=null current="v2"'),
+    ("dataset.load_kwargs", {"dataset": BASE.dataset.model_copy(update={"load_kwargs": {"encoding": "latin-1"}})},
+     'dataset.load_kwargs.encoding: checkpoint="<absent>" current="latin-1"'),
     ("tokenizer", {"tokenizer": "gpt2"}, 'tokenizer: checkpoint="words" current="gpt2"'),
+    ("tokenizer (hf)", {"tokenizer": HFTokenizer(hf="/t/tokenizer.json")}, 'tokenizer.hf: checkpoint="<absent>" current="/t/tokenizer.json"'),
     ("layers (count)", {"layers": BASE.layers[:1]}, "layers.length: checkpoint=2 current=1"),
     ("layers[1].chunk_size", {"layers": [BASE.layers[0], LayerConfig(chunk_size=5)]}, "layers[1].chunk_size: checkpoint=4 current=5"),
     ("layers[0].max_pattern_length", {"layers": [LayerConfig(chunk_size=8, max_pattern_length=3), BASE.layers[1]]}, "layers[0].max_pattern_length:"),
@@ -236,6 +242,158 @@ def test_json_schema_marks_the_policy() -> None:
 def test_readme_documents_every_field() -> None:
     """The README's config reference names every field, so docs cannot silently drift from the model."""
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    for model in (RunConfig, DatasetConfig, LayerConfig, ClientConfig):
+    for model in (RunConfig, DatasetConfig, LayerConfig, ClientConfig, HFTokenizer):
         for name in model.model_fields:
             assert f"`{name}`" in readme, f"README.md does not document {model.__name__}.{name}"
+
+
+# -- issue 13: Hugging Face tokenizers, loader options, paths relative to the config file ------------------
+
+
+def test_hf_tokenizer_must_match_between_two_files() -> None:
+    """Two runs with different tokenizer.json files: resuming one with the other is refused, naming both."""
+    a = BASE.model_copy(update={"tokenizer": HFTokenizer(hf="/a/tokenizer.json")})
+    b = parse_config({**a.model_dump(mode="json"), "tokenizer": {"hf": "/b/tokenizer.json"}})
+    check_resume(a, parse_config(a.model_dump(mode="json")), "ckpt.json")  # round trip through JSON: the same
+    with pytest.raises(ResumeMismatch, match=r'tokenizer\.hf: checkpoint="/a/tokenizer\.json" current="/b/tokenizer\.json"'):
+        check_resume(a, b, "ckpt.json")
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "fragments"),
+    [
+        ("bpe", ['tokenizer: must be "words", "gpt2", or a table { hf = ']),
+        (3, ["tokenizer: must be"]),
+        ({"hff": "x"}, ["in the table: hf: required, but missing", "hff: unknown key"]),
+        ({"hf": ""}, ["in the table: hf: String should have at least 1 character"]),
+        ({"hf": 7}, ["in the table: hf: Input should be a valid string"]),
+    ],
+)
+def test_bad_tokenizer_is_one_clear_problem(tokenizer: object, fragments: list[str]) -> None:
+    """A bad tokenizer value is one problem naming the three accepted forms, not one per union branch."""
+    with pytest.raises(ConfigError, match=r"1 problem\(s\)") as info:
+        parse_config(with_(GOOD, tokenizer=tokenizer))
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert "literal" not in str(info.value) and "HFTokenizer" not in str(info.value)
+
+
+def test_hf_tokenizer_and_loader_options_from_toml(tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text(
+        'run_name = "r"\ntokenizer = { hf = "bert-base-uncased" }\n'
+        '[dataset]\npath = "text"\nrevision = "v1.2"\nload_kwargs = { encoding = "latin-1", sample_by = "paragraph" }\n'
+    )
+    cfg = load_config(tmp_path / "run.toml")
+    assert cfg.tokenizer == HFTokenizer(hf="bert-base-uncased")  # a hub name: kept as it is
+    assert cfg.dataset.revision == "v1.2"
+    assert cfg.dataset.load_kwargs == {"encoding": "latin-1", "sample_by": "paragraph"}
+    assert parse_config(GOOD).dataset.load_kwargs == {} and parse_config(GOOD).dataset.revision is None
+
+
+@pytest.mark.parametrize("key", ["streaming", "split", "data_files", "name", "path", "revision"])
+def test_load_kwargs_refuses_what_streamtrain_sets(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_(GOOD, dataset__load_kwargs={key: "x", "encoding": "utf-8"}))
+    msg = str(info.value)
+    assert "dataset.load_kwargs: must not hold arguments that streamtrain passes to load_dataset itself" in msg
+    assert (f"{key} (set dataset.{key} instead)" if key != "streaming" else "streaming (streamtrain always streams)") in msg
+    assert "encoding" not in msg.split("itself:")[1].split("(got")[0]  # only the colliding key is named
+
+
+def test_load_kwargs_values_must_be_json() -> None:
+    """Values go into every checkpoint (JSON): a Python object is refused at once, not at the first save."""
+    with pytest.raises(ConfigError, match="dataset.load_kwargs"):
+        parse_config(with_(GOOD, dataset__load_kwargs={}) | {"dataset": {"path": "text", "load_kwargs": {"x": object()}}})
+    assert parse_config(with_(GOOD, dataset__load_kwargs={"a": [1, {"b": None}]})).dataset.load_kwargs == {"a": [1, {"b": None}]}
+
+
+def _write(path: Path, data: dict) -> Path:
+    """A config file: JSON (TOML has no null and cannot hold every shape tested here as simply)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data_files", "expected"),
+    [
+        ("data/*.parquet", "{cfg}/data/*.parquet"),
+        ("./data/../shards/a.parquet", "{cfg}/shards/a.parquet"),
+        (["a.parquet", "/abs/b.parquet"], ["{cfg}/a.parquet", "/abs/b.parquet"]),
+        ({"train": "tr/*.parquet", "test": ["te/1.parquet", "hf://datasets/o/d/x.parquet"]},
+         {"train": "{cfg}/tr/*.parquet", "test": ["{cfg}/te/1.parquet", "hf://datasets/o/d/x.parquet"]}),
+        ("https://example.org/d.parquet", "https://example.org/d.parquet"),
+        ("zip://inner.parquet::archive.zip", "zip://inner.parquet::archive.zip"),
+        ("~/data/d.parquet", "~/data/d.parquet"),
+        ("/abs/d.parquet", "/abs/d.parquet"),
+    ],
+)
+def test_relative_data_files_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_files: object, expected: object
+) -> None:
+    """Whatever the working folder, a relative local data_files path is the config file's folder's."""
+    cfg_dir = tmp_path / "project" / "configs"
+    config = _write(cfg_dir / "run.json", {"run_name": "r", "dataset": {"path": "parquet", "data_files": data_files}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    want = json.loads(json.dumps(expected).replace("{cfg}", str(cfg_dir)))
+    assert load_config(config).dataset.data_files == want
+    # the same file named by a relative path from another working folder gives the same config
+    monkeypatch.chdir(tmp_path / "project")
+    assert load_config(Path("configs/run.json")).dataset.data_files == want
+
+
+def test_hub_dataset_data_files_are_files_of_the_repository(tmp_path: Path) -> None:
+    """With a hub dataset as path, data_files name files inside its repository: never resolved."""
+    config = _write(tmp_path / "c" / "run.json",
+                    {"run_name": "r", "dataset": {"path": "allenai/c4", "data_files": "en/c4-train.00000-of-01024.json.gz"}})
+    assert load_config(config).dataset.data_files == "en/c4-train.00000-of-01024.json.gz"
+
+
+def test_checkpoint_dir_and_tokenizer_file_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg_dir = tmp_path / "c"
+    monkeypatch.chdir(tmp_path)
+    config = _write(cfg_dir / "run.json", {"run_name": "r", "checkpoint_dir": "ck", "tokenizer": {"hf": "tok/tokenizer.json"},
+                                           "dataset": {"path": "text", "data_files": "a.txt"}})
+    cfg = load_config(config)
+    assert cfg.checkpoint_dir == cfg_dir / "ck" and cfg.run_dir == cfg_dir / "ck" / "r"
+    assert cfg.tokenizer == HFTokenizer(hf=str(cfg_dir / "tok" / "tokenizer.json"))
+    assert cfg.dataset.data_files == str(cfg_dir / "a.txt")
+    # relative_to= names another folder; a path the file leaves out keeps its working-folder default
+    other = load_config(_write(cfg_dir / "run2.json", {"run_name": "r", "dataset": {"path": "text", "data_files": "a.txt"}}),
+                        relative_to=tmp_path / "base")
+    assert other.dataset.data_files == str(tmp_path / "base" / "a.txt")
+    assert other.checkpoint_dir == Path("checkpoints")
+
+
+def test_paths_given_in_python_stay_relative_to_the_working_folder() -> None:
+    cfg = parse_config({"run_name": "r", "checkpoint_dir": "ck", "tokenizer": {"hf": "t/tokenizer.json"},
+                        "dataset": {"path": "text", "data_files": ["a.txt"]}})
+    assert cfg.checkpoint_dir == Path("ck") and cfg.dataset.data_files == ["a.txt"]
+    assert cfg.tokenizer == HFTokenizer(hf="t/tokenizer.json")
+    assert RunConfig(run_name="r", dataset=DatasetConfig(path="text", data_files="a.txt")).dataset.data_files == "a.txt"
+
+
+def test_a_run_whose_folder_moved_with_the_rule_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_dir = "ck" once meant <working folder>/ck. A run with checkpoints there, and none beside the
+    config, is refused (going on would train it again from 0) with both absolute paths to choose from."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck" / "r").mkdir(parents=True)
+    (tmp_path / "ck" / "r" / "ckpt-00000001.json").write_text("{}")
+    config = _write(tmp_path / "c" / "run.json", {"run_name": "r", "checkpoint_dir": "ck", "dataset": {"path": "text"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    msg = str(info.value)
+    assert str(tmp_path / "ck" / "r") in msg and str(tmp_path / "c" / "ck" / "r") in msg
+    assert f'checkpoint_dir = "{tmp_path / "ck"}"' in msg and f'checkpoint_dir = "{tmp_path / "c" / "ck"}"' in msg
+    # either choice, written absolute, loads
+    _write(config, {"run_name": "r", "checkpoint_dir": str(tmp_path / "ck"), "dataset": {"path": "text"}})
+    assert load_config(config).run_dir == tmp_path / "ck" / "r"
+    # once the config's own folder holds the run, the working folder's copy no longer matters
+    _write(config, {"run_name": "r", "checkpoint_dir": "ck", "dataset": {"path": "text"}})
+    (tmp_path / "c" / "ck" / "r").mkdir(parents=True)
+    (tmp_path / "c" / "ck" / "r" / "ckpt-00000001.json").write_text("{}")
+    assert load_config(config).run_dir == tmp_path / "c" / "ck" / "r"
