@@ -161,11 +161,17 @@ _NO_SPACE_BEFORE = re.compile(r"^[.,;:!?)\]}'’”%]|^n't$|^'[a-z]{1,2}$", re.I
 _NO_SPACE_AFTER = {"(", "[", "{", "“", "‘", "$"}
 
 
-def tokens_to_text(tokens: Sequence[str], tokenizer: str = "words") -> str:
-    """Readable text from tokens: ``gpt2`` tokens carry their own spaces; ``words`` tokens are joined with
-    spaces except before closing punctuation (display only: the exact spacing of the source is not stored)."""
+def tokens_to_text(tokens: Sequence[str], tokenizer: Any = "words") -> str:
+    """Readable text from tokens: ``gpt2`` tokens carry their own spaces; a Hugging Face tokenizer
+    (``{hf = ...}``) decodes its own tokens; ``words`` tokens are joined with spaces except before closing
+    punctuation (display only: the exact spacing of the source is not stored)."""
     if tokenizer == "gpt2":
         return "".join(tokens)
+    spec = tokenizer.get("hf") if isinstance(tokenizer, dict) else getattr(tokenizer, "hf", None)
+    if isinstance(spec, str):
+        from .tokenize import hf_decode, load_hf
+
+        return hf_decode(load_hf(spec), list(tokens))
     out: list[str] = []
     for tok in tokens:
         if out and not _NO_SPACE_BEFORE.match(tok) and out[-1] not in _NO_SPACE_AFTER:
