@@ -253,12 +253,26 @@ def decode_pattern(client: KatoClient, config: RunConfig, level: int, name: str,
 # Knowledge-base statistics (the embedded server's /nodes extension; a real KATO has no listing of a node)
 
 
+# The embedded server's 404 for a node it has never seen (no session, no learn): that node's knowledge base is empty.
+_UNKNOWN_NODE = "is unknown on this server"
+
+
+def _node_patterns(client: KatoClient, node_id: str) -> list[Any]:
+    """Every pattern of the node; none for a node the server has never seen."""
+    try:
+        return list(client.node_patterns(node_id))
+    except ProtocolError as exc:
+        if _UNKNOWN_NODE in str(exc):
+            return []
+        raise
+
+
 @contextmanager
 def _nodes_extension(client: KatoClient) -> Iterator[None]:
     try:
         yield
     except ProtocolError as exc:
-        if "HTTP 404" not in str(exc) and "HTTP 405" not in str(exc):
+        if ("HTTP 404" not in str(exc) and "HTTP 405" not in str(exc)) or _UNKNOWN_NODE in str(exc):
             raise
         raise ProtocolError(
             f"{exc}\nKnowledge-base listings and statistics use the /nodes extension of streamtrain's embedded "
@@ -272,8 +286,15 @@ def kb_summary(client: KatoClient, config: RunConfig) -> list[dict[str, Any]]:
     """One row per level: node, patterns (distinct), total frequency (learns), distinct symbols."""
     rows = []
     for level in range(len(config.layers)):
-        with _nodes_extension(client):
-            stats = client.node_stats(config.node_id(level))
+        node = config.node_id(level)
+        try:
+            with _nodes_extension(client):
+                stats = client.node_stats(node)
+        except ProtocolError as exc:
+            if _UNKNOWN_NODE not in str(exc):
+                raise
+            rows.append({"level": level, "node": node, "patterns": 0, "total_frequency": 0, "distinct_symbols": 0})
+            continue
         rows.append({
             "level": level,
             "node": stats.node_id,
@@ -288,7 +309,7 @@ def kb_by_level(client: KatoClient, config: RunConfig) -> dict[int, dict[str, in
     """The run's whole knowledge base: level -> {pattern name (``PTRN|...``): frequency}."""
     with _nodes_extension(client):
         return {
-            level: {PREFIX + strip_prefix(p.name): p.frequency for p in client.node_patterns(config.node_id(level))}
+            level: {PREFIX + strip_prefix(p.name): p.frequency for p in _node_patterns(client, config.node_id(level))}
             for level in range(len(config.layers))
         }
 
@@ -312,7 +333,7 @@ def kb_differences(client: KatoClient, a: RunConfig, b: RunConfig) -> list[dict[
 def pattern_frequencies(client: KatoClient, config: RunConfig, level: int) -> list[int]:
     """The frequency of every pattern of ``level``, largest first."""
     with _nodes_extension(client):
-        return sorted((p.frequency for p in client.node_patterns(config.node_id(level))), reverse=True)
+        return sorted((p.frequency for p in _node_patterns(client, config.node_id(level))), reverse=True)
 
 
 def frequency_distribution(client: KatoClient, config: RunConfig, level: int) -> list[dict[str, int]]:
@@ -326,7 +347,7 @@ def top_patterns(client: KatoClient, config: RunConfig, level: int, n: int = 10,
     """The ``n`` most frequent patterns of ``level``, decoded to tokens (ties by name, so the order is stable)."""
     decoder = decoder or Decoder(client, config)
     with _nodes_extension(client):
-        patterns = sorted(client.node_patterns(config.node_id(level)), key=lambda p: (-p.frequency, p.name))[:n]
+        patterns = sorted(_node_patterns(client, config.node_id(level)), key=lambda p: (-p.frequency, p.name))[:n]
     rows = []
     for rank, p in enumerate(patterns, 1):
         decoder.remember(level, p.name, p.pattern_data)

@@ -146,7 +146,9 @@ def test_nodes_extensions(c):
     stats = c.get("/nodes/a-b/stats").json()
     assert stats == {"node_id": "a-b", "kb_id": "a_b_kato", "pattern_count": 5, "total_frequency": 6,
                      "distinct_symbols": 6}
-    assert c.get("/nodes/unknown/stats").json()["pattern_count"] == 0
+    for path in ("/nodes/unknown/stats", "/nodes/unknown/patterns"):
+        r = c.get(path)
+        assert r.status_code == 404 and "'unknown' is unknown on this server" in r.json()["detail"]
 
 
 def test_vectors_are_rejected_clearly(c):

@@ -614,14 +614,22 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
     async def nodes() -> Response:
         return json_response({"nodes": eng.nodes()})
 
+    def unknown_node(node_id: str) -> Response | None:
+        kb = eng.kb_id(node_id)
+        if store.conn.execute("SELECT 1 FROM kbs WHERE kb_id=?", (kb,)).fetchone() is not None:
+            return None
+        return json_response({"detail": f"Node {node_id!r} is unknown on this server (knowledge base {kb!r}): no "
+                                        "session was created and no pattern learned for it. GET /nodes lists the "
+                                        "known nodes."}, 404)
+
     @app.get("/nodes/{node_id}/patterns")
     async def node_patterns(node_id: str, offset: int = Query(0, ge=0),
                             limit: int = Query(1000, ge=1, le=100_000)) -> Response:
-        return json_response(eng.node_patterns(node_id, offset, limit))
+        return unknown_node(node_id) or json_response(eng.node_patterns(node_id, offset, limit))
 
     @app.get("/nodes/{node_id}/stats")
     async def node_stats(node_id: str) -> Response:
-        return json_response(eng.node_stats(node_id))
+        return unknown_node(node_id) or json_response(eng.node_stats(node_id))
 
     @app.post("/learn-batch")
     async def learn_batch(request: Request, g: Guard = Depends(guard)) -> Response:
