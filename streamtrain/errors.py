@@ -4,7 +4,7 @@
      + ConfigError                   a config file or value is wrong (lists every bad field)
      + ResumeMismatch                a checkpoint was made with a config that differs where it matters
      + CheckpointError               a checkpoint folder or file cannot be read or written
-        + JournalDamaged             (journal.py) a journal line is damaged, not just torn
+        + JournalDamaged             a journal line is damaged, not just torn
      + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds
      + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
      + DatasetError                  the dataset cannot be opened or has no usable text field
@@ -37,6 +37,10 @@ class ResumeMismatch(StreamtrainError):
 
 class CheckpointError(StreamtrainError):
     """A checkpoint folder or file cannot be read or written."""
+
+
+class JournalDamaged(CheckpointError):
+    """A line of a run's journal is neither valid nor a torn last line."""
 
 
 class KnowledgeBaseMismatch(StreamtrainError):

@@ -57,15 +57,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import CheckpointError
+from .errors import CheckpointError, JournalDamaged
 
 logger = logging.getLogger(__name__)
 
 FILENAME = "journal.jsonl"
-
-
-class JournalDamaged(CheckpointError):
-    """A journal line that is neither valid nor a torn last line."""
 
 
 class _Line(BaseModel):

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -228,14 +229,23 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     if args.exit_with_parent is not None:
         _watch_parent(args.exit_with_parent, server)
+    # uvicorn re-raises the stop signal once it has shut down; SIGTERM's default action would then end the process
+    # before the store is closed, leaving the knowledge base split between the database file and its WAL.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     try:
         server.run(sockets=[sock])
+    except (KeyboardInterrupt, SystemExit):
+        pass  # the stop signal, raised again by uvicorn after its graceful shutdown
     finally:
         sock.close()
         store.close()
         if lock is not None:
             lock.close()
     return 0 if server.started else 1
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

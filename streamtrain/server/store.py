@@ -136,6 +136,7 @@ class Store:
                 hint = "check the path and its permissions"
             raise StoreError(f"cannot use database {self.path}: {msg}; {hint}") from e
         self._depth = 0
+        self._closed = False
         self._reader: sqlite3.Connection | None = None
 
     def reader(self) -> sqlite3.Connection:
@@ -173,8 +174,14 @@ class Store:
             except sqlite3.Error:
                 log.debug("closing the reader of %s failed", self.path, exc_info=True)
             self._reader = None
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                log.warning("could not fold the WAL of %s into the database file (busy); copy it with its -wal file",
+                            self.path)
         except sqlite3.Error:
             log.warning("could not fold the WAL of %s into the database file; copy it with its -wal file", self.path)
         try:
