@@ -513,7 +513,8 @@ class KatoClient:
             raise SessionNotFound(
                 f"server {self.base_url}: {call}: session {session_id} not found or expired (404)", session_id
             )
-        hint = "; check the bearer token (server_token in the run config)" if status in (401, 403) else ""
+        hint = ("; check the bearer token (server_token in the run config, or $STREAMTRAIN_SERVER_TOKEN)"
+                if status in (401, 403) else "")
         raise ProtocolError(
             f"server {self.base_url}: {call} answered HTTP {status}: {_short(response.text)}{hint}",
             status_code=status,
