@@ -187,7 +187,7 @@ class RunConfig(StrictModel):
     keep_checkpoints: int = Field(3, ge=1, json_schema_extra=MAY_CHANGE, description="Newest checkpoint files kept.")
     num_workers: int = Field(1, ge=1, le=64, json_schema_extra=MAY_CHANGE, description="Samples trained in parallel.")
     max_failures: int = Field(
-        100, ge=0, json_schema_extra=MAY_CHANGE, description="Stop the run when more samples than this have failed."
+        100, ge=0, json_schema_extra=MAY_CHANGE, description="Stop the run when more samples than this have failed for their own content."
     )
     client: ClientConfig = Field(
         default_factory=ClientConfig, json_schema_extra=MAY_CHANGE, description="Timeouts and retries of server calls."
