@@ -298,7 +298,30 @@ def _inspect_run(run_dir: Path, as_json: bool) -> int:
         return EXIT_ERROR
     print()
     print(_describe_checkpoint(newest.checkpoint, newest.path))
+    history = _describe_history(run_dir)
+    if history:
+        print(history)
     return EXIT_OK
+
+
+def _describe_history(run_dir: Path) -> str:
+    """One line per call of the run, from metrics.jsonl (every call, crashes included)."""
+    from .metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return ""
+    lines = [f"  history:     {len(rows)} rows in metrics.jsonl, {max(r.call for r in rows)} call(s)"]
+    for call in sorted({r.call for r in rows}):
+        mine = [r for r in rows if r.call == call]
+        first, last = mine[0], mine[-1]
+        rates = [r.samples_per_second for r in mine if r.samples_per_second > 0]
+        rate = f", {sum(rates) / len(rates):.1f} samples/s" if rates else ""
+        ended = last.event if last.event in ("end", "interrupt", "error") else "no end row (killed?)"
+        lines.append(f"    call {call} ({first.event} at {first.time.isoformat(timespec='seconds')}): position "
+                     f"{first.position} -> {last.position}, trained {last.samples_trained - first.samples_trained}"
+                     f"{rate}; {ended}")
+    return "\n".join(lines)
 
 
 def _describe_checkpoint(ck: Any, path: Path) -> str:

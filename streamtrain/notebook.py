@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,14 +127,9 @@ def ensure_corpus(data_dir: str | Path, shards: int = 4) -> Path:
 def start_over(config: RunConfig) -> Path | None:
     """Move the run's folder (checkpoints, journal, embedded knowledge base) aside, as ``train(fresh=True,
     move_aside=True)`` would; return where it went, or None when there was nothing to move."""
-    run_dir = config.run_dir
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    target = run_dir.with_name(f"{run_dir.name}.moved-{stamp}")
-    os.replace(run_dir, target)
-    log.info("moved %s aside to %s", run_dir, target)
-    return target
+    from .rundir import RunDir
+
+    return RunDir(config.run_dir).move_aside()
 
 
 def with_changes(config: RunConfig, **changes: Any) -> RunConfig:
@@ -345,3 +339,48 @@ def plot_frequency_distribution(distribution: Sequence[Mapping[str, Any]], ax: A
     if not df.empty:
         ax.legend(fontsize="small")
     return ax
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run, across every call (metrics.jsonl)
+
+
+def metrics_frame(config: RunConfig) -> pd.DataFrame:
+    """Every row of the run's ``metrics.jsonl``: one per interval and per event (start, resume, checkpoint,
+    interrupt, error, end), across every call of the run, crashes included."""
+    from .metrics import read_metrics
+
+    rows = [r.model_dump() for r in read_metrics(config.run_dir)]
+    return pd.DataFrame(rows)
+
+
+def plot_run_history(config: RunConfig, axes: Sequence[Axes] | None = None) -> Sequence[Axes]:
+    """Throughput and learns per level over the whole run's training time, each call's start marked (a resume is
+    a dashed line), from ``metrics.jsonl``."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(13, 4))
+    left, right = axes
+    df = metrics_frame(config)
+    if df.empty:
+        left.set_title("no metrics.jsonl rows yet")
+        return axes
+    rates = df[df["samples_per_second"] > 0]
+    left.plot(rates["elapsed_seconds"], rates["samples_per_second"], marker=".", linestyle="-")
+    left.set_xlabel("training time of the run (s)")
+    left.set_ylabel("samples / s")
+    left.set_title("Throughput over the whole run")
+    left.set_ylim(bottom=0)
+    levels = len(df["patterns_learned"].iloc[-1])
+    for level in range(levels):
+        right.plot(df["elapsed_seconds"], [p[level] for p in df["patterns_learned"]], label=f"L{level}")
+    right.set_xlabel("training time of the run (s)")
+    right.set_ylabel("learns (whole run)")
+    right.set_title("Patterns learned per level")
+    for _, row in df[df["event"].isin(["start", "resume"])].iterrows():
+        for ax in axes:
+            ax.axvline(row["elapsed_seconds"], color="grey", linestyle="--" if row["event"] == "resume" else ":",
+                       linewidth=0.8)
+    right.legend(fontsize="small", title="dashed: a resume")
+    return axes

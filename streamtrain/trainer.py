@@ -10,7 +10,7 @@ Exactness, in three parts (each argued where its code is):
   nor re-trains a finished one. At most ``2 * N + 2`` samples are outstanding, so that list and memory stay small
   however long the stream.
 * **Steps.** A sample is a fixed plan of learns (``hierarchy.plan_sample``); each learn is applied exactly once by
-  ``client.NodeSession.learn_unit`` through faults, retries and server restarts.
+  ``units.NodeSession.learn_unit`` through faults, retries and server restarts.
 * **Trainer crashes.** Before each request the worker appends a line to the journal (``journal.py``); a resumed
   run reads it to skip samples finished since the checkpoint and to find which step of each in-flight sample took
   effect (idempotency keys replay harmlessly; without them the recorded session's STM tells).
@@ -21,6 +21,7 @@ line after a crash), and ``samples_filtered`` is derived from the position, so n
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import secrets
@@ -40,11 +41,20 @@ from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, FailedSample, ServerInfo
 from .client import KatoClient, NodeSession, unit_took_effect
 from .config import RunConfig, check_resume
-from .datafiles import DatasetRecord, dataset_changes, describe_dataset
-from .errors import CheckpointError, DatasetChanged, DatasetError, ProtocolError, StreamtrainError, TooManyFailures
+from .datafiles import DatasetRecord, dataset_changes, dataset_size, describe_dataset
+from .errors import (
+    CheckpointError,
+    DatasetChanged,
+    DatasetError,
+    ProtocolError,
+    ServerUnavailable,
+    StreamtrainError,
+    TooManyFailures,
+)
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
+from .metrics import Event, MetricsLog
 from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .stream import DatasetStream
@@ -444,6 +454,7 @@ class _Run:
         if reason != "error":  # after an error the server may be down: the last record still holds (KBs only grow)
             self.kb_record = self._record_knowledge_base()
         self.sequence = max(self.sequence + 1, self.store.next_sequence())
+        call_elapsed = time.monotonic() - self.t0
         ckpt = Checkpoint(
             library_version=__version__,
             sequence=self.sequence,
@@ -456,7 +467,7 @@ class _Run:
             error=error,
             started_at=self.started_at,
             created_at=datetime.now(timezone.utc),
-            elapsed_seconds=self.elapsed_before + (time.monotonic() - self.t0),
+            elapsed_seconds=self.elapsed_before + call_elapsed,
             server=ServerInfo(url=None if self.embedded else self.server_url, embedded=self.embedded,
                               idempotency=self.idempotency),
             knowledge_base=self.kb_record,
@@ -470,7 +481,19 @@ class _Run:
         self.last_checkpoint = path
         self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
         logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, position.raw_offset)
+        event: Event = "checkpoint" if reason == "interval" else reason  # type: ignore[assignment]
+        self._metrics_row(event, detail=error or path.name, call_elapsed=call_elapsed)
         return path
+
+    def _metrics_row(self, event: Event, detail: str | None = None, call_elapsed: float | None = None) -> None:
+        """A row of metrics.jsonl; a checkpoint's row carries the checkpoint's own time, so the next call's
+        clock (which starts from the checkpoint) never runs backwards."""
+        c = self.state.snapshot_counters()
+        now = time.monotonic() - self.t0 if call_elapsed is None else call_elapsed
+        self.metrics.write(event, now, elapsed_seconds=self.elapsed_before + now, position=self.state.mark,
+                           samples_trained=c.samples_trained, samples_filtered=c.samples_filtered,
+                           samples_failed=c.samples_failed, tokens=c.tokens, patterns_learned=c.patterns_learned,
+                           detail=detail)
 
     def _record_knowledge_base(self) -> KnowledgeBaseRecord | None:
         node_ids = [self.config.node_id(level) for level in range(len(self.config.layers))]
@@ -534,6 +557,8 @@ class _Run:
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
         if now - self.last_point >= self.point_every:
             self._record_point()
+        if self.metrics.due(now - self.t0):
+            self._metrics_row("progress")
         if self._checkpoint_due():
             self.checkpoint("interval")
 
@@ -605,7 +630,7 @@ class _Run:
             while w.is_alive():
                 if self.signals.stop.is_set() and not self.stop.is_set():
                     self.stop.set()
-                if self.signals.stop.is_set() and not announced:
+                if self.signals.stop.is_set() and not announced:  # only when somebody pressed Ctrl-C
                     announced = True
                     logger.warning("waiting for the workers to finish their current sample (Ctrl-C again: stop "
                                    "without waiting; the next run replays those samples from the journal)")
@@ -646,6 +671,7 @@ class _Run:
         quick = cfg.client.model_copy(update={"retry_total_seconds": min(10.0, cfg.client.retry_total_seconds)})
         self.kb_client = KatoClient(self.server_url, token=token, settings=quick)
         try:
+            self._wait_for_server(token)
             with KatoClient(self.server_url, token=token, settings=cfg.client) as probe:
                 self.idempotency = probe.supports_idempotency
                 self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
@@ -654,6 +680,30 @@ class _Run:
         finally:
             self.kb_client.close()
 
+    def _wait_for_server(self, token: str | None) -> None:
+        """Until the server answers ``GET /``: say what the run waits for every few seconds, and let one Ctrl-C stop
+        at once (nothing is trained yet). Gives up after ``client.retry_total_seconds``."""
+        cfg = self.config
+        budget = cfg.client.retry_total_seconds
+        one_try = cfg.client.model_copy(update={"retry_max_attempts": 1, "connect_timeout": min(2.0, cfg.client.connect_timeout)})
+        deadline = time.monotonic() + budget
+        with KatoClient(self.server_url, token=token, settings=one_try) as client:
+            for attempt in itertools.count(1):
+                try:
+                    client.info()
+                    return
+                except ServerUnavailable as exc:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServerUnavailable(
+                            f"the server at {self.server_url} did not answer within {budget:g} s "
+                            f"({attempt} attempts; last: {exc}). Check that it is running and reachable, or raise "
+                            "client.retry_total_seconds") from None
+                    logger.warning("waiting for the server at %s (attempt %d, %.0f s left; Ctrl-C to stop)",
+                                   self.server_url, attempt, left)
+                if self.signals.stop.wait(min(2.0, max(0.0, deadline - time.monotonic()))):
+                    raise KeyboardInterrupt  # nothing trained yet: no checkpoint to write
+
     def _train(self) -> TrainResult:
         cfg = self.config
         self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json"),
@@ -661,11 +711,15 @@ class _Run:
         self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
         self.since_checkpoint = 0
         self.fatal: BaseException | None = None
+        self.metrics = MetricsLog(cfg.run_dir)
+        self._metrics_row("resume" if self.resumed else "start")
         self.bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=cfg.max_samples, initial=self.start_position, desc=cfg.run_name, unit="rec",
+            size = dataset_size(self.dataset_record)
+            total = min(x for x in (cfg.max_samples, size) if x is not None) if (cfg.max_samples or size) else None
+            self.bar = tqdm(total=total, initial=self.start_position, desc=cfg.run_name, unit="rec",
                             dynamic_ncols=True)
         workers = self.workers
         try:
@@ -682,6 +736,7 @@ class _Run:
                 reason: Literal["end", "interrupt"] = "interrupt" if self.signals.stop.is_set() else "end"
                 self._record_point()
                 self.checkpoint(reason)
+                self._finish_bar(reason)
             except KeyboardInterrupt:
                 self._release_workers(workers, finish_queued=False)
                 logger.warning("run %s stopped at once, without a checkpoint: the next run resumes exactly from "
@@ -699,6 +754,17 @@ class _Run:
             if self.bar is not None:
                 self.bar.close()
         return self._result(reason)
+
+    def _finish_bar(self, reason: str) -> None:
+        """A finished run's bar stands at its end: 100%, also when the stream ended before ``total``."""
+        bar = self.bar
+        if bar is None:
+            return
+        mark = self.state.mark
+        if reason == "end" and (bar.total is None or mark < bar.total):
+            bar.total = mark
+        bar.update(mark - bar.n)
+        bar.refresh()
 
     def _result(self, reason: Literal["end", "interrupt"]) -> TrainResult:
         c = self.state.counters

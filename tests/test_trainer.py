@@ -379,17 +379,17 @@ def test_progress_history_stays_bounded(monkeypatch):
     from types import SimpleNamespace
 
     from streamtrain import trainer as trainer_module
-    from streamtrain.checkpoint import Counters
+    from streamtrain.runstate import RunState
 
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
     monkeypatch.setattr(trainer_module, "MAX_HISTORY_POINTS", 8)
     run = trainer_module._Run.__new__(trainer_module._Run)
     run.history, run.point_every, run.t0, run.last_point = [], 1.0, 0.0, 0.0
-    run.tracker, run.counters = trainer_module._Tracker(0, set()), Counters()
+    run.state = RunState(levels=1)
     for second in range(1, 1001):  # a 1000-second run, the way _after_progress records points
         clock.now = float(second)
-        run.tracker.read_pos = second
+        run.state.skip_to(second)
         if clock.now - run.last_point >= run.point_every:
             run._record_point()
     positions = [p.position for p in run.history]
@@ -397,26 +397,28 @@ def test_progress_history_stays_bounded(monkeypatch):
     assert positions == sorted(positions) and positions[-1] >= 1000 - run.point_every
 
 
-def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path, monkeypatch):
-    """A journal that cannot be appended to (a full disk, simulated: a real one cannot be filled on demand here)
-    stops the run with a CheckpointError saying what to do, instead of hanging or training on unjournaled."""
-    import errno
+def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path):
+    """A journal that cannot be appended to (a full disk: here the kernel's file-size limit on the trainer's
+    process) stops the run with a CheckpointError saying what to do, instead of hanging or training unjournaled;
+    once there is room, the same run finishes with exactly the knowledge base of a run that never stopped."""
+    import resource
 
-    from streamtrain import journal as journal_module
+    samples = 300
+    cfg = make_config(tmp_path, demo_corpus, "journal-full", server.url, num_workers=2, max_samples=samples,
+                      checkpoint_every=10_000)
+    path = tmp_path / "run.json"
+    path.write_text(cfg.model_dump_json())
 
-    real_write = os.write
-    calls = {"n": 0}
+    def limit_file_size() -> None:  # in the child: writes past 16 KB fail (EFBIG) instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
 
-    def failing_write(fd, data):
-        if isinstance(data, bytes) and data.startswith(b'{"s":'):
-            calls["n"] += 1
-            if calls["n"] > 20:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(journal_module.os, "write", failing_write)
-    cfg = make_config(tmp_path, demo_corpus, "journal-full", server.url, num_workers=2)
-    with pytest.raises(CheckpointError, match="No space left on device"):
-        train(cfg, progress=False)
+    done = subprocess.run([sys.executable, str(CHILD), str(path)], capture_output=True, text=True, timeout=240,
+                          preexec_fn=limit_file_size)
+    assert done.returncode != 0 and "cannot append to the journal" in done.stderr, done.stderr[-2000:]
     ckpt = CheckpointStore(cfg.run_dir).latest()
-    assert ckpt.reason == "error" and "journal" in ckpt.error
+    assert ckpt.reason == "error" and "journal" in ckpt.error and ckpt.position.raw_offset < samples
+    assert train(cfg, progress=False).final_position == samples
+    clean = make_config(tmp_path, demo_corpus, "journal-room", server.url, max_samples=samples)
+    train(clean, progress=False)
+    assert kb_by_level(server.url, cfg) == kb_by_level(server.url, clean)
