@@ -236,6 +236,9 @@ class RunConfig(StrictModel):
             return v
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:  # the URL is written into every checkpoint
+            raise ValueError("must not hold a user or password (user:pass@host): it would be written into every "
+                             "checkpoint; give the secret as server_token or $STREAMTRAIN_SERVER_TOKEN")
         return v.rstrip("/")
 
     def server_token_value(self) -> str | None:

@@ -69,6 +69,7 @@ BAD = [
     ("data_files a number", with_(GOOD, dataset__data_files=5), "dataset.data_files", "valid string"),
     ("server_url not http", with_(GOOD, server_url="ftp://host"), "server_url", "http:// or https://"),
     ("server_url no host", with_(GOOD, server_url="localhost:8000"), "server_url", "http:// or https://"),
+    ("server_url with a password", with_(GOOD, server_url="http://me:secret@host:8000"), "server_url", "user or password"),
     ("unknown tokenizer", with_(GOOD, tokenizer="bert"), "tokenizer", 'must be "words", "gpt2", or a table { hf = '),
     ("max_samples 0", with_(GOOD, max_samples=0), "max_samples", "greater than or equal to 1"),
     ("max_samples text", with_(GOOD, max_samples="all"), "max_samples", "valid integer"),
