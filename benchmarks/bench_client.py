@@ -32,7 +32,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faultproxy import KINDS, FaultProxy  # noqa: E402
 
-from streamtrain.client import KatoClient, NodeSession  # noqa: E402
+from streamtrain.client import KatoClient  # noqa: E402
+from streamtrain.units import NodeSession  # noqa: E402
 from streamtrain.config import ClientConfig  # noqa: E402
 from streamtrain.server import EmbeddedServer  # noqa: E402
 

@@ -31,7 +31,7 @@ _LAZY = {
     "DatasetStream": "stream",
     "get_tokenizer": "tokenize",
     "KatoClient": "client",
-    "NodeSession": "client",
+    "NodeSession": "units",
     "EmbeddedServer": "server",
 }
 

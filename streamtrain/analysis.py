@@ -253,8 +253,10 @@ def decode_pattern(client: KatoClient, config: RunConfig, level: int, name: str,
 # Knowledge-base statistics (the embedded server's /nodes extension; a real KATO has no listing of a node)
 
 
-# The embedded server's 404 for a node it has never seen (no session, no learn): that node's knowledge base is empty.
-_UNKNOWN_NODE = "is unknown on this server"
+def _unknown_node(client: KatoClient, exc: ProtocolError) -> bool:
+    """A 404 from /nodes/{id} of a server that has the /nodes extension: a node it has never seen (no session, no
+    learn), whose knowledge base is empty. Decided by the status and the server's advertised extensions."""
+    return exc.status_code == 404 and client.supports_nodes
 
 
 def _node_patterns(client: KatoClient, node_id: str) -> list[Any]:
@@ -262,7 +264,7 @@ def _node_patterns(client: KatoClient, node_id: str) -> list[Any]:
     try:
         return list(client.node_patterns(node_id))
     except ProtocolError as exc:
-        if _UNKNOWN_NODE in str(exc):
+        if _unknown_node(client, exc):
             return []
         raise
 
@@ -272,7 +274,7 @@ def _nodes_extension(client: KatoClient) -> Iterator[None]:
     try:
         yield
     except ProtocolError as exc:
-        if ("HTTP 404" not in str(exc) and "HTTP 405" not in str(exc)) or _UNKNOWN_NODE in str(exc):
+        if exc.status_code not in (404, 405) or _unknown_node(client, exc):
             raise
         raise ProtocolError(
             f"{exc}\nKnowledge-base listings and statistics use the /nodes extension of streamtrain's embedded "
@@ -291,7 +293,7 @@ def kb_summary(client: KatoClient, config: RunConfig) -> list[dict[str, Any]]:
             with _nodes_extension(client):
                 stats = client.node_stats(node)
         except ProtocolError as exc:
-            if _UNKNOWN_NODE not in str(exc):
+            if not _unknown_node(client, exc):
                 raise
             rows.append({"level": level, "node": node, "patterns": 0, "total_frequency": 0, "distinct_symbols": 0})
             continue

@@ -13,11 +13,15 @@
         + ServerUnavailable          the server did not answer within the retry budget
         + ProtocolError              the server answered something the API does not allow
            + ConfigRejected          the server silently dropped or changed a session config
+           + KeyAlreadyUsed          a keyed request's key was already applied to another request
         + SessionLost                a session vanished and could not be recovered
+           + SessionNotFound         one answer: 404 SESSION_NOT_FOUND (proves that request was not applied)
         + AmbiguousEffect            a mutating call's effect cannot be decided from server state
+           + MaybeApplied            an unkeyed mutating request went unanswered; it was not resent
      + TooManyFailures               a run stopped because max_failures samples failed
 
-Messages say what is wrong, where, and what to do about it.
+Messages say what is wrong, where, and what to do about it. Code never reads a message: what a caller
+may act on is an attribute (``status_code``, ``error_code``, ``session_id``, ``attempts``, ``last_cause``).
 """
 
 from __future__ import annotations
@@ -64,30 +68,79 @@ class ServerError(StreamtrainError):
 
 
 class ServerUnavailable(ServerError):
-    """The server could not be reached or kept failing for the whole retry budget."""
+    """The server could not be reached or kept failing for the whole retry budget.
+
+    ``attempts``: how many times the call was sent (None when no call was counted, e.g. a server that did not
+    start); ``last_cause``: the last failure, e.g. ``"ConnectError: ..."`` or ``"HTTP 503"``.
+    """
+
+    def __init__(self, message: str, *, attempts: int | None = None, last_cause: str | None = None) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.last_cause = last_cause
 
 
 class ProtocolError(ServerError):
     """The server's answer breaks the API contract (unexpected status or body).
 
-    ``status_code`` is the HTTP status of the answer, when there was one.
+    ``status_code`` is the HTTP status of the answer, when there was one; ``error_code`` the code of a
+    structured error body (``{"error": {"code": ...}}``, e.g. ``"NODE_UNKNOWN"``), when it had one.
     """
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None, error_code: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.error_code = error_code
 
 
 class ConfigRejected(ProtocolError):
     """The server's effective session config differs from the one asked for."""
 
 
+class KeyAlreadyUsed(ProtocolError):
+    """A keyed request was refused (422 ``IDEMPOTENCY_KEY_REUSED``): its key was already applied to another request.
+
+    The embedded server fingerprints method, path and body. The same unit sent to a new session (a trainer
+    resuming after its crash) has another path, so the refusal means the key was applied, under another session.
+    ``key`` is the refused key.
+    """
+
+    def __init__(self, message: str, *, key: str, status_code: int | None = 422,
+                 error_code: str | None = "IDEMPOTENCY_KEY_REUSED") -> None:
+        super().__init__(message, status_code=status_code, error_code=error_code)
+        self.key = key
+
+
 class SessionLost(ServerError):
     """A session disappeared and could not be recreated."""
 
 
+class SessionNotFound(SessionLost):
+    """The server answered 404 SESSION_NOT_FOUND for ``session_id``: it expired or was never there.
+
+    A 404 answer proves the request was not applied (the server checks the session before it acts).
+    """
+
+    def __init__(self, message: str, session_id: str) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+
+
 class AmbiguousEffect(ServerError):
     """A mutating request went unanswered and server state cannot tell whether it took effect."""
+
+
+class MaybeApplied(AmbiguousEffect):
+    """An unkeyed mutating request went unanswered in a way that may have reached the server; it was not resent.
+
+    ``attempts``: how many times it was sent (the last copy may have been applied); ``last_cause``: the last
+    failure. ``NodeSession`` decides from server state; a direct caller gets an honest AmbiguousEffect.
+    """
+
+    def __init__(self, message: str, *, attempts: int, last_cause: str) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.last_cause = last_cause
 
 
 class TooManyFailures(StreamtrainError):

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, FailedSample, ServerInfo
-from .client import KatoClient, NodeSession, unit_took_effect
+from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, dataset_changes, dataset_size, describe_dataset
 from .errors import (
@@ -59,6 +59,7 @@ from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
+from .units import NodeSession, unit_took_effect
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import pytest
 from soak import SOAK
 from faultproxy import KINDS, FaultProxy
 
-from streamtrain.client import KatoClient, NodeSession, unit_took_effect
+from streamtrain.client import KatoClient
+from streamtrain.units import NodeSession, unit_took_effect
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ConfigRejected, ServerUnavailable
 from streamtrain.patterns import pattern_name

@@ -14,27 +14,22 @@ from typing import Any
 import httpx
 import pytest
 
-from streamtrain.client import (
-    KatoClient,
-    KeyAlreadyUsed,
-    MaybeApplied,
-    NodeSession,
-    SessionNotFound,
-    _Transient,
-    is_retryable,
-    parse_retry_after,
-    unit_took_effect,
-)
+from streamtrain.client import KatoClient
 from streamtrain.config import ClientConfig
 from streamtrain.errors import (
     AmbiguousEffect,
     ConfigError,
     ConfigRejected,
+    KeyAlreadyUsed,
+    MaybeApplied,
     ProtocolError,
     ServerUnavailable,
     SessionLost,
+    SessionNotFound,
 )
 from streamtrain.patterns import pattern_hash, pattern_name
+from streamtrain.retry import Transient, is_retryable, parse_retry_after
+from streamtrain.units import NodeSession, unit_took_effect
 
 FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=5, retry_max_attempts=6,
                     backoff_initial=0.001, backoff_max=0.01)
@@ -100,8 +95,9 @@ class FakeKato:
             if stored_path == path and body == request.content:
                 response = answer
             else:
-                response = httpx.Response(422, json={"detail": f"Idempotency-Key {key!r} was already used for a "
-                                                               "different request"})
+                detail = f"Idempotency-Key {key!r} was already used for a different request"
+                response = httpx.Response(422, json={"detail": detail, "error": {
+                    "code": "IDEMPOTENCY_KEY_REUSED", "message": detail}})
         else:
             response = self._route(method, path, request)
             if key and response.status_code < 300:
@@ -171,10 +167,10 @@ class FakeKato:
 @pytest.mark.parametrize(
     ("exc", "resend_ambiguous", "expected"),
     [
-        (_Transient("connect refused", ambiguous=False), False, True),
-        (_Transient("connect refused", ambiguous=False), True, True),
-        (_Transient("read timeout", ambiguous=True), False, False),
-        (_Transient("read timeout", ambiguous=True), True, True),
+        (Transient("connect refused", ambiguous=False), False, True),
+        (Transient("connect refused", ambiguous=False), True, True),
+        (Transient("read timeout", ambiguous=True), False, False),
+        (Transient("read timeout", ambiguous=True), True, True),
         (ProtocolError("HTTP 400"), True, False),
         (ValueError("bug"), True, False),
     ],
@@ -229,7 +225,8 @@ def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) ->
             client.learn("s")
     assert len(seen) == 1
     assert isinstance(info.value, AmbiguousEffect)
-    assert "1 attempt(s)" in str(info.value) and URL in str(info.value)
+    assert info.value.attempts == 1 and info.value.last_cause
+    assert "1 attempt(s)" in str(info.value) and URL in str(info.value)  # the message a person reads
 
 
 @pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(502, text="bad gateway")],
@@ -252,8 +249,9 @@ def test_client_errors_are_never_retried(status: int) -> None:
     """400/404/422 (and a 500) are answers: one attempt, then ProtocolError with the status and body."""
     handler, seen = scripted([httpx.Response(status, json={"detail": "no"})])
     with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
-        with pytest.raises(ProtocolError, match=str(status)):
+        with pytest.raises(ProtocolError, match=str(status)) as info:
             client.stm("s")
+        assert info.value.status_code == status and info.value.error_code is None
     assert len(seen) == 1
 
 
@@ -264,6 +262,21 @@ def test_session_not_found_is_its_own_error() -> None:
         with pytest.raises(SessionNotFound) as info:
             client.learn("s-1")
     assert isinstance(info.value, SessionLost) and info.value.session_id == "s-1"
+
+
+def test_a_404_of_the_session_route_itself_is_a_lost_session() -> None:
+    """GET/DELETE /sessions/{id} answer KATO's FastAPI body (no error code): the route is the session, so 404 is
+    SessionNotFound; a 404 without the code on a sub-route is not (a ProtocolError with the status)."""
+    plain = httpx.Response(404, json={"detail": "Session s-1 not found or expired"})
+    handler, _ = scripted([plain, plain, plain])
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(SessionNotFound) as info:
+            client.get_session("s-1")
+        assert info.value.session_id == "s-1"
+        assert client.delete_session("s-1") is False
+        with pytest.raises(ProtocolError) as other:
+            client.learn("s-1")
+        assert not isinstance(other.value, SessionLost) and other.value.status_code == 404
 
 
 def test_retry_after_is_honoured() -> None:
@@ -296,6 +309,7 @@ def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
         with pytest.raises(ServerUnavailable) as info:
             client.health()
     assert len(seen) == 3
+    assert info.value.attempts == 3 and "Connection refused" in (info.value.last_cause or "")
     msg = str(info.value)
     assert URL in msg and "GET /health" in msg and "3 attempt(s)" in msg and "Connection refused" in msg
     assert re.search(r"in \d+\.\d s", msg)
@@ -385,8 +399,23 @@ def test_node_session_refuses_server_side_auto_learn() -> None:
 
 
 def test_keys_mode_needs_a_server_with_idempotency() -> None:
-    with FakeKato().client() as client, pytest.raises(ConfigError, match="verify"):
-        NodeSession(client, "n", TRAIN_CONFIG, mode="keys")
+    kato = FakeKato()
+    with kato.client() as client, pytest.raises(ConfigError, match="verify"):
+        node = NodeSession(client, "n", TRAIN_CONFIG, mode="keys")
+        assert kato.log == []  # the constructor sends nothing; the first unit asks the server
+        node.learn_unit(UNIT, "k")
+
+
+def test_constructors_send_nothing() -> None:
+    """KatoClient and NodeSession do no network I/O until the first call; then GET / is asked once."""
+    kato = FakeKato(idempotency=True)
+    with kato.client() as client:
+        nodes = [NodeSession(client, f"n{i}", TRAIN_CONFIG) for i in range(3)]
+        assert kato.log == []
+        for node in nodes:
+            node.learn_unit(UNIT, f"k-{node.node_id}")
+            assert node.mode == "keys"
+    assert kato.log.count("GET /") == 1
 
 
 # ---- exactly once: verify mode decisions -------------------------------------------------------
@@ -513,12 +542,19 @@ def test_keys_mode_key_applied_under_another_session_counts_as_learned() -> None
             NodeSession(client, "n", TRAIN_CONFIG).learn_unit(UNIT, "key-1")
 
 
-def test_key_conflict_is_recognised() -> None:
-    handler, _ = scripted([httpx.Response(422, json={"detail": "Idempotency-Key 'k' was already used for a "
-                                                              "different request"})])
+def test_key_conflict_is_recognised_by_its_error_code() -> None:
+    """A 422 with the code IDEMPOTENCY_KEY_REUSED is KeyAlreadyUsed; another 422 (validation) is a plain ProtocolError."""
+    detail = "Idempotency-Key 'k' was already used for a different request"
+    handler, _ = scripted([httpx.Response(422, json={"detail": detail, "error": {"code": "IDEMPOTENCY_KEY_REUSED",
+                                                                                "message": detail}}),
+                           httpx.Response(422, json={"detail": [{"loc": ["body"], "msg": detail}]})])
     with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
-        with pytest.raises(KeyAlreadyUsed):
+        with pytest.raises(KeyAlreadyUsed) as info:
             client.learn("s", idempotency_key="k")
+        assert info.value.key == "k" and info.value.status_code == 422
+        with pytest.raises(ProtocolError) as other:
+            client.learn("s", idempotency_key="k")
+        assert not isinstance(other.value, KeyAlreadyUsed) and other.value.status_code == 422
 
 
 def test_token_is_sent_and_a_refusal_names_it() -> None:

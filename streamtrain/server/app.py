@@ -136,7 +136,7 @@ class Server:
             return _Answer(row[2], zlib.decompress(row[3]))
         detail = (f"Idempotency-Key {g.key!r} was already used for a different request ({row[1]} with another "
                   f"body); this request ({g.request}) was not applied. Send a new request with a new key.")
-        return _Answer(422, render({"detail": detail}))
+        return _Answer(422, render({"detail": detail, "error": {"code": "IDEMPOTENCY_KEY_REUSED", "message": detail}}))
 
     def mutate(self, g: Guard, session_id: str | None, fn: Callable[[], tuple[int, Any]]) -> Response:
         """Run `fn` (returns status, payload) in one transaction; a 2xx answer is committed together with
