@@ -273,6 +273,13 @@ class KatoClient:
         return info.idempotency and "learn-batch" in info.extensions
 
     @cached_property
+    def supports_learn_batches(self) -> bool:
+        """Whether the server offers ``POST /learn-batches`` (several keyed batches per request; the embedded server
+        with idempotency on)."""
+        info = self.info()
+        return info.idempotency and "learn-batches" in info.extensions
+
+    @cached_property
     def supports_nodes(self) -> bool:
         """Whether the server offers the ``/nodes`` listings (the embedded server's extension; a real KATO has none)."""
         try:
@@ -476,6 +483,27 @@ class KatoClient:
         body = {"items": [{"node_id": node, "events": [list(e) for e in events]} for node, events in items]}
         return self._post("/learn-batch", wire.LearnBatchResult, json=body, resend=True,
                           idempotency_key=idempotency_key).patterns
+
+    def learn_batches(
+        self, batches: Sequence[tuple[str, Sequence[tuple[str, Sequence[Sequence[str]]]]]]
+    ) -> list[list[str]]:
+        """Several ``(key, items)`` batches in one request (embedded server extension ``POST /learn-batches``), each
+        item ``(node_id, events)`` learned as one pattern, in order, in one transaction; the names of each batch.
+
+        Each batch is applied at most once per key: a batch whose key the server already holds with the same items
+        is answered from its store and applies nothing, so the request is resent after any ambiguous failure. A key
+        held with other items refuses the whole request: ``ProtocolError`` with ``status_code`` 422 and
+        ``error_code`` ``"KEY_REUSED"``, nothing applied; more items than the server's ``--max-batch-items`` in
+        all: 413. Use only when ``supports_learn_batches``."""
+        body = {"batches": [{"key": key, "items": [{"node_id": node, "events": [list(e) for e in events]}
+                                                   for node, events in items]}
+                            for key, items in batches]}
+        answer = self._post("/learn-batches", wire.LearnBatchesResult, json=body, resend=True)
+        keys = [key for key, _items in batches]
+        if [r.key for r in answer.results] != keys:
+            raise ProtocolError(f"server {self.base_url}: POST /learn-batches answered for the keys "
+                                f"{short(str([r.key for r in answer.results]))}, not for {short(str(keys))}")
+        return [r.patterns for r in answer.results]
 
     def export_knowledge_base(self) -> dict[str, dict[str, int]]:
         """node_id -> {pattern name ("PTRN|..."): frequency} for every node (tests and notebooks)."""

@@ -15,7 +15,9 @@ __all__ = [
     "CognitionResult",
     "ExtendResult",
     "Health",
+    "KeyedBatchResult",
     "LearnBatchResult",
+    "LearnBatchesResult",
     "LearnResult",
     "NodeInfo",
     "NodeList",
@@ -181,6 +183,17 @@ class NodeList(WireModel):
 class LearnBatchResult(WireModel):
     status: str
     patterns: list[str]
+
+
+class KeyedBatchResult(WireModel):
+    key: str
+    patterns: list[str]
+    replayed: bool  # answered from the server's store: this key was applied before (by this or another request)
+
+
+class LearnBatchesResult(WireModel):
+    status: str
+    results: list[KeyedBatchResult]
 
 
 class CognitionData(WireModel):

@@ -12,6 +12,7 @@ a large batch is applied, and the other requests wait their turn.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -43,6 +44,8 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # Items of one POST /learn-batch. The trainer sends one sample per batch and splits a sample of more than
 # streamtrain.client.LEARN_BATCH_PART items (10,000) into parts, so this stays well above what it sends.
 DEFAULT_MAX_BATCH_ITEMS = 20_000
+# Namespace of the batch keys of POST /learn-batches in the idempotency table (never an Idempotency-Key's).
+BATCH_KEY_PREFIX = "batch:"
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -71,6 +74,15 @@ class BatchItem(BaseModel):
 
 class LearnBatch(BaseModel):
     items: list[BatchItem] = Field(min_length=1)
+
+
+class KeyedBatch(BaseModel):
+    key: str = Field(min_length=1, max_length=200)
+    items: list[BatchItem] = Field(min_length=1)
+
+
+class LearnBatches(BaseModel):
+    batches: list[KeyedBatch] = Field(min_length=1)
 
 
 class CreateSession(BaseModel):
@@ -128,8 +140,7 @@ class Server:
         self.idempotency_ttl = idempotency_ttl
 
     def stored_answer(self, g: Guard) -> _Answer | None:
-        row = self.store.conn.execute(
-            "SELECT fingerprint, request, status, body, created_at FROM idempotency WHERE key=?", (g.key,)).fetchone()
+        row = self.store.get_key(g.key)
         if row is None or row[4] < time.time() - self.idempotency_ttl:
             return None
         if row[0] == g.fingerprint:
@@ -146,16 +157,13 @@ class Server:
             if hit is not None:
                 return Response(hit.body, status_code=hit.status, media_type=hit.media_type)
         try:
-            with self.store.transaction() as c:
+            with self.store.transaction():
                 status, payload = fn()
                 body = render(payload)
                 if not 200 <= status < 300:
                     raise _Rollback(status, body)
                 if g.key:
-                    c.execute("INSERT OR REPLACE INTO idempotency(key,fingerprint,request,status,body,created_at) "
-                              "VALUES(?,?,?,?,?,?)",
-                              # compressed: with keys on every request this table holds a day of answers
-                              (g.key, g.fingerprint, g.request, status, zlib.compress(body, 1), time.time()))
+                    self.store.put_key(g.key, g.fingerprint, g.request, status, body, time.time())
         except _Rollback as r:
             # Every 4xx answer is decided before the request learns anything: the session may be stale,
             # the knowledge-base caches are not.
@@ -169,6 +177,46 @@ class Server:
         except Exception:  # housekeeping must never fail a request that was applied
             log.warning("sweeping expired sessions/keys failed", exc_info=True)
         return Response(body, status_code=status, media_type="application/json")
+
+    def learn_item(self, node_id: str, events: list[list[str]]) -> str:
+        """One learn-batch item: `events` (sorted inside each event) learned as one pattern of the node, without a
+        session, emotives or metadata. "PTRN|<sha1>", or "" under 2 symbols."""
+        name = self.engine.learn_pattern(self.engine.kb_id(node_id), node_id, events, [], {})
+        return PREFIX + name if name else ""
+
+    def learn_batches(self, batches: list[ParsedBatch]) -> Response:
+        """POST /learn-batches: each batch applied at most once per key, all in one transaction. Every key is looked
+        up before anything is learned, so a reused key refuses the whole request with nothing applied."""
+        now = time.time()
+        stored: dict[str, list[str]] = {}     # key -> names: stored earlier (live), or applied by this request
+        fingerprint: dict[str, str] = {}      # key -> the fingerprint its batch has in the store or in this request
+        for b in batches:
+            if b.key not in fingerprint:
+                row = self.store.get_key(BATCH_KEY_PREFIX + b.key)
+                if row is not None and row[4] >= now - self.idempotency_ttl:
+                    stored[b.key] = json.loads(zlib.decompress(row[3]))["patterns"]
+                    fingerprint[b.key] = row[0]
+                else:
+                    fingerprint[b.key] = b.fingerprint
+            if fingerprint[b.key] != b.fingerprint:
+                return json_response({
+                    "detail": f"Batch key {b.key!r} was already used for a batch with other items; this request was "
+                              "not applied (none of its batches). Send that batch under a new key.",
+                    "error": {"code": "KEY_REUSED", "key": b.key}}, 422)
+
+        def apply() -> tuple[int, Any]:
+            results = []
+            for b in batches:
+                names = stored.get(b.key)
+                if names is not None:
+                    results.append({"key": b.key, "patterns": names, "replayed": True})
+                    continue
+                names = stored[b.key] = [self.learn_item(node_id, events) for node_id, events in b.items]
+                self.store.put_key(BATCH_KEY_PREFIX + b.key, b.fingerprint, "POST /learn-batches", 200,
+                                   render({"patterns": names}), now)
+                results.append({"key": b.key, "patterns": names, "replayed": False})
+            return 200, {"status": "ok", "results": results}
+        return self.mutate(NO_GUARD, None, apply)
 
 # ------------------------------------------------------------------------------------------ request logic
 def _hex_ids(n: int) -> list[str]:
@@ -366,26 +414,69 @@ class Guardrails:
         return await self._call_locked(scope, receive, send)
 
 
-def parse_batch(body: bytes, max_items: int) -> list[tuple[str, list[list[str]]]] | Response:
-    """A learn-batch body as (node_id, events sorted inside each event) pairs, or the error answer: 413 over
-    `max_items` items (counted before any item is validated), 422 with FastAPI's validation body otherwise."""
+def _json_body(body: bytes) -> Any:
+    """The request body as JSON, or FastAPI's 422 for invalid JSON."""
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except ValueError as e:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
                                        "msg": "JSON decode error", "input": {},
                                        "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
-    raw = data.get("items") if isinstance(data, dict) else None
-    if isinstance(raw, list) and len(raw) > max_items:
-        return json_response({"detail": f"learn-batch holds {len(raw)} items; this server accepts at most "
-                                        f"{max_items} per request (--max-batch-items): send the items in several "
-                                        "batches"}, 413)
+
+
+def _validated(model: type[BaseModel], data: Any) -> Any:
+    """`data` as `model`, or FastAPI's 422 validation body (the same as a declared body parameter gives)."""
     try:
-        batch = LearnBatch.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
                                       for err in e.errors(include_url=False)]) from None
-    return [(item.node_id, [sorted(e) for e in item.events]) for item in batch.items]
+
+
+def _too_many(what: str, count: int, max_items: int) -> Response:
+    return json_response({"detail": f"{what} holds {count} items; this server accepts at most {max_items} per "
+                                    "request (--max-batch-items): send the items in several batches"}, 413)
+
+
+def _sorted_items(items: list[BatchItem]) -> list[tuple[str, list[list[str]]]]:
+    return [(item.node_id, [sorted(e) for e in item.events]) for item in items]
+
+
+def parse_batch(body: bytes, max_items: int) -> list[tuple[str, list[list[str]]]] | Response:
+    """A learn-batch body as (node_id, events sorted inside each event) pairs, or the error answer: 413 over
+    `max_items` items (counted before any item is validated), 422 with FastAPI's validation body otherwise."""
+    data = _json_body(body)
+    raw = data.get("items") if isinstance(data, dict) else None
+    if isinstance(raw, list) and len(raw) > max_items:
+        return _too_many("learn-batch", len(raw), max_items)
+    return _sorted_items(_validated(LearnBatch, data).items)
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    key: str
+    fingerprint: str
+    items: list[tuple[str, list[list[str]]]]      # events sorted inside each event
+
+
+def batch_fingerprint(items: list[BatchItem]) -> str:
+    """sha256 of a canonical JSON of a batch's items alone (not of the request carrying it): the same batch sent
+    alone or among others has the same fingerprint."""
+    canon = json.dumps([[item.node_id, item.events] for item in items], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse_batches(body: bytes, max_items: int) -> list[ParsedBatch] | Response:
+    """A learn-batches body as ParsedBatch list, or the error answer: 413 when the items of all batches together
+    exceed `max_items` (counted before anything is validated), 422 with FastAPI's validation body otherwise."""
+    data = _json_body(body)
+    raw = data.get("batches") if isinstance(data, dict) else None
+    if isinstance(raw, list):
+        total = sum(len(b["items"]) for b in raw if isinstance(b, dict) and isinstance(b.get("items"), list))
+        if total > max_items:
+            return _too_many(f"learn-batches ({len(raw)} batches)", total, max_items)
+    req = _validated(LearnBatches, data)
+    return [ParsedBatch(b.key, batch_fingerprint(b.items), _sorted_items(b.items)) for b in req.batches]
 
 
 # ------------------------------------------------------------------------------------------ app
@@ -436,6 +527,8 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
         return s
 
     # ---- service
+    extensions = ["nodes", "learn-batch"] + (["learn-batches"] if srv.idempotency else [])
+
     @app.get("/")
     async def root() -> Response:
         return json_response({"service": "KATO API", "version": KATO_VERSION,
@@ -444,7 +537,7 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                               "uptime_seconds": time.time() - eng.started, "architecture": "modular",
                               "session_support": True, "idempotency": srv.idempotency,
                               "database_id": eng.store.database_id,
-                              "extensions": ["nodes", "learn-batch"]})
+                              "extensions": extensions})
 
     @app.get("/health")
     async def health() -> Response:
@@ -645,12 +738,21 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
             return items
 
         def fn():
-            names = []
-            for node_id, events in items:
-                name = eng.learn_pattern(eng.kb_id(node_id), node_id, events, [], {})
-                names.append(PREFIX + name if name else "")
-            return 200, {"status": "learned", "patterns": names}
+            return 200, {"status": "learned", "patterns": [srv.learn_item(node_id, events) for node_id, events in items]}
         return await run_in_threadpool(srv.mutate, g, None, fn)
+
+    if srv.idempotency:   # without keys a batch could not be exact: not offered (404, not advertised)
+        @app.post("/learn-batches")
+        async def learn_batches(request: Request) -> Response:
+            """Several keyed batches in one request and one transaction, each applied at most once per key (a
+            batch whose key is stored with the same items is answered from the store, "replayed"). A key stored
+            with other items refuses the whole request (422 KEY_REUSED). At most `max_batch_items` items over all
+            batches (413). An Idempotency-Key header is not needed and not used: every batch carries its key.
+            Parsed, validated and applied in a worker thread under the request lock, like /learn-batch."""
+            batches = await run_in_threadpool(parse_batches, await request.body(), max_batch_items)
+            if isinstance(batches, Response):
+                return batches
+            return await run_in_threadpool(srv.learn_batches, batches)
 
     # Hot path: the happy case of observe / observe-sequence / learn skips FastAPI's routing and dependency
     # machinery (about a third of a small request's CPU). Anything unusual (invalid JSON or body, query

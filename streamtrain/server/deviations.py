@@ -54,6 +54,9 @@ BEHAVIOUR: dict[str, str] = {
         "per request, for its last observation, and kept in memory only (empty after a restart); KATO "
         "computes them after every observation and stores them in Redis"),
     "idempotency-keys": "Idempotency-Key header honoured (extension; --no-idempotency turns it off)",
+    "extensions": (
+        "GET /nodes, /nodes/{id}/patterns, /nodes/{id}/stats, POST /learn-batch and (with idempotency) POST "
+        "/learn-batches, listed in GET /'s \"extensions\"; KATO has none of them"),
     "durable-kb": (
         "frequencies, emotives and metadata are durable (SQLite); KATO keeps them in Redis without persistence"),
 }

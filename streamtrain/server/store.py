@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,6 +165,18 @@ class Store:
             self.conn.execute("COMMIT")
         finally:
             self._depth = 0
+
+    # ---------------------------------------------------------------- idempotency keys
+    def get_key(self, key: str) -> tuple[str, str, int, bytes, float] | None:
+        """(fingerprint, request, status, compressed body, created_at) stored under an idempotency key, or None."""
+        return self.conn.execute("SELECT fingerprint, request, status, body, created_at FROM idempotency WHERE key=?",
+                                 (key,)).fetchone()
+
+    def put_key(self, key: str, fingerprint: str, request: str, status: int, body: bytes, now: float) -> None:
+        """Store an answer under a key (in the caller's transaction); the body is stored zlib-compressed: with
+        keys on every request this table holds a day of answers."""
+        self.conn.execute("INSERT OR REPLACE INTO idempotency(key,fingerprint,request,status,body,created_at) "
+                          "VALUES(?,?,?,?,?,?)", (key, fingerprint, request, status, zlib.compress(body, 1), now))
 
     def close(self) -> None:
         """Fold the WAL into the main file, then close: a stopped server's database file is complete on its own
