@@ -120,8 +120,9 @@ class ClientConfig(StrictModel):
     backoff_max: float = Field(5.0, gt=0)
     learn_batch: bool = Field(
         True,
-        description="Send a whole sample (every level) in one keyed request when the server offers the "
-        "learn-batch extension (the embedded server does); off: one request per chunk, as with a real KATO.",
+        description="Send whole samples (every level) in keyed requests, several per request, when the server "
+        "offers the learn-batch extensions (the embedded server does); off: one request per chunk, as with a real "
+        "KATO.",
     )
 
 

@@ -14,7 +14,11 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
     {"s": 17, "k": 3, "p": "observe", "sid": "..."}    sample 17, step 3: about to send its observe-sequence
     {"s": 17, "k": 3, "p": "learn", "sid": "..."}      ... its observe-sequence succeeded; about to send the learn
     {"s": 17, "k": 3, "p": "keyed", "sid": "..."}      ... (idempotent server) about to send the one keyed request
+    {"s": 17, "k": 3, "p": "counted", "sid": "...", "t": 96}   ... (no keys) about to send the one observe-sequence
+                                                  with learn_at_end, on a session whose counter is 96
     {"s": 17, "k": 0, "p": "batch", "sid": "", "e": 40}   about to send steps 0-39 as one keyed learn-batch
+    {"s": 17, "k": 0, "p": "batches", "sid": "", "e": 40} ... the same through /learn-batches (several samples
+                                                  per request, a key per sample; its keys live apart)
     {"s": 17, "p": "fin", "trained": 1, "tokens": 40, "learns": [5, 1], "error": null}   sample 17 finished
     {"s": 18, "p": "fin", "trained": 0, ..., "error": "...", "steps_done": 3}   sample 18 failed for its own
                                                   content after its first 3 steps took effect (retried later)
@@ -28,7 +32,9 @@ sample whose last line is step k: steps < k took effect (step k was begun only a
 were never sent; step k is decided from server state by ``client.unit_took_effect``: phase ``observe`` means its
 learn was never sent; phase ``learn`` means the STM held exactly the step's events when the learn was sent, so the
 recorded session's STM is empty if and only if the learn took effect (KATO's learn always clears it, and nothing
-else touches that session); phases ``keyed`` and ``batch`` are replayed under the same idempotency key, which the
+else touches that session); phase ``counted`` means the request went to a session with an empty STM and the
+observation counter ``t``, which an applied observe-sequence advances by the step's length and a lost one leaves
+alone (docs/client.md argues it); phases ``keyed`` and ``batch`` are replayed under the same idempotency key, which the
 server answers from its record when the first attempt took effect (a ``batch`` sample is always replayed as a
 batch, whatever the current setting, so one sample never mixes the two). The resumed trainer never writes to the old session, so asking again after yet
 another crash gives the same answer. A ``fin`` line means the whole sample took effect: it is skipped and its
@@ -78,8 +84,9 @@ class HeaderLine(_Line):
 class StepLine(_Line):
     s: int = Field(ge=0)
     k: int = Field(ge=0)
-    p: Literal["observe", "learn", "keyed", "batch"]
+    p: Literal["observe", "learn", "keyed", "batch", "batches", "counted"]
     sid: str | None = None
+    t: int | None = Field(None, ge=0, description="counted: the session's observation counter before the request.")
     e: int | None = Field(None, ge=1, description="batch: the end of the range of steps the request carries.")
 
 
@@ -101,6 +108,7 @@ class SampleRecord:
     last_phase: str | None = None
     last_session: str | None = None
     last_end: int | None = None
+    last_counter: int | None = None
     finished: dict[str, Any] | None = None
 
 
@@ -159,6 +167,7 @@ def read_journal(path: Path) -> JournalState:
                 rec.finished = line.model_dump()
             else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
                 rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
+                rec.last_counter = line.t
                 rec.finished = None
     return state
 
@@ -201,6 +210,8 @@ class Journal:
                 line = {"s": s, "k": rec.last_step, "p": rec.last_phase, "sid": rec.last_session}
                 if rec.last_end is not None:
                     line["e"] = rec.last_end
+                if rec.last_counter is not None:
+                    line["t"] = rec.last_counter
                 out.append(line)
             if rec.finished is not None:
                 out.append(rec.finished)
@@ -229,10 +240,13 @@ class Journal:
                     "and run again: the run resumes from its last checkpoint and this journal"
                 ) from exc
 
-    def step(self, raw_index: int, step: int, phase: str, session_id: str, end: int | None = None) -> None:
+    def step(self, raw_index: int, step: int, phase: str, session_id: str, end: int | None = None,
+             counter: int | None = None) -> None:
         entry: dict[str, Any] = {"s": raw_index, "k": step, "p": phase, "sid": session_id}
         if end is not None:
             entry["e"] = end
+        if counter is not None:
+            entry["t"] = counter
         self._append(entry)
 
     def finished(self, raw_index: int, **counts: Any) -> None:

@@ -198,12 +198,22 @@ MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 1 << 20
 
 
+# One learn-batches request carries at most this many whole samples (each under its own key), filled with whatever
+# samples are ready when a worker takes its next one, so a slow stream never waits for a request to fill.
+SAMPLES_PER_REQUEST = 16
+
+
+def _cost(step: Step) -> int:
+    """The bytes a step adds to a request body, roughly (JSON of its node id and events)."""
+    return 48 + sum(len(symbol) + 6 for event in step.events for symbol in event)
+
+
 def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
     """Cut a sample's steps into consecutive parts (first, end) within the items and (estimated) bytes bounds."""
     parts: list[tuple[int, int]] = []
     start, size = 0, 0
     for i, step in enumerate(steps):
-        cost = 48 + sum(len(symbol) + 6 for event in step.events for symbol in event)
+        cost = _cost(step)
         if i > start and (i - start >= MAX_BATCH_ITEMS or size + cost > MAX_BATCH_BYTES):
             parts.append((start, i))
             start, size = i, 0
@@ -211,6 +221,22 @@ def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
     if start < len(steps):
         parts.append((start, len(steps)))
     return parts
+
+
+def _fill_requests(ready: list[tuple[_Job, list[str], list[Step]]]) -> list[list[tuple[_Job, list[str], list[Step]]]]:
+    """Whole samples packed, in order, into requests within the items and bytes bounds of one learn-batch part."""
+    groups: list[list[tuple[_Job, list[str], list[Step]]]] = []
+    items = size = 0
+    for entry in ready:
+        steps = entry[2]
+        cost = sum(_cost(s) for s in steps)
+        if groups and items + len(steps) <= MAX_BATCH_ITEMS and size + cost <= MAX_BATCH_BYTES:
+            groups[-1].append(entry)
+            items, size = items + len(steps), size + cost
+        else:
+            groups.append([entry])
+            items, size = len(steps), cost
+    return groups
 
 
 class _Worker(threading.Thread):
@@ -235,12 +261,18 @@ class _Worker(threading.Thread):
                 job = run.inbox.get()
                 if job is None or run.stop.is_set():
                     break  # a job left here stays unfinished: the position cannot pass it
+                jobs, ending = self._take_ready(job)
+                done: set[int] = set()
                 try:
-                    outcome = self._train_sample(job)
+                    for outcome in self._train_jobs(jobs):
+                        done.add(outcome.raw_index)
+                        run.outbox.put(outcome)
                 except BaseException as exc:  # the server's fault, or the journal's: the dispatcher must hear of it
-                    outcome = Outcome(job.raw_index, retry=job.retry is not None, fatal=exc)
-                clean = outcome.fatal is None
-                run.outbox.put(outcome)
+                    first = next(j for j in jobs if j.raw_index not in done)  # the others stay unfinished too
+                    run.outbox.put(Outcome(first.raw_index, retry=first.retry is not None, fatal=exc))
+                    clean = False
+                if ending:
+                    break
         finally:
             if clean:
                 for s in self.sessions:
@@ -248,43 +280,114 @@ class _Worker(threading.Thread):
             # else the sessions stay (until their TTL): the next run may read their STM to finish the sample
             self.client.close()
 
-    def _train_sample(self, job: _Job) -> Outcome:
-        run, cfg = self.run_, self.run_.config
-        raw_index, retry, levels = job.raw_index, job.retry is not None, len(cfg.layers)
-        try:
+    def _take_ready(self, job: _Job) -> tuple[list[_Job], bool]:
+        """``job`` and, where several samples go in one request, the plain samples already waiting (never waits for
+        more). True when a stop sentinel was taken too: this worker ends after these."""
+        jobs = [job]
+        if not self.run_.learn_batches or job.recovery is not None or job.retry is not None:
+            return jobs, False
+        while len(jobs) < SAMPLES_PER_REQUEST:
             try:
-                tokens = run.tokenizer(job.text)
-            except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
-                raise _SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0) from exc
-            steps = plan_sample(tokens, cfg.layers)
+                more = self.run_.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return jobs, True
+            jobs.append(more)
+        return jobs, False
+
+    def _train_jobs(self, jobs: list[_Job]) -> Iterator[Outcome]:
+        """Each job's outcome as soon as it is known. Whole small samples share keyed learn-batches requests; the
+        rest (a retry, a sample in flight at a crash, a sample too big for one request) go alone."""
+        if len(jobs) == 1:
+            yield self._train_sample(jobs[0])
+            return
+        ready: list[tuple[_Job, list[str], list[Step]]] = []
+        for job in jobs:
+            if job.recovery is not None or job.retry is not None:
+                yield self._train_sample(job)
+                continue
+            planned = self._plan(job)
+            if isinstance(planned, Outcome):
+                yield planned
+            elif not planned[1] or len(batch_parts(planned[1])) > 1:
+                yield self._send_sample(job, *planned)
+            else:
+                ready.append((job, *planned))
+        for group in _fill_requests(ready):
+            yield from self._send_group(group)
+
+    def _send_group(self, group: list[tuple[_Job, list[str], list[Step]]]) -> Iterator[Outcome]:
+        """Several whole samples in one request, each under its own key (the one it has when sent alone)."""
+        run, cfg = self.run_, self.run_.config
+        for job, _, steps in group:
+            run.journal.step(job.raw_index, 0, "batches", "", end=len(steps))
+        batches = [(sample_key(cfg.run_name, job.raw_index, steps), [(cfg.node_id(s.level), s.events) for s in steps])
+                   for job, _, steps in group]
+        try:
+            answers = self.client.learn_batches(batches)
+        except ProtocolError as exc:
+            if exc.status_code not in _CONTENT_REJECTED:
+                raise
+            # the server applied none of it: each sample alone, so a fault is pinned on its own sample
+            for job, tokens, steps in group:
+                yield self._send_sample(job, tokens, steps)
+            return
+        for (job, tokens, steps), names in zip(group, answers):
+            if names != [s.name for s in steps]:
+                raise ProtocolError(f"sample {job.raw_index}: {self.client.base_url} learned other names than planned")
+            yield self._trained(job, tokens, steps)
+
+    def _train_sample(self, job: _Job) -> Outcome:
+        planned = self._plan(job)
+        return planned if isinstance(planned, Outcome) else self._send_sample(job, *planned)
+
+    def _plan(self, job: _Job) -> tuple[list[str], list[Step]] | Outcome:
+        """The sample's tokens and steps, or its failure when the tokenizer rejects its text."""
+        try:
+            tokens = self.run_.tokenizer(job.text)
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
+            return self._failed(job, _SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0))
+        return tokens, plan_sample(tokens, self.run_.config.layers)
+
+    def _send_sample(self, job: _Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        run = self.run_
+        try:
             first = self._first_step(job, steps)
             rec = job.recovery
-            batched = rec is not None and rec.last_phase == "batch"
-            if steps and (run.learn_batch or batched):
+            recovered = rec is not None and rec.last_phase in ("batch", "batches")
+            if steps and (run.learn_batch or recovered):
                 resend = None
-                if batched and rec is not None and rec.last_step is not None and rec.last_step < len(steps):
+                endpoint = rec.last_phase if recovered and rec is not None else run.batch_endpoint
+                if recovered and rec is not None and rec.last_step is not None and rec.last_step < len(steps):
                     # the range the last request carried (a journal line without "e" is a whole-sample batch)
                     resend = (rec.last_step, rec.last_end if rec.last_end is not None else len(steps))
-                self._learn_batch(raw_index, steps, first, resend)
+                self._learn_batch(job.raw_index, steps, first, resend, endpoint or "batch")
             else:
-                self._learn_steps(raw_index, steps, first)
+                self._learn_steps(job.raw_index, steps, first)
         except _SampleFault as exc:
-            message = str(exc)
-            logger.warning("sample %d failed (the next call retries it): %s", raw_index, message)
-            # the sessions' STM may hold part of the sample: start the next one from fresh sessions
-            for s in self.sessions:
-                s.close()
-            self.sessions = self._new_sessions()
-            run.journal.finished(raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
-                                 steps_done=exc.steps_done)
-            return Outcome(raw_index, retry, error=message, steps_done=exc.steps_done)
-        learns = [0] * levels
+            return self._failed(job, exc)
+        return self._trained(job, tokens, steps)
+
+    def _failed(self, job: _Job, exc: _SampleFault) -> Outcome:
+        message, levels = str(exc), len(self.run_.config.layers)
+        logger.warning("sample %d failed (the next call retries it): %s", job.raw_index, message)
+        # the sessions' STM may hold part of the sample: start the next one from fresh sessions
+        for s in self.sessions:
+            s.close()
+        self.sessions = self._new_sessions()
+        self.run_.journal.finished(job.raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
+                                   steps_done=exc.steps_done)
+        return Outcome(job.raw_index, job.retry is not None, error=message, steps_done=exc.steps_done)
+
+    def _trained(self, job: _Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        learns = [0] * len(self.run_.config.layers)
         names: dict[int, str] = {}
         for step in steps:
             learns[step.level] += 1
             names.setdefault(step.level, step.name)
-        run.journal.finished(raw_index, trained=1, tokens=len(tokens), learns=learns)
-        return Outcome(raw_index, retry, tokens=len(tokens), learns=learns, names=names)
+        self.run_.journal.finished(job.raw_index, trained=1, tokens=len(tokens), learns=learns)
+        return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names)
 
     def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:
         """One exactly-once unit per step (keys, or verify on a server without them)."""
@@ -292,7 +395,7 @@ class _Worker(threading.Thread):
         for step in steps[first:]:
             session = self.sessions[step.level]
             key = step_key(cfg.run_name, session.node_id, raw_index, step)
-            on_phase = lambda phase, sid, k=step.index: run.journal.step(raw_index, k, phase, sid)  # noqa: E731
+            on_phase = lambda phase, sid, t, k=step.index: run.journal.step(raw_index, k, phase, sid, counter=t)  # noqa: E731
             try:
                 session.learn_unit(step.events, key, on_phase=on_phase)
             except ProtocolError as exc:
@@ -300,40 +403,47 @@ class _Worker(threading.Thread):
                     raise
                 raise _SampleFault(f"step {step.index} (level {step.level}) was rejected: {exc}", step.index) from exc
 
-    def _learn_batch(self, raw_index: int, steps: list[Step], first: int, resend: tuple[int, int] | None) -> None:
+    def _learn_batch(self, raw_index: int, steps: list[Step], first: int, resend: tuple[int, int] | None,
+                     endpoint: str) -> None:
         """The sample's steps from ``first`` on, in keyed learn-batch requests (one, unless the sample is big).
 
         A request's key is a function of the range of steps it carries, and each range is journaled (start and
-        end) before it is sent. After a crash, ``resend`` is the last range sent: it goes again under its key
-        (answered from the server's record if it took effect), then the rest from its end, as it would have.
+        end, and ``endpoint``: "batch" for ``/learn-batch``, "batches" for ``/learn-batches``, whose keys live
+        apart) before it is sent. After a crash, ``resend`` is the last range sent: it goes again under its key on
+        the same endpoint (answered from the server's record if it took effect), then the rest from its end.
         """
-        if not self.client.supports_learn_batch:
+        offered = self.client.supports_learn_batches if endpoint == "batches" else self.client.supports_learn_batch
+        if not offered:
             raise ProtocolError(
-                f"sample {raw_index} was sent as a learn-batch before the last stop, but {self.client.base_url} "
-                "does not offer that extension now: it cannot be finished exactly on this server"
+                f"sample {raw_index} was sent as a learn-{endpoint} request before the last stop, but "
+                f"{self.client.base_url} does not offer that extension now: it cannot be finished exactly on this server"
             )
         if resend is not None:
-            self._send_range(raw_index, steps, *resend)
+            self._send_range(raw_index, steps, *resend, endpoint)
             first = resend[1]
         for a, b in batch_parts(steps):
             if b > first:
-                self._send_range(raw_index, steps, max(a, first), b)
+                self._send_range(raw_index, steps, max(a, first), b, endpoint)
 
-    def _send_range(self, raw_index: int, steps: list[Step], a: int, b: int) -> None:
+    def _send_range(self, raw_index: int, steps: list[Step], a: int, b: int, endpoint: str) -> None:
         cfg = self.run_.config
         part = steps[a:b]
         key = (sample_key(cfg.run_name, raw_index, part) if (a, b) == (0, len(steps))
                else part_key(cfg.run_name, raw_index, a, part))
-        self.run_.journal.step(raw_index, a, "batch", "", end=b)
+        items = [(cfg.node_id(s.level), s.events) for s in part]
+        self.run_.journal.step(raw_index, a, endpoint, "", end=b)
         try:
-            names = self.client.learn_batch([(cfg.node_id(s.level), s.events) for s in part], key)
+            if endpoint == "batches":
+                names = self.client.learn_batches([(key, items)])[0]
+            else:
+                names = self.client.learn_batch(items, key)
         except ProtocolError as exc:
             if exc.status_code not in _CONTENT_REJECTED:
                 raise
             if exc.status_code == 413 and b - a > 1:  # over the server's body limit: halves, each keyed
                 mid = (a + b) // 2
-                self._send_range(raw_index, steps, a, mid)
-                self._send_range(raw_index, steps, mid, b)
+                self._send_range(raw_index, steps, a, mid, endpoint)
+                self._send_range(raw_index, steps, mid, b, endpoint)
                 return
             raise _SampleFault(f"steps {a}-{b - 1} were rejected: {exc}", a) from exc
         if names != [s.name for s in part]:
@@ -353,10 +463,11 @@ class _Worker(threading.Thread):
         if recovery.last_step is None or recovery.last_step >= len(steps):
             return 0
         k = recovery.last_step
-        if recovery.last_phase == "learn":
+        if recovery.last_phase in ("learn", "counted"):
             step = steps[k]
             node_id = self.run_.config.node_id(step.level)
-            applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events, "learn")
+            applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events,
+                                       recovery.last_phase, recovery.last_counter)
             logger.info("sample %d: step %d's learn %s before the crash", raw_index, k, "took effect" if applied else "did not take effect")
             return k + 1 if applied else k
         # "observe": its learn was never sent; "keyed" and "batch" replay harmlessly under their idempotency keys
@@ -376,7 +487,9 @@ class _Run:
         self.store = self.rundir.checkpoints
         self.stop = threading.Event()  # tells the workers to take no more samples
         self.signals = _StopSignals()
-        self.capacity = 2 * config.num_workers + 2
+        self.capacity = 2 * config.num_workers + 2  # raised when requests carry several samples (_execute)
+        self.learn_batch = self.learn_batches = False
+        self.batch_endpoint = "batch"
         self.inbox: queue.Queue[_Job | None] = queue.Queue()
         self.outbox: queue.Queue[Outcome] = queue.Queue()
         self.journal: Journal  # opened in execute()
@@ -676,6 +789,12 @@ class _Run:
             with KatoClient(self.server_url, token=token, settings=cfg.client) as probe:
                 self.idempotency = probe.supports_idempotency
                 self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
+                # several samples per request where the server offers it: its keys differ from /learn-batch's, so
+                # a sample journaled under one endpoint is always finished on that one
+                self.learn_batches = self.learn_batch and probe.supports_learn_batches
+                self.batch_endpoint = "batches" if self.learn_batches else "batch"
+                if self.learn_batches:
+                    self.capacity = cfg.num_workers * (SAMPLES_PER_REQUEST + 1) + 2
                 self.load_state(probe)
             return self._train()
         finally:
