@@ -1,18 +1,33 @@
-"""Checkpoint write latency: CheckpointStore.save with fsync (file + folder) against the same save without fsync.
+"""Checkpoint write latency: CheckpointStore.save against the floor of its durability steps, in the same run.
 
-    python benchmarks/bench_checkpoint.py [--saves 200] [--failures 100] [--dir data/bench/ckpt]
+    python benchmarks/bench_checkpoint.py [--saves 500] [--failures 100] [--dir data/bench/ckpt]
 
-Prints p50/p99/max in milliseconds and the fsync cost as a ratio. Asserts nothing. The folder defaults to
-data/bench/ (on the repo's disk: /tmp may be a RAM disk, where fsync costs nothing).
+Four ways of writing the same checkpoint, interleaved save by save (round-robin, the order rotated each round) so
+that each sees the same disk at the same moment:
+
+* floor: the bare durability steps on the serialized checkpoint's bytes: write a temp file, fsync it,
+  ``os.replace`` it over one final name, fsync the folder (nothing else: no serialization, no pruning);
+* store: what the trainer does per checkpoint, ``store.next_sequence()`` then ``store.save(ckpt)`` (keep=3):
+  the floor's steps plus the serialization and the unlink of the oldest file;
+* before: the same steps as CheckpointStore.save did them before issue 12 (a folder listing for
+  ``next_sequence``, another for pruning, a third for temp files, stat + mkdir of the folder at every save);
+* no fsync: ``CheckpointStore(fsync=False)``, what the disk costs (not a mode a run can use).
+
+Prints p50/p99/max in milliseconds and each row's ratio to the floor at p50 and p99. Asserts nothing. The
+folder defaults to data/bench/ (on the repo's disk: /tmp may be a RAM disk, where fsync costs nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,17 +52,76 @@ def make(seq: int, failures: int) -> Checkpoint:
     )
 
 
-def measure(folder: Path, fsync: bool, saves: int, failures: int) -> list[float]:
-    shutil.rmtree(folder, ignore_errors=True)
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(tmp: Path, final: Path, data: bytes, fsync: bool = True) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    if fsync:
+        fsync_dir(final.parent)
+
+
+def floor_writer(folder: Path, data: bytes) -> Callable[[Checkpoint], None]:
+    folder.mkdir(parents=True)
+    tmp, final = folder / ".floor.json.tmp", folder / "floor.json"
+    return lambda ckpt: write_durably(tmp, final, data)
+
+
+def store_writer(folder: Path, fsync: bool) -> Callable[[Checkpoint], None]:
     store = CheckpointStore(folder, keep=3, fsync=fsync)
-    ckpts = [make(i + 1, failures) for i in range(saves)]  # built up front: only the save is timed
-    out = []
-    for ckpt in ckpts:
-        t = time.perf_counter()
+
+    def save(ckpt: Checkpoint) -> None:
+        store.next_sequence()  # as the trainer calls it before each save
         store.save(ckpt)
-        out.append((time.perf_counter() - t) * 1000)
-    shutil.rmtree(folder, ignore_errors=True)
-    return out
+
+    return save
+
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+_TEMP = re.compile(r"^\.ckpt-\d{8}\.json\.\d+\.tmp$")
+
+
+def before_writer(folder: Path, keep: int = 3) -> Callable[[Checkpoint], None]:
+    """CheckpointStore.save (and the trainer's next_sequence call) as they were before issue 12."""
+
+    def paths() -> list[tuple[int, Path]]:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(folder)
+        if not folder.is_dir():
+            return []
+        return sorted((int(m.group(1)), folder / p.name) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+
+    def save(ckpt: Checkpoint) -> None:
+        paths()  # next_sequence()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / ckpt.file_name
+        write_durably(folder / f".{ckpt.file_name}.{os.getpid()}.tmp", final, ckpt.model_dump_json(indent=1).encode())
+        found = paths()
+        for _, path in found[: max(0, len(found) - keep)]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for p in folder.iterdir():
+            if _TEMP.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    return save
 
 
 def pct(values: list[float], q: float) -> float:
@@ -56,24 +130,43 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--saves", type=int, default=200)
+    ap.add_argument("--saves", type=int, default=500)
     ap.add_argument("--failures", type=int, default=100, help="failed samples listed in each checkpoint (file size)")
     ap.add_argument("--dir", type=Path, default=Path("data/bench/ckpt"))
     args = ap.parse_args()
-    size = len(make(1, args.failures).model_dump_json(indent=1))
-    print(f"checkpoint write latency: {args.saves} saves of a {size / 1024:.1f} KiB checkpoint into {args.dir} (keep=3)")
-    measure(args.dir / "warmup", True, 10, args.failures)
-    results = {}
-    for fsync in (False, True):
-        lat = measure(args.dir / ("fsync" if fsync else "nofsync"), fsync, args.saves, args.failures)
-        results[fsync] = lat
-        label = "with fsync (file + folder)" if fsync else "without fsync (baseline) "
-        print(
-            f"  {label}: p50 {statistics.median(lat):7.2f} ms  p99 {pct(lat, 0.99):7.2f} ms  "
-            f"max {max(lat):7.2f} ms"
-        )
-    ratio = statistics.median(results[True]) / statistics.median(results[False])
-    print(f"  fsync costs {ratio:.1f}x the baseline at p50")
+    data = make(1, args.failures).model_dump_json(indent=1).encode()
+    print(f"checkpoint write latency: {args.saves} saves of a {len(data) / 1024:.1f} KiB checkpoint into {args.dir} "
+          "(keep=3), the four ways interleaved")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    labels = {
+        "floor": "floor: write+fsync+replace+folder fsync",
+        "store": "store: next_sequence() + save()",
+        "before": "before issue 12: same, listing the folder",
+        "nofsync": "store without fsync (not durable)",
+    }
+    writers = {
+        "floor": floor_writer(args.dir / "floor", data),
+        "store": store_writer(args.dir / "store", True),
+        "before": before_writer(args.dir / "before"),
+        "nofsync": store_writer(args.dir / "nofsync", False),
+    }
+    ckpts = [make(i + 1, args.failures) for i in range(args.saves + 10)]  # built up front: only the save is timed
+    lat: dict[str, list[float]] = {k: [] for k in writers}
+    order = list(writers)
+    for i, ckpt in enumerate(ckpts):
+        for k in order[i % len(order):] + order[: i % len(order)]:
+            t = time.perf_counter()
+            writers[k](ckpt)
+            if i >= 10:  # the first 10 rounds warm up
+                lat[k].append((time.perf_counter() - t) * 1000)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    f50, f99 = statistics.median(lat["floor"]), pct(lat["floor"], 0.99)
+    print(f"  {'':42s} {'p50':>9s} {'p99':>9s} {'max':>9s}   {'p50 / floor':>11s} {'p99 / floor':>11s}")
+    for k, label in labels.items():
+        v = lat[k]
+        p50, p99 = statistics.median(v), pct(v, 0.99)
+        print(f"  {label:42s} {p50:6.2f} ms {p99:6.2f} ms {max(v):6.2f} ms   {p50 / f50:10.2f}x {p99 / f99:10.2f}x")
     return 0
 
 

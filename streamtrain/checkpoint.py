@@ -3,16 +3,23 @@
 Layout of a run folder (``config.run_dir``)::
 
     ckpt-00000001.json ...   one file per checkpoint, the newest ``keep`` kept
-    .ckpt-00000002.json.<pid>.tmp   a write in progress (never read; removed on the next save)
+    .ckpt-00000002.json.<pid>.tmp   a write in progress (never read; a killed writer's is removed by the first
+                                    save of the next store that writes the folder)
     .lock                    held (flock) by the one process that trains the run
 
 A checkpoint file appears under its final name only through ``os.replace`` of a fully written and fsynced
 temp file, so a crash at any moment leaves either the previous set of files or the previous set plus one
 complete new file. The folder is fsynced after the rename so the new name itself survives a power cut.
+
+A store lists the folder once, at its first save (removing the temp files of a killed writer then), and from
+there on remembers the files it wrote and pruned: the run's writer lock means nothing else writes the folder, so
+a save costs the write, two fsyncs, the rename and the unlink of the oldest file, and no listing. Reading
+(``paths``, ``entries``, ``latest``) always lists the folder.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -221,6 +228,9 @@ class CheckpointStore:
         self.keep = keep
         # fsync=False exists only for the benchmark's baseline; a run always fsyncs.
         self._fsync = fsync
+        # Sequences of the checkpoint files in the folder, oldest first: listed at the first save, then kept up to
+        # date by save and prune. None until then, and again after a failed save (the next one lists afresh).
+        self._known: list[int] | None = None
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -243,7 +253,10 @@ class CheckpointStore:
         return sorted((int(m.group(1)), self.run_dir / n) for n in names if (m := _NAME.match(n)))
 
     def next_sequence(self) -> int:
-        """The sequence number the next save should use (1 for an empty folder)."""
+        """The sequence number the next save should use (1 for an empty folder). After this store's first save it
+        comes from what the store remembers, without listing the folder."""
+        if self._known is not None:
+            return self._known[-1] + 1 if self._known else 1
         paths = self.paths()
         return paths[-1][0] + 1 if paths else 1
 
@@ -307,15 +320,29 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint folder {self.run_dir}: {_describe_os_error(exc)}") from None
 
+    def _open_for_writing(self) -> list[int]:
+        """Create the folder if needed, list its checkpoint files and remove the temp files of a killed writer
+        (whoever writes the folder holds the run's lock, so none of them is being written now)."""
+        self._ensure_folder()
+        known = [seq for seq, _ in self.paths()]
+        for name in os.listdir(self.run_dir):
+            if _TEMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.run_dir / name)
+                    logger.info("removed %s, left by a writer that was stopped mid-save", self.run_dir / name)
+        return known
+
     def save(self, ckpt: Checkpoint) -> Path:
         """Write ckpt durably as ckpt-{sequence:08d}.json, then prune to the newest ``keep`` files.
 
         On any failure (disk full, no permission) the temp file is removed, the earlier checkpoints are
         untouched, and a CheckpointError says what happened.
         """
-        self._ensure_folder()
-        final = self.run_dir / ckpt.file_name
-        tmp = self.run_dir / f".{ckpt.file_name}.{os.getpid()}.tmp"
+        known = self._known if self._known is not None else self._open_for_writing()
+        self._known = None  # until this save and its pruning are done: a failure makes the next save list afresh
+        name = ckpt.file_name
+        final = os.path.join(self.run_dir, name)
+        tmp = os.path.join(self.run_dir, f".{name}.{os.getpid()}.tmp")
         data = ckpt.model_dump_json(indent=1).encode("utf-8")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -333,23 +360,24 @@ class CheckpointStore:
                 _fsync_dir(self.run_dir)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise CheckpointError(
                 f"cannot write checkpoint {final}: {_describe_os_error(exc)}; the previous checkpoints are untouched"
             ) from None
-        self._prune()
-        return final
+        i = bisect.bisect_left(known, ckpt.sequence)
+        if i == len(known) or known[i] != ckpt.sequence:
+            known.insert(i, ckpt.sequence)
+        self._prune(known)
+        self._known = known
+        return Path(final)
 
-    def _prune(self) -> None:
-        paths = self.paths()
-        for _, path in paths[: max(0, len(paths) - self.keep)]:
+    def _prune(self, known: list[int]) -> None:
+        """Remove the oldest files beyond ``keep``, by name. No fsync: an unlink lost to a crash leaves one more
+        old file, which the next save's prune removes (a first save lists the folder)."""
+        while len(known) > self.keep:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        # Temp files left by a killed writer; the lock guarantees none of them is being written now.
-        for p in self.run_dir.iterdir():
-            if _TEMP.match(p.name):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                os.unlink(os.path.join(self.run_dir, checkpoint_file_name(known[0])))
+            del known[0]
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

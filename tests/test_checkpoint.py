@@ -66,16 +66,68 @@ def test_round_trip_and_names(store: CheckpointStore) -> None:
     assert store.next_sequence() == 2
 
 
-def test_keeps_newest_and_removes_stale_temp_files(store: CheckpointStore) -> None:
-    """Only the newest `keep` files survive a save, and temp files of a killed writer are cleaned up."""
-    store.save(make_ckpt(1))
-    stale = store.run_dir / ".ckpt-00000002.json.999999.tmp"
-    stale.write_text('{"torn')
-    for seq in range(2, 7):
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
+
+
+def test_keeps_newest(store: CheckpointStore) -> None:
+    """Only the newest `keep` files survive a save, also for a store opened on a folder written by another one."""
+    for seq in range(1, 7):
         store.save(make_ckpt(seq))
-    names = sorted(p.name for p in store.run_dir.iterdir() if p.name != ".lock")
-    assert names == ["ckpt-00000004.json", "ckpt-00000005.json", "ckpt-00000006.json"]
+        assert store.next_sequence() == seq + 1
+    assert _names(store.run_dir) == ["ckpt-00000004.json", "ckpt-00000005.json", "ckpt-00000006.json"]
     assert store.latest().sequence == 6
+    resumed = CheckpointStore(store.run_dir, keep=3)
+    assert resumed.next_sequence() == 7
+    resumed.save(make_ckpt(7))
+    assert _names(store.run_dir) == ["ckpt-00000005.json", "ckpt-00000006.json", "ckpt-00000007.json"]
+    fewer = CheckpointStore(store.run_dir, keep=1)  # keep_checkpoints lowered between two trainings
+    fewer.save(make_ckpt(8))
+    assert _names(store.run_dir) == ["ckpt-00000008.json"]
+
+
+def test_stale_temp_files_are_removed_by_the_first_save(store: CheckpointStore) -> None:
+    """Temp files of a killed writer are never listed, and the next writer's first save removes them."""
+    store.save(make_ckpt(1))
+    stale = [store.run_dir / ".ckpt-00000002.json.999999.tmp", store.run_dir / ".ckpt-00000003.json.4242.tmp"]
+    stale[0].write_text('{"torn')
+    stale[1].write_text(make_ckpt(3).model_dump_json())
+    (store.run_dir / "notes.txt").write_text("not ours")  # other files are left alone
+    writer = CheckpointStore(store.run_dir, keep=3)
+    assert [s for s, _ in writer.paths()] == [1] and writer.next_sequence() == 2
+    writer.save(make_ckpt(2))
+    assert _names(store.run_dir) == ["ckpt-00000001.json", "ckpt-00000002.json", "notes.txt"]
+    assert writer.latest().sequence == 2
+
+
+def test_saves_are_visible_to_other_stores_and_listings_see_the_folder(store: CheckpointStore) -> None:
+    """A store remembers its files only to save: every reader (itself included) sees what is on disk."""
+    c2 = make_ckpt(2)
+    p1, p2 = store.save(make_ckpt(1)), store.save(c2)
+    reader = CheckpointStore(store.run_dir)
+    assert reader.paths() == [(1, p1), (2, p2)]
+    assert reader.latest_with_path() == (c2, p2)
+    assert [e.sequence for e in reader.entries()] == [1, 2]
+    p3 = store.save(make_ckpt(3))
+    assert reader.latest_with_path()[1] == p3 and reader.next_sequence() == 4
+    p3.unlink()  # removed behind the writer's back
+    assert store.paths() == [(1, p1), (2, p2)]
+    assert store.latest().sequence == 2
+
+
+def test_a_failed_save_makes_the_next_one_list_the_folder(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed save the store forgets what it knew: the next sequence comes from the folder again."""
+    store.save(make_ckpt(1))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        store.save(make_ckpt(2))
+    monkeypatch.undo()
+    (store.run_dir / "ckpt-00000009.json").write_text(make_ckpt(9).model_dump_json())
+    assert store.next_sequence() == 10
+    store.save(make_ckpt(10))
+    assert _names(store.run_dir) == ["ckpt-00000001.json", "ckpt-00000009.json", "ckpt-00000010.json"]
 
 
 def test_temp_files_are_never_listed(store: CheckpointStore) -> None:
