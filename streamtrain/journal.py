@@ -189,6 +189,7 @@ class Journal:
         self._lock = threading.Lock()
         self._header = {"header": 1, **header}
         self._fd: int | None = None
+        self._size = 0  # bytes of whole lines in the file: where a failed append is cut back to
         try:
             existing = read_journal(self.path)
             if existing.header is None:
@@ -198,9 +199,13 @@ class Journal:
                 cut = _whole_lines_size(self.path)
                 if cut is not None:  # a torn last line: the next append must start on a line of its own
                     os.truncate(self.path, cut)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._open()
         except OSError as exc:
             raise CheckpointError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from exc
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
 
     @staticmethod
     def _entries_of(state: JournalState) -> list[dict[str, Any]]:
@@ -222,14 +227,12 @@ class Journal:
         with self._lock:
             if self._fd is None:
                 raise CheckpointError(f"the journal {self.path} is closed")
-            try:
-                size = os.fstat(self._fd).st_size
-            except OSError as exc:
-                raise CheckpointError(f"cannot append to the journal {self.path}: {exc.strerror or exc}") from exc
+            size = self._size  # this process is the journal's only writer (the run's lock): no fstat per line
             try:
                 view = memoryview(line)
                 while view:
                     view = view[os.write(self._fd, view):]
+                self._size = size + len(line)
             except OSError as exc:
                 try:  # a half-written line must not stay: the next append would be glued to it
                     os.ftruncate(self._fd, size)
@@ -279,12 +282,12 @@ class Journal:
                 old, self._fd = self._fd, None  # never a closed number left behind, whatever interrupts this
                 if old is not None:
                     os.close(old)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._open()
             except OSError as exc:
                 # the old journal is still complete (os.replace is atomic): keep appending to it
                 logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
                 if self._fd is None:
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    self._open()
 
     def close(self) -> None:
         with self._lock:
