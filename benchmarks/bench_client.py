@@ -10,6 +10,8 @@ exactly-once protection at all.
 Rows:
   baseline       unkeyed single request per chunk (server idempotency off): what exactly-once is compared to
   keys           NodeSession keys mode: one keyed request per chunk (server idempotency on)
+  counter        NodeSession counter mode (the default without keys): one observe-sequence with learn_at_end
+                 per chunk, a lost answer decided by the session's counter (server idempotency off)
   verify         NodeSession verify mode: observe-sequence + learn per chunk (server idempotency off)
   ... +proxy     the same through the fault proxy with fault rate 0 (cost of the extra hop)
   ... +faults    the same through the fault proxy with --fault-rate faults (Retry-After 1 s, stalls past a
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faultproxy import KINDS, FaultProxy  # noqa: E402
 
 from streamtrain.client import KatoClient  # noqa: E402
-from streamtrain.units import NodeSession  # noqa: E402
 from streamtrain.config import ClientConfig  # noqa: E402
 from streamtrain.server import EmbeddedServer  # noqa: E402
+from streamtrain.units import NodeSession  # noqa: E402
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 SETTINGS = ClientConfig(connect_timeout=1.0, read_timeout=0.5, retry_total_seconds=60, retry_max_attempts=500,
@@ -117,8 +118,9 @@ def main() -> None:
             run("warmup", off.url, clean[:20], None)
             rows.append(run("baseline", off.url, clean, None))
             rows.append(run("keys", on.url, clean, "keys"))
+            rows.append(run("counter", off.url, clean, "counter"))
             rows.append(run("verify", off.url, clean, "verify"))
-            for name, srv, mode in (("keys", on, "keys"), ("verify", off, "verify")):
+            for name, srv, mode in (("keys", on, "keys"), ("counter", off, "counter"), ("verify", off, "verify")):
                 with FaultProxy(srv.url, fault_rate=0.0, seed=args.seed) as proxy:
                     rows.append(run(f"{name}+proxy", proxy.url, clean, mode))
                 with FaultProxy(srv.url, fault_rate=args.fault_rate, seed=args.seed, retry_after="1",
@@ -137,6 +139,7 @@ def main() -> None:
               f"{r['p50']:8.2f} {r['p99']:8.2f} {base_rate / rate:16.2f}x")
     by = {r["label"]: r for r in rows}
     print(f"exactly-once overhead per chunk (p50): keys {by['keys']['p50'] / base['p50']:.2f}x, "
+          f"counter {by['counter']['p50'] / base['p50']:.2f}x, "
           f"verify {by['verify']['p50'] / base['p50']:.2f}x of the unprotected baseline; "
           f"verify/keys {by['verify']['p50'] / by['keys']['p50']:.2f}x")
     for name, counts in fault_counts.items():

@@ -1,17 +1,24 @@
 """End-to-end training throughput, against a per-token baseline client measured in the same run.
 
     python benchmarks/bench_trainer.py [--samples 1500] [--workers 1 2 4]
+    python benchmarks/bench_trainer.py --plain [--samples 1500] [--workers 1 2] [--repeat 3]   # real-KATO protocol
     python benchmarks/bench_trainer.py --memory [--memory-samples 200000]   # RSS of a long run, every 10 s
 
 What it measures, on the demo corpus (Shakespeare's speeches, built into data/demo if missing) and one embedded
 server started for the benchmark:
 
-* streamtrain's ``train``: as against a real KATO (``verify``: no idempotency keys, two requests per chunk),
-  with one keyed request per chunk (``keys``), and with the embedded server's learn-batch extension (one
-  request per sample) with 1, 2 and 4 workers: samples/s, tokens/s, learns/s, HTTP requests per sample;
+* streamtrain's ``train``: as against a real KATO (``counter``: no idempotency keys, one observe-sequence with
+  learn_at_end per chunk, a lost answer decided by the session's counter), with one keyed request per chunk
+  (``keys``), and with the embedded server's learn-batch extension (one request per sample) with 1, 2 and 4
+  workers: samples/s, tokens/s, learns/s, HTTP requests per sample (counted at ``httpx.Client.send``);
 * a baseline written here the way the system streamtrain replaces talks to KATO: one ``observe`` request per
   token, then one ``learn`` per chunk, same chunks, same levels, one worker;
 * ratios against that baseline.
+
+``--plain`` compares the real-KATO protocol with a *plain client* written here: one observe-sequence with
+learn_at_end per chunk and no guarantee at all (no journal, no checkpoints, no recovery), with the same workers,
+the same chunks and levels, on the same server without idempotency (playing KATO). Runs alternate and repeat;
+medians are printed, with streamtrain's requests per chunk and samples/s as ratios of the plain client's.
 
 Nothing is asserted: figures are printed (the README quotes them with this command).
 """
@@ -19,8 +26,11 @@ Nothing is asserted: figures are printed (the README quotes them with this comma
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import queue
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -42,23 +52,89 @@ from streamtrain.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Every HTTP request of this process (streamtrain's and the baselines'), counted where httpx sends it.
+_sent = itertools.count()
+_send = httpx.Client.send
+
+
+def _counting_send(self: httpx.Client, *args: object, **kwargs: object) -> httpx.Response:
+    next(_sent)  # atomic under the GIL: workers count without a lock
+    return _send(self, *args, **kwargs)  # type: ignore[arg-type]
+
+
+httpx.Client.send = _counting_send  # type: ignore[method-assign]
+
+
+def requests_sent() -> int:
+    return next(_sent)  # the next value: what was counted so far (plus this read, which the deltas cancel)
+
 
 def corpus_config(corpus: Path) -> DatasetConfig:
     return DatasetConfig(path="parquet", data_files=str(corpus / "*.parquet"), min_chars=20)
 
 
-def run_streamtrain(url: str, corpus: Path, ckpt_dir: Path, samples: int, workers: int, mode: str) -> dict:
-    """mode: "batch" (one learn-batch request per sample), "keys" (one keyed request per chunk) or "verify"
-    (a server without idempotency, as a real KATO: observe-sequence + learn per chunk)."""
+def run_streamtrain(url: str, corpus: Path, ckpt_dir: Path, samples: int, workers: int, mode: str,
+                    tag: str = "") -> dict:
+    """mode: "batch" (one learn-batch request per sample), "keys" (one keyed request per chunk) or "counter"
+    (a server without idempotency, as a real KATO: one observe-sequence with learn_at_end per chunk)."""
     client = ClientConfig(learn_batch=(mode == "batch"))
-    cfg = RunConfig(run_name=f"bench-{mode}-w{workers}", server_url=url, dataset=corpus_config(corpus),
+    cfg = RunConfig(run_name=f"bench-{mode}-w{workers}{tag}", server_url=url, dataset=corpus_config(corpus),
                     max_samples=samples, checkpoint_dir=ckpt_dir, num_workers=workers, checkpoint_every=1000,
                     client=client)
+    before = requests_sent()
     result = train(cfg, progress=False)
-    learns = sum(result.patterns_learned)
-    requests = {"batch": result.samples_trained, "keys": learns, "verify": 2 * learns}[mode]
+    requests = requests_sent() - before - 1
     return {"name": f"streamtrain {mode}, {workers} worker(s)", "samples": result.new_samples,
-            "tokens": result.new_tokens, "seconds": result.elapsed_seconds, "requests": requests, "learns": learns}
+            "tokens": result.new_tokens, "seconds": result.elapsed_seconds, "requests": requests,
+            "learns": sum(result.patterns_learned)}
+
+
+def run_plain(url: str, corpus: Path, samples: int, workers: int, tag: str = "") -> dict:
+    """The plain client: per chunk one observe-sequence with learn_at_end, nothing else (no journal, no checkpoint,
+    no check of the answer, no recovery). ``workers`` threads, each with its own connection and session per level,
+    take samples from a queue filled by the stream (tokenizing and planning in the worker, as streamtrain does)."""
+    layers = RunConfig(run_name="x", dataset=corpus_config(corpus)).layers
+    tokenizer = get_tokenizer("words")
+    inbox: queue.Queue[str | None] = queue.Queue(maxsize=2 * workers + 2)
+    totals = {"samples": 0, "tokens": 0, "learns": 0}
+    lock = threading.Lock()
+
+    def worker(number: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            sids = [http.post("/sessions", json={"node_id": f"plain{tag}-w{workers}-L{level}",
+                                                 "config": layer.session_config()}).json()["session_id"]
+                    for level, layer in enumerate(layers)]
+            done = tokens = learns = 0
+            while (text := inbox.get()) is not None:
+                toks = tokenizer(text)
+                for step in plan_sample(toks, layers):
+                    http.post(f"/sessions/{sids[step.level]}/observe-sequence",
+                              json={"observations": [{"strings": e} for e in step.events],
+                                    "learn_at_end": True}).raise_for_status()
+                    learns += 1
+                done, tokens = done + 1, tokens + len(toks)
+            for sid in sids:
+                http.delete(f"/sessions/{sid}")
+        with lock:
+            totals["samples"] += done
+            totals["tokens"] += tokens
+            totals["learns"] += learns
+
+    before = requests_sent()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for raw_index, text in DatasetStream(corpus_config(corpus)):
+        if raw_index >= samples:
+            break
+        inbox.put(text)
+    for _ in threads:
+        inbox.put(None)
+    for t in threads:
+        t.join()
+    return {"name": f"plain client, {workers} worker(s)", "seconds": time.perf_counter() - t0,
+            "requests": requests_sent() - before - 1, **totals}
 
 
 def run_per_token_baseline(url: str, corpus: Path, samples: int) -> dict:
@@ -93,18 +169,47 @@ def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> None:
     with EmbeddedServer(work / "kb.sqlite3", log_path=work / "server.log") as server, \
             EmbeddedServer(work / "kb-noidem.sqlite3", idempotency=False, log_path=work / "server2.log") as plain:
         rows = [run_per_token_baseline(server.url, corpus, args.samples),
-                run_streamtrain(plain.url, corpus, work / "ckpt", args.samples, 1, "verify"),
+                run_streamtrain(plain.url, corpus, work / "ckpt", args.samples, 1, "counter"),
                 run_streamtrain(server.url, corpus, work / "ckpt", args.samples, 1, "keys")]
         for n in args.workers:
             rows.append(run_streamtrain(server.url, corpus, work / "ckpt", args.samples, n, "batch"))
     base = rows[0]["samples"] / rows[0]["seconds"]
     print(f"\nend-to-end training, {args.samples} raw records of the demo corpus, embedded server, {os.cpu_count()} cores")
-    print("(verify = the protocol used against a real KATO, which has no idempotency keys)")
+    print("(counter = the protocol used against a real KATO, which has no idempotency keys)")
     print(f"{'client':<40} {'samples/s':>10} {'tokens/s':>10} {'learns/s':>9} {'req/sample':>11} {'vs baseline':>12}")
     for r in rows:
         sps = r["samples"] / r["seconds"]
         print(f"{r['name']:<40} {sps:>10.1f} {r['tokens'] / r['seconds']:>10.0f} {r['learns'] / r['seconds']:>9.0f} "
               f"{r['requests'] / max(r['samples'], 1):>11.1f} {sps / base:>11.2f}x")
+
+
+def versus_plain(args: argparse.Namespace, corpus: Path, work: Path) -> None:
+    """streamtrain's real-KATO protocol against the plain client, alternating, at equal workers; medians."""
+    with EmbeddedServer(work / "kb-noidem.sqlite3", idempotency=False, log_path=work / "server.log") as kato:
+        results: dict[tuple[str, int], list[dict]] = {}
+        for r in range(args.repeat):
+            for n in args.workers:
+                order = ("plain", "counter") if r % 2 == 0 else ("counter", "plain")
+                for who in order:
+                    row = (run_plain(kato.url, corpus, args.samples, n, tag=f"-r{r}") if who == "plain" else
+                           run_streamtrain(kato.url, corpus, work / "ckpt", args.samples, n, "counter", tag=f"-r{r}"))
+                    results.setdefault((who, n), []).append(row)
+    print(f"\nreal-KATO protocol vs a plain client, {args.samples} raw records of the demo corpus, embedded server "
+          f"with --no-idempotency, {os.cpu_count()} cores; median of {args.repeat} alternating runs")
+    print(f"{'client':<40} {'samples/s':>10} {'req/chunk':>10} {'req/sample':>11} {'samples/s vs plain':>19} "
+          f"{'req/chunk vs plain':>19}")
+    for n in args.workers:
+        med = {}
+        for who in ("plain", "counter"):
+            rows = results[(who, n)]
+            med[who] = (statistics.median(r["samples"] / r["seconds"] for r in rows),
+                        statistics.median(r["requests"] / r["learns"] for r in rows),
+                        statistics.median(r["requests"] / r["samples"] for r in rows))
+        for who in ("plain", "counter"):
+            sps, rpc, rps = med[who]
+            name = f"plain client, {n} worker(s)" if who == "plain" else f"streamtrain counter, {n} worker(s)"
+            print(f"{name:<40} {sps:>10.1f} {rpc:>10.3f} {rps:>11.2f} {sps / med['plain'][0]:>18.2f}x "
+                  f"{rpc / med['plain'][1]:>18.3f}x")
 
 
 def memory(args: argparse.Namespace, corpus: Path, work: Path) -> None:
@@ -149,13 +254,15 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=1500, help="raw records per client (default 1500)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--memory", action="store_true", help="run the long memory measurement instead")
+    p.add_argument("--plain", action="store_true", help="compare the real-KATO protocol with a plain client instead")
+    p.add_argument("--repeat", type=int, default=3, help="--plain: alternating runs per client (default 3)")
     p.add_argument("--memory-samples", type=int, default=200_000)
     args = p.parse_args()
     corpus = ROOT / "data" / "demo"
     build_demo_corpus(corpus)
     work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     try:
-        (memory if args.memory else throughput)(args, corpus, work)
+        (memory if args.memory else versus_plain if args.plain else throughput)(args, corpus, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from soak import SOAK
 from faultproxy import KINDS, FaultProxy
+from soak import SOAK
 
 from streamtrain.client import KatoClient
-from streamtrain.units import NodeSession, unit_took_effect
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ConfigRejected, ServerUnavailable
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer
+from streamtrain.units import NodeSession, unit_took_effect
 
 # Short timeouts keep stall faults cheap; the budget still rides out a restart of the server.
 FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=30.0, retry_max_attempts=200,
@@ -64,9 +64,10 @@ def offline_kb(units: list[Unit]) -> dict[str, dict[str, int]]:
     return {node: dict(c) for node, c in kb.items()}
 
 
-def run_workload(client: KatoClient, units: list[Unit], *, after_unit: Callable[[int], None] | None = None) -> str:
-    """Learn every unit with one NodeSession per node; return the mode the sessions chose."""
-    sessions = {node: NodeSession(client, node, TRAIN_CONFIG) for node in NODES}
+def run_workload(client: KatoClient, units: list[Unit], *, after_unit: Callable[[int], None] | None = None,
+                 mode: str | None = None) -> str:
+    """Learn every unit with one NodeSession per node; return the mode the sessions chose (or were given)."""
+    sessions = {node: NodeSession(client, node, TRAIN_CONFIG, mode=mode) for node in NODES}  # type: ignore[arg-type]
     try:
         for i, (node, events, key) in enumerate(units):
             assert sessions[node].learn_unit(events, key) == pattern_name(events)
@@ -106,34 +107,40 @@ def fault_free_kb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     """The workload without faults (verify mode, the longer protocol); it must equal the offline count."""
     with EmbeddedServer(tmp_path_factory.mktemp("clean") / "kb.db", idempotency=False) as srv:
         with KatoClient(srv.url, settings=FAST) as client:
-            assert run_workload(client, UNITS) == "verify"
+            assert run_workload(client, UNITS, mode="verify") == "verify"
         kb = export(srv.url)
     assert kb == offline_kb(UNITS)
     assert max(f for node in kb.values() for f in node.values()) > 1
     return kb
 
 
+# (mode asked, server honours keys, mode expected): None picks keys, or counter on a server without keys
+MODES = [(None, True, "keys"), (None, False, "counter"), ("verify", False, "verify")]
+
+
 @pytest.mark.soak
-@pytest.mark.parametrize("idempotency", [True, False], ids=["keys", "verify"])
+@pytest.mark.parametrize(("asked", "idempotency", "expected"), MODES, ids=["keys", "counter", "verify"])
 def test_workload_through_ten_percent_faults_learns_exactly_once(
-    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, idempotency: bool
+    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, asked: str | None, idempotency: bool,
+    expected: str,
 ) -> None:
     """Drops, lost answers, 503/429 and stalls leave exactly the fault-free knowledge base."""
     srv = server_factory(idempotency=idempotency)
     with FaultProxy(srv.url, fault_rate=0.1, seed=40, retry_after="1", stall_seconds=0.8) as proxy:
         with KatoClient(proxy.url, settings=FAST) as client:
-            mode = run_workload(client, UNITS)
+            mode = run_workload(client, UNITS, mode=asked)
         counts = proxy.counts
-    assert mode == ("keys" if idempotency else "verify")
+    assert mode == expected
     assert export(srv.url) == fault_free_kb
     # the run really went through every kind of fault (the seed is fixed, the client sequential)
     assert set(KINDS) <= set(counts), counts
     assert sum(counts[k] for k in KINDS) >= 0.05 * counts["requests"], counts
 
 
-@pytest.mark.parametrize("idempotency", [True, False], ids=["keys", "verify"])
+@pytest.mark.parametrize(("asked", "idempotency", "expected"), MODES, ids=["keys", "counter", "verify"])
 def test_server_sigkilled_and_restarted_mid_workload(
-    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, idempotency: bool
+    server_factory: Callable[..., EmbeddedServer], fault_free_kb: dict, asked: str | None, idempotency: bool,
+    expected: str,
 ) -> None:
     """The client waits through a SIGKILL and a restart, keeps or replaces its sessions, and learns once."""
     srv = server_factory(idempotency=idempotency)
@@ -156,7 +163,7 @@ def test_server_sigkilled_and_restarted_mid_workload(
             go.set()
 
     with KatoClient(srv.url, settings=FAST) as client:
-        run_workload(client, UNITS, after_unit=after_unit)
+        assert run_workload(client, UNITS, after_unit=after_unit, mode=asked) == expected
     thread.join(30)
     assert restarted.is_set()
     assert export(srv.url) == fault_free_kb
@@ -212,29 +219,41 @@ def test_deleted_session_is_replaced_and_the_unit_learned_once(shared_server: Em
 
 
 def test_unit_took_effect_after_a_trainer_crash(shared_server: EmbeddedServer) -> None:
-    """The journaled phase and the session's STM decide whether a crashed trainer's learn happened."""
+    """The journaled phase (and counter) and the session's state decide whether a crashed trainer's learn happened."""
     events = [["m"], ["n"], ["o"]]
 
     class Crash(Exception):
         pass
 
-    def crash_at(phase: str) -> Callable[[str, str], None]:
-        def hook(p: str, sid: str) -> None:
-            seen.append((p, sid))
+    def crash_at(phase: str) -> Callable[[str, str, int | None], None]:
+        def hook(p: str, sid: str, t: int | None) -> None:
+            seen.append((p, sid, t))
             if p == phase:
                 raise Crash
 
         return hook
 
     with KatoClient(shared_server.url, settings=FAST) as client:
-        seen: list[tuple[str, str]] = []
-        with pytest.raises(Crash):  # crashed before sending the learn: STM holds the unit
-            NodeSession(client, "crash-node", TRAIN_CONFIG).learn_unit(events, "k", on_phase=crash_at("learn"))
-        phase, sid = seen[-1]
+        seen: list[tuple[str, str, int | None]] = []
+        with pytest.raises(Crash):  # verify: crashed before sending the learn: STM holds the unit
+            NodeSession(client, "crash-node", TRAIN_CONFIG, mode="verify").learn_unit(events, "k",
+                                                                                     on_phase=crash_at("learn"))
+        phase, sid, _ = seen[-1]
         assert unit_took_effect(client, "crash-node", sid, events, phase) is False
         client.learn(sid)  # as if the learn had been sent just before the crash
         assert unit_took_effect(client, "crash-node", sid, events, phase) is True
         assert client.export_knowledge_base()["crash-node"] == {pattern_name(events): 1}
+
+        node = NodeSession(client, "crash-node-2", TRAIN_CONFIG)  # counter mode: one unit learned, then a crash
+        node.learn_unit(events, "k0", on_phase=crash_at("none"))
+        with pytest.raises(Crash):
+            node.learn_unit(events, "k1", on_phase=crash_at("counted"))
+        phase, sid, counter = seen[-1]
+        assert (phase, counter) == ("counted", len(events))
+        assert unit_took_effect(client, "crash-node-2", sid, events, phase, counter) is False
+        client.observe_sequence(sid, events, learn_at_end=True)  # as if it had been sent just before the crash
+        assert unit_took_effect(client, "crash-node-2", sid, events, phase, counter) is True
+        assert client.export_knowledge_base()["crash-node-2"] == {pattern_name(events): 2}
 
 
 def test_keyed_unit_resent_to_a_new_session_is_not_learned_twice(server_factory: Callable[..., EmbeddedServer]) -> None:

@@ -45,7 +45,7 @@ def test_a_unit_is_learned_once_in_process(client: KatoClient) -> None:
     """Each protocol learns the unit as one pattern, frequency 1, and the mode follows the server's GET /."""
     node = NodeSession(client, "ip-L0", TRAIN_CONFIG)
     assert node.learn_unit(UNIT, "run/ip-L0/0/0/0") == pattern_name(UNIT)
-    assert node.mode == ("keys" if client.supports_idempotency else "verify")
+    assert node.mode == ("keys" if client.supports_idempotency else "counter")
     found = client.pattern("ip-L0", pattern_name(UNIT))
     assert found is not None and found.frequency == 1
     node.close()

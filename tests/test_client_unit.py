@@ -51,7 +51,9 @@ class FakeKato:
     ``faults`` holds (method, path suffix, action) entries; the first matching request consumes one:
     ``lost`` applies the request and loses the answer; ``unsent`` loses it without applying;
     ``lost_and_expire`` applies, then the session vanishes, and the answer is lost; ``expire`` makes the
-    session vanish before the request (-> 404).
+    session vanish before the request (-> 404); ``swallow`` runs an observe-sequence whose final learn fails
+    (KATO logs and swallows it: the events stay in the STM) and ``lost_swallow`` does so and loses the answer.
+    Each session keeps KATO's observation counter ``time`` (+1 per observation, kept by a learn, 0 after a clear).
     """
 
     def __init__(self, *, idempotency: bool = False, reject_config: bool = False) -> None:
@@ -64,6 +66,7 @@ class FakeKato:
         self.faults: list[tuple[str, str, str]] = []
         self.log: list[str] = []
         self.n = 0
+        self.swallow = False
 
     def client(self, **kw: Any) -> KatoClient:
         return KatoClient(URL, settings=kw.pop("settings", FAST), transport=httpx.MockTransport(self), **kw)
@@ -86,6 +89,7 @@ class FakeKato:
                 break
         if action == "unsent":
             raise httpx.ReadTimeout("timed out", request=request)
+        self.swallow = action in ("swallow", "lost_swallow")
         sid_match = re.match(r"^/sessions/([^/]+)", path)
         if action == "expire" and sid_match:
             self.sessions.pop(sid_match.group(1), None)
@@ -102,7 +106,7 @@ class FakeKato:
             response = self._route(method, path, request)
             if key and response.status_code < 300:
                 self.keys[key] = (path, request.content, response)
-        if action in ("lost", "lost_and_expire"):
+        if action in ("lost", "lost_and_expire", "lost_swallow"):
             if action == "lost_and_expire" and sid_match:
                 self.sessions.pop(sid_match.group(1), None)
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
@@ -118,7 +122,7 @@ class FakeKato:
             cfg = dict(DEFAULTS)
             if not self.reject_config:
                 cfg.update(body.get("config") or {})
-            self.sessions[sid] = {"node": body["node_id"], "stm": [], "config": cfg}
+            self.sessions[sid] = {"node": body["node_id"], "stm": [], "config": cfg, "time": 0}
             return httpx.Response(200, json={"session_id": sid, "node_id": body["node_id"], "session_config": cfg})
         if path.startswith("/pattern/"):
             node, name = request.url.params["node_id"], path.rsplit("/", 1)[1]
@@ -136,19 +140,26 @@ class FakeKato:
             return httpx.Response(200, json={"status": "deleted", "session_id": sid})
         if sub == "stm":
             return httpx.Response(200, json={"stm": s["stm"], "session_id": sid, "length": len(s["stm"])})
+        if sub == "cognition-data":
+            return httpx.Response(200, json={"cognition_data": {"time": s["time"], "short_term_memory": s["stm"],
+                                                                "predictions": []}, "session_id": sid})
         if sub == "clear-stm":
-            s["stm"] = []
+            s["stm"], s["time"] = [], 0
             return httpx.Response(200, json={"status": "cleared", "session_id": sid})
         if sub == "observe-sequence":
-            initial = len(s["stm"])
-            for o in body["observations"]:
+            initial, results = len(s["stm"]), []
+            for i, o in enumerate(body["observations"]):
                 s["stm"].append(sorted(o["strings"]))
-            final = self._learn(s["node"], s["stm"]) if body.get("learn_at_end") else None
-            if body.get("learn_at_end"):
+                s["time"] += 1
+                results.append({"status": "okay", "sequence_position": i, "stm_length": len(s["stm"]),
+                                "time": s["time"]})
+            final = None
+            if body.get("learn_at_end") and not self.swallow:
+                final = self._learn(s["node"], s["stm"])
                 s["stm"] = []
             return httpx.Response(200, json={"status": "completed", "observations_processed": len(body["observations"]),
                                              "initial_stm_length": initial, "final_stm_length": len(s["stm"]),
-                                             "final_learned_pattern": final})
+                                             "results": results, "final_learned_pattern": final})
         if sub == "learn":
             if not s["stm"]:
                 return httpx.Response(400, json={"detail": "Cannot learn from empty STM"})
@@ -418,22 +429,22 @@ def test_constructors_send_nothing() -> None:
     assert kato.log.count("GET /") == 1
 
 
-# ---- exactly once: verify mode decisions -------------------------------------------------------
+# ---- exactly once: verify mode decisions (mode="verify": two requests per unit) ------------------
 
 
-def run_unit(kato: FakeKato, mode: str | None = None) -> tuple[str, list[tuple[str, str]]]:
-    phases: list[tuple[str, str]] = []
+def run_unit(kato: FakeKato, mode: str | None = None) -> tuple[str, list[tuple[str, str, int | None]]]:
+    phases: list[tuple[str, str, int | None]] = []
     with kato.client() as client:
         node = NodeSession(client, "n", TRAIN_CONFIG, mode=mode)  # type: ignore[arg-type]
-        name = node.learn_unit(UNIT, "key-1", on_phase=lambda p, sid: phases.append((p, sid)))
+        name = node.learn_unit(UNIT, "key-1", on_phase=lambda p, sid, t: phases.append((p, sid, t)))
     return name, phases
 
 
 def test_verify_mode_happy_path_calls_phases_before_requests() -> None:
     kato = FakeKato()
-    name, phases = run_unit(kato)
+    name, phases = run_unit(kato, "verify")
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
-    assert [p for p, _ in phases] == ["observe", "learn"]
+    assert [p for p, *_ in phases] == ["observe", "learn"]
     assert kato.log[-2:] == ["POST /sessions/session-1/observe-sequence", "POST /sessions/session-1/learn"]
 
 
@@ -442,7 +453,7 @@ def test_lost_learn_answer_is_decided_from_the_stm(action: str) -> None:
     """Applied (STM empty) -> not resent; not applied (STM == unit) -> resent. Either way frequency 1."""
     kato = FakeKato()
     kato.faults = [("POST", "/learn", action)]
-    name, phases = run_unit(kato)
+    name, phases = run_unit(kato, "verify")
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
     assert kato.log.count("GET /sessions/session-1/stm") == 1
     assert kato.log.count("POST /sessions/session-1/learn") == (1 if action == "lost" else 2)
@@ -452,7 +463,7 @@ def test_lost_learn_answer_is_decided_from_the_stm(action: str) -> None:
 def test_lost_observe_answer_is_repaired_by_clear_and_resend(action: str) -> None:
     kato = FakeKato()
     kato.faults = [("POST", "/observe-sequence", action)]
-    name, _ = run_unit(kato)
+    name, _ = run_unit(kato, "verify")
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
     assert kato.log.count("POST /sessions/session-1/clear-stm") == 1
 
@@ -461,15 +472,15 @@ def test_expired_session_is_replaced_and_the_unit_redone_from_a_clean_stm() -> N
     """404 on the learn proves it was not applied: new session, whole unit again, frequency 1."""
     kato = FakeKato()
     kato.faults = [("POST", "/learn", "expire")]
-    name, phases = run_unit(kato)
+    name, phases = run_unit(kato, "verify")
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
-    assert [sid for _, sid in phases] == ["session-1", "session-1", "session-2", "session-2"]
+    assert [sid for _, sid, _ in phases] == ["session-1", "session-1", "session-2", "session-2"]
 
 
 def test_lost_learn_then_vanished_session_with_absent_pattern_redoes_the_unit() -> None:
     kato = FakeKato()
     kato.faults = [("POST", "/learn", "unsent"), ("GET", "/stm", "expire")]
-    name, _ = run_unit(kato)
+    name, _ = run_unit(kato, "verify")
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
 
 
@@ -478,7 +489,7 @@ def test_lost_learn_then_vanished_session_with_present_pattern_is_ambiguous() ->
     kato = FakeKato()
     kato.faults = [("POST", "/learn", "lost_and_expire")]
     with pytest.raises(AmbiguousEffect, match="cannot be decided"):
-        run_unit(kato)
+        run_unit(kato, "verify")
     assert kato.freq("n", UNIT) == 1  # it was applied once; nothing was resent
 
 
@@ -486,14 +497,14 @@ def test_session_lost_over_and_over_gives_up() -> None:
     kato = FakeKato()
     kato.faults = [("POST", "/observe-sequence", "expire")] * 10
     with pytest.raises(SessionLost, match="vanished"):
-        run_unit(kato)
+        run_unit(kato, "verify")
 
 
 def test_wrong_learned_name_is_a_protocol_error() -> None:
     """Something else in the STM (another client on the session) is detected by the name check."""
     kato = FakeKato()
     with kato.client() as client:
-        node = NodeSession(client, "n", TRAIN_CONFIG)
+        node = NodeSession(client, "n", TRAIN_CONFIG, mode="verify")
         node.learn_unit(UNIT, "k0")
         kato.sessions[node.session_id]["stm"].append(["intruder"])  # appears after the unit's start
         with pytest.raises(ProtocolError, match="learned"):
@@ -515,6 +526,100 @@ def test_unit_took_effect_after_a_trainer_crash() -> None:
         assert unit_took_effect(client, "other-node", sid, UNIT, "learn") is False
         with pytest.raises(ValueError, match="keyed"):
             unit_took_effect(client, "n", sid, UNIT, "keyed")
+        with pytest.raises(ValueError, match="counter"):
+            unit_took_effect(client, "n", sid, UNIT, "counted")  # a counted phase needs its counter
+
+
+# ---- exactly once: counter mode decisions (the default without keys: one request per unit) ----------
+
+
+N = len(UNIT)
+
+
+def test_counter_mode_is_the_default_without_keys_and_sends_one_request_per_unit() -> None:
+    """The counter is read once per session; then each unit is one observe-sequence with learn_at_end, journaled
+    ("counted") with the counter before it."""
+    kato = FakeKato()
+    phases: list[tuple[str, str, int | None]] = []
+    with kato.client() as client:
+        node = NodeSession(client, "n", TRAIN_CONFIG)
+        for i in range(3):
+            node.learn_unit(UNIT, f"k{i}", on_phase=lambda p, sid, t: phases.append((p, sid, t)))
+        assert node.mode == "counter"
+    assert kato.freq("n", UNIT) == 3
+    assert phases == [("counted", "session-1", 0), ("counted", "session-1", N), ("counted", "session-1", 2 * N)]
+    assert kato.log[1:] == ["POST /sessions", "GET /sessions/session-1/cognition-data"] + \
+        ["POST /sessions/session-1/observe-sequence"] * 3
+
+
+@pytest.mark.parametrize(("action", "sequences"), [("lost", 1), ("unsent", 2)])
+def test_lost_sequence_answer_is_decided_by_the_counter(action: str, sequences: int) -> None:
+    """Counter advanced by the unit with an empty STM: learned, not resent. Counter unchanged: resent. Frequency 1."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", action)]
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/observe-sequence") == sequences
+    assert kato.log.count("GET /sessions/session-1/cognition-data") == 2  # the first read, then the decision
+    assert [p for p, *_ in phases] == ["counted"] * sequences
+
+
+@pytest.mark.parametrize("action", ["swallow", "lost_swallow"])
+def test_a_failed_final_learn_is_learned_once(action: str) -> None:
+    """KATO swallows a failed final learn: the events stay in the STM (seen in the answer, or through the counter
+    and the STM when the answer is lost). The client sends learn, journaled as a "learn" phase."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", action)]
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert [p for p, *_ in phases] == ["counted", "learn"]
+    assert kato.log.count("POST /sessions/session-1/learn") == 1
+
+
+def test_lost_sequence_then_vanished_session() -> None:
+    """Pattern absent after the session vanished: the unit is redone in a new session; present: ambiguous."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", "unsent"), ("GET", "/cognition-data", "expire")]
+    kato.faults.insert(0, ("GET", "/cognition-data", "none"))  # the first read (new session) passes
+    name, phases = run_unit(kato)
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert [sid for _, sid, _ in phases] == ["session-1", "session-2"]
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", "lost_and_expire")]
+    with pytest.raises(AmbiguousEffect, match="cannot be decided"):
+        run_unit(kato)
+    assert kato.freq("n", UNIT) == 1
+
+
+def test_an_intruder_in_the_stm_is_a_protocol_error_before_anything_is_learned_twice() -> None:
+    kato = FakeKato()
+    with kato.client() as client:
+        node = NodeSession(client, "n", TRAIN_CONFIG)
+        node.learn_unit(UNIT, "k0")
+        kato.sessions[node.session_id]["stm"].append(["intruder"])
+        with pytest.raises(ProtocolError, match="initial STM 1"):
+            node.learn_unit(UNIT, "k1")
+
+
+def test_unit_took_effect_with_the_journaled_counter() -> None:
+    """After a trainer crash: unchanged counter -> False; advanced, STM empty -> True; advanced with the unit still in
+    the STM (final learn failed) -> False (the unit is redone elsewhere); vanished session -> the pattern decides."""
+    kato = FakeKato()
+    with kato.client() as client:
+        sid = client.create_session("n", TRAIN_CONFIG).session_id
+        assert unit_took_effect(client, "n", sid, UNIT, "counted", 0) is False
+        client.observe_sequence(sid, UNIT, learn_at_end=True)
+        assert unit_took_effect(client, "n", sid, UNIT, "counted", 0) is True
+        kato.swallow = True
+        kato.faults = [("POST", "/observe-sequence", "swallow")]
+        client.observe_sequence(sid, UNIT, learn_at_end=True)
+        assert unit_took_effect(client, "n", sid, UNIT, "counted", N) is False
+        with pytest.raises(ProtocolError, match="counter 8"):
+            unit_took_effect(client, "n", sid, UNIT, "counted", 1)  # neither before nor after this unit
+        client.delete_session(sid)
+        with pytest.raises(AmbiguousEffect):
+            unit_took_effect(client, "n", sid, UNIT, "counted", N)
+        assert unit_took_effect(client, "other-node", sid, UNIT, "counted", N) is False
 
 
 # ---- exactly once: keys mode -------------------------------------------------------------------
@@ -525,7 +630,7 @@ def test_keys_mode_is_one_keyed_request_and_survives_a_lost_answer() -> None:
     kato.faults = [("POST", "/observe-sequence", "lost")]
     name, phases = run_unit(kato)
     assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
-    assert [p for p, _ in phases] == ["keyed"]
+    assert [p for p, *_ in phases] == ["keyed"]
     assert kato.log.count("POST /sessions/session-1/observe-sequence") == 2
 
 

@@ -124,3 +124,15 @@ def test_a_write_that_fails_halfway_leaves_only_whole_lines(tmp_path: Path) -> N
     path = tmp_path / FILENAME
     assert path.read_bytes().endswith(b"\n") and path.stat().st_size <= 2000
     assert sorted(read_journal(path).samples) == list(range(stopped_at))
+
+
+def test_a_counted_step_keeps_its_counter_through_compaction(tmp_path: Path) -> None:
+    """A "counted" line (counter protocol) carries the session's counter before the request; compaction keeps it."""
+    j = _journal(tmp_path)
+    j.step(5, 2, "counted", "s9", counter=96)
+    j.step(6, 0, "counted", "s9", counter=0)
+    j.compact(keep_from=5)
+    j.close()
+    rec = read_journal(tmp_path / FILENAME).samples[5]
+    assert (rec.last_step, rec.last_phase, rec.last_session, rec.last_counter) == (2, "counted", "s9", 96)
+    assert read_journal(tmp_path / FILENAME).samples[6].last_counter == 0

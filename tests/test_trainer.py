@@ -130,7 +130,8 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     """The headline: a trainer SIGKILLed >= 10 times and resumed leaves exactly the uninterrupted knowledge base.
 
     batch: one keyed learn-batch request per sample (the embedded server's fast path); keys: one keyed request
-    per chunk; verify: a server without idempotency (a real KATO), two requests per chunk, decided from its STM.
+    per chunk; verify: a server without idempotency (a real KATO), one request per chunk, a lost answer decided from
+    the session's observation counter and STM (units.py, counter mode).
     """
     srv = server if mode != "verify" else server_without_idempotency
     client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
