@@ -21,3 +21,37 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "demo"
     build_demo_corpus(out, shards=4)
     return out
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One embedded server process (idempotency keys on) for the trainer tests; each test trains its own run_name,
+    so its own nodes. Tests that restart, kill or limit a server start their own."""
+    from streamtrain.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path_factory.mktemp("srv") / "kb.sqlite3") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def server_without_idempotency(tmp_path_factory: pytest.TempPathFactory):
+    """The same without idempotency keys: plays a real KATO (the verify protocol)."""
+    from streamtrain.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path_factory.mktemp("srv-noidem") / "kb.sqlite3", idempotency=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def reference(server, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, int]]:
+    """The knowledge base of an uninterrupted single-worker run of runs.SAMPLES records, level by level."""
+    from runs import SAMPLES, kb_by_level, make_config
+
+    from streamtrain.trainer import train
+
+    cfg = make_config(tmp_path_factory.mktemp("ref"), demo_corpus, "reference", server.url)
+    result = train(cfg, progress=False)
+    assert result.reason == "end" and result.final_position == SAMPLES
+    kb = kb_by_level(server.url, cfg)
+    assert set(kb) == {0, 1, 2} and all(kb.values()) and sum(kb[0].values()) == result.patterns_learned[0]
+    return kb

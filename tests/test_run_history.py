@@ -25,12 +25,6 @@ from streamtrain.trainer import train
 CHILD = Path(__file__).with_name("train_child.py")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedServer(tmp_path_factory.mktemp("srv") / "kb.sqlite3") as srv:
-        yield srv
-
-
 def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tmp_path, capsys):
     cfg = make_config(tmp_path, demo_corpus, "history", server.url, max_samples=30)
     train(cfg, progress=False)

@@ -27,29 +27,6 @@ from streamtrain.trainer import train, train_parallel
 CHILD = Path(__file__).with_name("train_child.py")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedServer(tmp_path_factory.mktemp("srv") / "kb.sqlite3") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def server_without_idempotency(tmp_path_factory):
-    with EmbeddedServer(tmp_path_factory.mktemp("srv-noidem") / "kb.sqlite3", idempotency=False) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def reference(server, demo_corpus, tmp_path_factory) -> dict[int, dict[str, int]]:
-    """The knowledge base of an uninterrupted single-worker run."""
-    cfg = make_config(tmp_path_factory.mktemp("ref"), demo_corpus, "reference", server.url)
-    result = train(cfg, progress=False)
-    assert result.reason == "end" and result.final_position == SAMPLES
-    kb = kb_by_level(server.url, cfg)
-    assert set(kb) == {0, 1, 2} and all(kb.values()) and sum(kb[0].values()) == result.patterns_learned[0]
-    return kb
-
-
 def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_path, reference):
     """Every raw record below the end is trained, filtered or failed; the last checkpoint says 'end'."""
     cfg = make_config(tmp_path, demo_corpus, "accounting", server.url)
