@@ -28,7 +28,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -239,37 +239,54 @@ def _fill_requests(ready: list[tuple[_Job, list[str], list[Step]]]) -> list[list
     return groups
 
 
+@dataclass(frozen=True)
+class _WorkerContext:
+    """What a worker needs of its run, fixed before the workers start (they never see the dispatcher's state)."""
+
+    config: RunConfig
+    server_url: str
+    token: str | None
+    tokenizer: Callable[[str], list[str]]
+    journal: Journal
+    learn_batch: bool  # whole samples in keyed learn-batch requests
+    learn_batches: bool  # ... several per request
+    batch_endpoint: str  # "batches" or "batch": where new batch requests go
+    inbox: queue.Queue[_Job | None]
+    outbox: queue.Queue[Outcome]
+    stop: threading.Event  # take no more samples
+
+
 class _Worker(threading.Thread):
     """One client, one session per level; takes samples until told to stop."""
 
-    def __init__(self, run: _Run, number: int):
+    def __init__(self, ctx: _WorkerContext, number: int):
         super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
-        self.run_ = run
-        self.client = KatoClient(run.server_url, token=_token_for(run.server_url, run.config), settings=run.config.client)
+        self.ctx = ctx
+        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client)
         self.sessions = self._new_sessions()
 
     def _new_sessions(self) -> list[NodeSession]:
-        cfg = self.run_.config
+        cfg = self.ctx.config
         return [NodeSession(self.client, cfg.node_id(level), layer.session_config(), ttl_seconds=SESSION_TTL_SECONDS)
                 for level, layer in enumerate(cfg.layers)]
 
     def run(self) -> None:
-        run = self.run_
+        ctx = self.ctx
         clean = True  # no sample left half done: the sessions can go
         try:
-            while clean and not run.stop.is_set():
-                job = run.inbox.get()
-                if job is None or run.stop.is_set():
+            while clean and not ctx.stop.is_set():
+                job = ctx.inbox.get()
+                if job is None or ctx.stop.is_set():
                     break  # a job left here stays unfinished: the position cannot pass it
                 jobs, ending = self._take_ready(job)
                 done: set[int] = set()
                 try:
                     for outcome in self._train_jobs(jobs):
                         done.add(outcome.raw_index)
-                        run.outbox.put(outcome)
+                        ctx.outbox.put(outcome)
                 except BaseException as exc:  # the server's fault, or the journal's: the dispatcher must hear of it
                     first = next(j for j in jobs if j.raw_index not in done)  # the others stay unfinished too
-                    run.outbox.put(Outcome(first.raw_index, retry=first.retry is not None, fatal=exc))
+                    ctx.outbox.put(Outcome(first.raw_index, retry=first.retry is not None, fatal=exc))
                     clean = False
                 if ending:
                     break
@@ -284,11 +301,11 @@ class _Worker(threading.Thread):
         """``job`` and, where several samples go in one request, the plain samples already waiting (never waits for
         more). True when a stop sentinel was taken too: this worker ends after these."""
         jobs = [job]
-        if not self.run_.learn_batches or job.recovery is not None or job.retry is not None:
+        if not self.ctx.learn_batches or job.recovery is not None or job.retry is not None:
             return jobs, False
         while len(jobs) < SAMPLES_PER_REQUEST:
             try:
-                more = self.run_.inbox.get_nowait()
+                more = self.ctx.inbox.get_nowait()
             except queue.Empty:
                 break
             if more is None:
@@ -319,9 +336,9 @@ class _Worker(threading.Thread):
 
     def _send_group(self, group: list[tuple[_Job, list[str], list[Step]]]) -> Iterator[Outcome]:
         """Several whole samples in one request, each under its own key (the one it has when sent alone)."""
-        run, cfg = self.run_, self.run_.config
+        ctx, cfg = self.ctx, self.ctx.config
         for job, _, steps in group:
-            run.journal.step(job.raw_index, 0, "batches", "", end=len(steps))
+            ctx.journal.step(job.raw_index, 0, "batches", "", end=len(steps))
         batches = [(sample_key(cfg.run_name, job.raw_index, steps), [(cfg.node_id(s.level), s.events) for s in steps])
                    for job, _, steps in group]
         try:
@@ -345,20 +362,20 @@ class _Worker(threading.Thread):
     def _plan(self, job: _Job) -> tuple[list[str], list[Step]] | Outcome:
         """The sample's tokens and steps, or its failure when the tokenizer rejects its text."""
         try:
-            tokens = self.run_.tokenizer(job.text)
+            tokens = self.ctx.tokenizer(job.text)
         except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
             return self._failed(job, _SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0))
-        return tokens, plan_sample(tokens, self.run_.config.layers)
+        return tokens, plan_sample(tokens, self.ctx.config.layers)
 
     def _send_sample(self, job: _Job, tokens: list[str], steps: list[Step]) -> Outcome:
-        run = self.run_
+        ctx = self.ctx
         try:
             first = self._first_step(job, steps)
             rec = job.recovery
             recovered = rec is not None and rec.last_phase in ("batch", "batches")
-            if steps and (run.learn_batch or recovered):
+            if steps and (ctx.learn_batch or recovered):
                 resend = None
-                endpoint = rec.last_phase if recovered and rec is not None else run.batch_endpoint
+                endpoint = rec.last_phase if recovered and rec is not None else ctx.batch_endpoint
                 if recovered and rec is not None and rec.last_step is not None and rec.last_step < len(steps):
                     # the range the last request carried (a journal line without "e" is a whole-sample batch)
                     resend = (rec.last_step, rec.last_end if rec.last_end is not None else len(steps))
@@ -370,32 +387,32 @@ class _Worker(threading.Thread):
         return self._trained(job, tokens, steps)
 
     def _failed(self, job: _Job, exc: _SampleFault) -> Outcome:
-        message, levels = str(exc), len(self.run_.config.layers)
+        message, levels = str(exc), len(self.ctx.config.layers)
         logger.warning("sample %d failed (the next call retries it): %s", job.raw_index, message)
         # the sessions' STM may hold part of the sample: start the next one from fresh sessions
         for s in self.sessions:
             s.close()
         self.sessions = self._new_sessions()
-        self.run_.journal.finished(job.raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
+        self.ctx.journal.finished(job.raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
                                    steps_done=exc.steps_done)
         return Outcome(job.raw_index, job.retry is not None, error=message, steps_done=exc.steps_done)
 
     def _trained(self, job: _Job, tokens: list[str], steps: list[Step]) -> Outcome:
-        learns = [0] * len(self.run_.config.layers)
+        learns = [0] * len(self.ctx.config.layers)
         names: dict[int, str] = {}
         for step in steps:
             learns[step.level] += 1
             names.setdefault(step.level, step.name)
-        self.run_.journal.finished(job.raw_index, trained=1, tokens=len(tokens), learns=learns)
+        self.ctx.journal.finished(job.raw_index, trained=1, tokens=len(tokens), learns=learns)
         return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names)
 
     def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:
         """One exactly-once unit per step (keys, or verify on a server without them)."""
-        run, cfg = self.run_, self.run_.config
+        ctx, cfg = self.ctx, self.ctx.config
         for step in steps[first:]:
             session = self.sessions[step.level]
             key = step_key(cfg.run_name, session.node_id, raw_index, step)
-            on_phase = lambda phase, sid, t, k=step.index: run.journal.step(raw_index, k, phase, sid, counter=t)  # noqa: E731
+            on_phase = lambda phase, sid, t, k=step.index: ctx.journal.step(raw_index, k, phase, sid, counter=t)  # noqa: E731
             try:
                 session.learn_unit(step.events, key, on_phase=on_phase)
             except ProtocolError as exc:
@@ -426,12 +443,12 @@ class _Worker(threading.Thread):
                 self._send_range(raw_index, steps, max(a, first), b, endpoint)
 
     def _send_range(self, raw_index: int, steps: list[Step], a: int, b: int, endpoint: str) -> None:
-        cfg = self.run_.config
+        cfg = self.ctx.config
         part = steps[a:b]
         key = (sample_key(cfg.run_name, raw_index, part) if (a, b) == (0, len(steps))
                else part_key(cfg.run_name, raw_index, a, part))
         items = [(cfg.node_id(s.level), s.events) for s in part]
-        self.run_.journal.step(raw_index, a, endpoint, "", end=b)
+        self.ctx.journal.step(raw_index, a, endpoint, "", end=b)
         try:
             if endpoint == "batches":
                 names = self.client.learn_batches([(key, items)])[0]
@@ -465,7 +482,7 @@ class _Worker(threading.Thread):
         k = recovery.last_step
         if recovery.last_phase in ("learn", "counted"):
             step = steps[k]
-            node_id = self.run_.config.node_id(step.level)
+            node_id = self.ctx.config.node_id(step.level)
             applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events,
                                        recovery.last_phase, recovery.last_counter)
             logger.info("sample %d: step %d's learn %s before the crash", raw_index, k, "took effect" if applied else "did not take effect")
@@ -844,7 +861,11 @@ class _Run:
         workers = self.workers
         try:
             try:
-                workers.extend(_Worker(self, i) for i in range(cfg.num_workers))
+                ctx = _WorkerContext(config=cfg, server_url=self.server_url, token=_token_for(self.server_url, cfg),
+                                     tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.learn_batch,
+                                     learn_batches=self.learn_batches, batch_endpoint=self.batch_endpoint,
+                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop)
+                workers.extend(_Worker(ctx, i) for i in range(cfg.num_workers))
                 for w in workers:
                     w.start()
                 self._dispatch_all()
