@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import DatasetConfig
-from .errors import DatasetError
+from .errors import DatasetChanged, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +129,16 @@ def dataset_size(record: DatasetRecord) -> int | None:
         return sum(pq.read_metadata(f.path).num_rows for f in record.files)
     except Exception:  # noqa: BLE001 - a size is a nicety for the progress bar, never a reason to stop
         return None
+
+
+def check_dataset(recorded: DatasetRecord, current: DatasetRecord, run_name: str, where: str) -> None:
+    """Refuse to resume when the files changed in a way that moves raw positions, naming each change."""
+    problems = dataset_changes(recorded, current)
+    if problems:
+        raise DatasetChanged(
+            f"cannot resume run '{run_name}': its dataset's files changed since {where}, so its raw positions would "
+            "point at other records:\n  " + "\n  ".join(problems)
+            + "\nWays out: restore the files as they were (new files may only come after all the old ones); or "
+            "train the new data as a new run (another run_name); or start this run over "
+            "(streamtrain train --fresh --move-aside)."
+        )

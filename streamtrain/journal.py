@@ -267,18 +267,26 @@ class Journal:
     def compact(self, keep_from: int, keep_also: set[int] | frozenset[int] = frozenset()) -> None:
         """Keep the lines of samples at or above ``keep_from`` (the position of the oldest checkpoint kept) and
         of the samples in ``keep_also`` (failed samples still open): all that a resume from a kept checkpoint
-        can need."""
+        can need. Streams: one pass notes where each kept sample's last step line and fin line are, a second
+        copies those lines, so memory does not grow with the journal (a run checkpoints for days)."""
         with self._lock:
             try:
-                state = read_journal(self.path)
-            except CheckpointError as exc:
-                logger.warning("journal compaction skipped: %s", exc)
+                where = self._kept_lines(keep_from, keep_also)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("journal compaction skipped (%s): the journal keeps growing until the next one", exc)
                 return
-            keep = JournalState(
-                samples={s: r for s, r in state.samples.items() if s >= keep_from or s in keep_also}
-            )
+            tmp = self.path.with_name(self.path.name + ".tmp")
             try:
-                self._rewrite([self._header] + self._entries_of(keep))
+                with open(self.path, "rb") as src, open(tmp, "wb") as out:
+                    out.write((json.dumps(self._header, separators=(",", ":")) + "\n").encode("utf-8"))
+                    for s in sorted(where):
+                        for offset in where[s]:
+                            if offset is not None:
+                                src.seek(offset)
+                                out.write(src.readline())
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, self.path)
                 old, self._fd = self._fd, None  # never a closed number left behind, whatever interrupts this
                 if old is not None:
                     os.close(old)
@@ -288,6 +296,28 @@ class Journal:
                 logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
                 if self._fd is None:
                     self._open()
+
+    def _kept_lines(self, keep_from: int, keep_also: set[int] | frozenset[int]) -> dict[int, list[int | None]]:
+        """sample -> [offset of its last step line, offset of its fin line] for the samples compaction keeps."""
+        where: dict[int, list[int | None]] = {}
+        offset = 0
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                here, offset = offset, offset + len(raw)
+                if not raw.endswith(b"\n"):
+                    break
+                entry = json.loads(raw)
+                if "header" in entry:
+                    continue
+                s = int(entry["s"])
+                if s < keep_from and s not in keep_also:
+                    continue
+                slot = where.setdefault(s, [None, None])
+                if entry["p"] == "fin":
+                    slot[1] = here
+                else:  # a new attempt: an earlier fin no longer holds (as read_journal decides)
+                    slot[0], slot[1] = here, None
+        return where
 
     def close(self) -> None:
         with self._lock:

@@ -63,6 +63,22 @@ class RunDir:
             path.unlink(missing_ok=True)
         self.journal_path.unlink(missing_ok=True)
 
+    def start_fresh(self, run_name: str, move_aside: bool) -> None:
+        """Make room for a fresh start: nothing to do in an empty folder; a run that trained nothing loses its
+        files (they pin nothing); any other run is moved aside when asked to, else refused."""
+        if self.is_empty():
+            return
+        if not self.has_progress():  # nothing of it reached a server
+            self.clear_unpinned()
+            return
+        if not move_aside:
+            raise CheckpointError(
+                f"run '{run_name}' already has files in {self.path} (checkpoints, journal or knowledge base): "
+                "a fresh start would mix with them. Resume instead (drop --fresh), use a new run_name, or let "
+                "streamtrain move the folder aside (--fresh --move-aside / fresh=True, move_aside=True)."
+            )
+        self.move_aside()
+
     def move_aside(self) -> Path | None:
         """Rename the folder to ``<run_name>.moved-<UTC time>``; None when there was nothing to move."""
         if self.is_empty():

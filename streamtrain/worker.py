@@ -1,0 +1,348 @@
+"""A worker thread: takes samples from the dispatcher, learns each up the hierarchy exactly once, reports back.
+
+Each worker has its own client and its own session per level. Whole samples go in keyed learn-batch requests
+where the server offers them (several per request), otherwise one exactly-once unit per step
+(``units.NodeSession``). Only a sample's own content fails it (``SampleFault``); any other error is the server's
+or the run's and stops the run, the sample left unfinished for the next call (docs/trainer.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .checkpoint import FailedSample
+from .client import KatoClient
+from .config import RunConfig
+from .errors import ProtocolError
+from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
+from .journal import Journal, SampleRecord
+from .runstate import Outcome
+from .units import NodeSession, unit_took_effect
+
+logger = logging.getLogger(__name__)
+
+# Training sessions live a day (the idempotency keys' default lifetime too): a trainer killed mid-step and resumed
+# within that time can still read its old sessions' STM to decide whether the step took effect.
+SESSION_TTL_SECONDS = 86400
+
+
+@dataclass(frozen=True)
+class Job:
+    raw_index: int
+    text: str
+    recovery: SampleRecord | None  # what the journal knows of an earlier attempt that a crash cut short
+    retry: FailedSample | None = None  # a failed sample of an earlier call, tried again
+
+
+class SampleFault(Exception):
+    """The sample's own content was rejected: it fails, the run goes on, and the next call retries it."""
+
+    def __init__(self, message: str, steps_done: int) -> None:
+        super().__init__(message)
+        self.steps_done = steps_done
+
+
+# Answers that reject a request for what it carries (malformed, too large): the sample's fault. Every other error
+# (5xx, transport errors, time-outs past the retry budget, a wrong token) is the server's, and stops the run.
+CONTENT_REJECTED = frozenset({400, 413, 422})
+
+# One learn-batch request carries at most this much of a sample; a bigger sample goes in several keyed parts.
+MAX_BATCH_ITEMS = 1000
+MAX_BATCH_BYTES = 1 << 20
+
+
+# One learn-batches request carries at most this many whole samples (each under its own key), filled with whatever
+# samples are ready when a worker takes its next one, so a slow stream never waits for a request to fill.
+SAMPLES_PER_REQUEST = 16
+
+
+def _cost(step: Step) -> int:
+    """The bytes a step adds to a request body, roughly (JSON of its node id and events)."""
+    return 48 + sum(len(symbol) + 6 for event in step.events for symbol in event)
+
+
+def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
+    """Cut a sample's steps into consecutive parts (first, end) within the items and (estimated) bytes bounds."""
+    parts: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, step in enumerate(steps):
+        cost = _cost(step)
+        if i > start and (i - start >= MAX_BATCH_ITEMS or size + cost > MAX_BATCH_BYTES):
+            parts.append((start, i))
+            start, size = i, 0
+        size += cost
+    if start < len(steps):
+        parts.append((start, len(steps)))
+    return parts
+
+
+def fill_requests(ready: list[tuple[Job, list[str], list[Step]]]) -> list[list[tuple[Job, list[str], list[Step]]]]:
+    """Whole samples packed, in order, into requests within the items and bytes bounds of one learn-batch part."""
+    groups: list[list[tuple[Job, list[str], list[Step]]]] = []
+    items = size = 0
+    for entry in ready:
+        steps = entry[2]
+        cost = sum(_cost(s) for s in steps)
+        if groups and items + len(steps) <= MAX_BATCH_ITEMS and size + cost <= MAX_BATCH_BYTES:
+            groups[-1].append(entry)
+            items, size = items + len(steps), size + cost
+        else:
+            groups.append([entry])
+            items, size = len(steps), cost
+    return groups
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker needs of its run, fixed before the workers start (they never see the dispatcher's state)."""
+
+    config: RunConfig
+    server_url: str
+    token: str | None
+    tokenizer: Callable[[str], list[str]]
+    journal: Journal
+    learn_batch: bool  # whole samples in keyed learn-batch requests
+    learn_batches: bool  # ... several per request
+    batch_endpoint: str  # "batches" or "batch": where new batch requests go
+    inbox: queue.Queue[Job | None]
+    outbox: queue.Queue[Outcome]
+    stop: threading.Event  # take no more samples
+
+
+class Worker(threading.Thread):
+    """One client, one session per level; takes samples until told to stop."""
+
+    def __init__(self, ctx: WorkerContext, number: int):
+        super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
+        self.ctx = ctx
+        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client)
+        self.sessions = self._new_sessions()
+
+    def _new_sessions(self) -> list[NodeSession]:
+        cfg = self.ctx.config
+        return [NodeSession(self.client, cfg.node_id(level), layer.session_config(), ttl_seconds=SESSION_TTL_SECONDS)
+                for level, layer in enumerate(cfg.layers)]
+
+    def run(self) -> None:
+        ctx = self.ctx
+        clean = True  # no sample left half done: the sessions can go
+        try:
+            while clean and not ctx.stop.is_set():
+                job = ctx.inbox.get()
+                if job is None or ctx.stop.is_set():
+                    break  # a job left here stays unfinished: the position cannot pass it
+                jobs, ending = self._take_ready(job)
+                done: set[int] = set()
+                try:
+                    for outcome in self._train_jobs(jobs):
+                        done.add(outcome.raw_index)
+                        ctx.outbox.put(outcome)
+                except BaseException as exc:  # the server's fault, or the journal's: the dispatcher must hear of it
+                    first = next(j for j in jobs if j.raw_index not in done)  # the others stay unfinished too
+                    ctx.outbox.put(Outcome(first.raw_index, retry=first.retry is not None, fatal=exc))
+                    clean = False
+                if ending:
+                    break
+        finally:
+            if clean:
+                for s in self.sessions:
+                    s.close()
+            # else the sessions stay (until their TTL): the next run may read their STM to finish the sample
+            self.client.close()
+
+    def _take_ready(self, job: Job) -> tuple[list[Job], bool]:
+        """``job`` and, where several samples go in one request, the plain samples already waiting (never waits for
+        more). True when a stop sentinel was taken too: this worker ends after these."""
+        jobs = [job]
+        if not self.ctx.learn_batches or job.recovery is not None or job.retry is not None:
+            return jobs, False
+        while len(jobs) < SAMPLES_PER_REQUEST:
+            try:
+                more = self.ctx.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return jobs, True
+            jobs.append(more)
+        return jobs, False
+
+    def _train_jobs(self, jobs: list[Job]) -> Iterator[Outcome]:
+        """Each job's outcome as soon as it is known. Whole small samples share keyed learn-batches requests; the
+        rest (a retry, a sample in flight at a crash, a sample too big for one request) go alone."""
+        if len(jobs) == 1:
+            yield self._train_sample(jobs[0])
+            return
+        ready: list[tuple[Job, list[str], list[Step]]] = []
+        for job in jobs:
+            if job.recovery is not None or job.retry is not None:
+                yield self._train_sample(job)
+                continue
+            planned = self._plan(job)
+            if isinstance(planned, Outcome):
+                yield planned
+            elif not planned[1] or len(batch_parts(planned[1])) > 1:
+                yield self._send_sample(job, *planned)
+            else:
+                ready.append((job, *planned))
+        for group in fill_requests(ready):
+            yield from self._send_group(group)
+
+    def _send_group(self, group: list[tuple[Job, list[str], list[Step]]]) -> Iterator[Outcome]:
+        """Several whole samples in one request, each under its own key (the one it has when sent alone)."""
+        ctx, cfg = self.ctx, self.ctx.config
+        for job, _, steps in group:
+            ctx.journal.step(job.raw_index, 0, "batches", "", end=len(steps))
+        batches = [(sample_key(cfg.run_name, job.raw_index, steps), [(cfg.node_id(s.level), s.events) for s in steps])
+                   for job, _, steps in group]
+        try:
+            answers = self.client.learn_batches(batches)
+        except ProtocolError as exc:
+            if exc.status_code not in CONTENT_REJECTED:
+                raise
+            # the server applied none of it: each sample alone, so a fault is pinned on its own sample
+            for job, tokens, steps in group:
+                yield self._send_sample(job, tokens, steps)
+            return
+        for (job, tokens, steps), names in zip(group, answers):
+            if names != [s.name for s in steps]:
+                raise ProtocolError(f"sample {job.raw_index}: {self.client.base_url} learned other names than planned")
+            yield self._trained(job, tokens, steps)
+
+    def _train_sample(self, job: Job) -> Outcome:
+        planned = self._plan(job)
+        return planned if isinstance(planned, Outcome) else self._send_sample(job, *planned)
+
+    def _plan(self, job: Job) -> tuple[list[str], list[Step]] | Outcome:
+        """The sample's tokens and steps, or its failure when the tokenizer rejects its text."""
+        try:
+            tokens = self.ctx.tokenizer(job.text)
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
+            return self._failed(job, SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0))
+        return tokens, plan_sample(tokens, self.ctx.config.layers)
+
+    def _send_sample(self, job: Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        ctx = self.ctx
+        try:
+            first = self._first_step(job, steps)
+            rec = job.recovery
+            recovered = rec is not None and rec.last_phase in ("batch", "batches")
+            if steps and (ctx.learn_batch or recovered):
+                resend = None
+                endpoint = rec.last_phase if recovered and rec is not None else ctx.batch_endpoint
+                if recovered and rec is not None and rec.last_step is not None and rec.last_step < len(steps):
+                    # the range the last request carried (a journal line without "e" is a whole-sample batch)
+                    resend = (rec.last_step, rec.last_end if rec.last_end is not None else len(steps))
+                self._learn_batch(job.raw_index, steps, first, resend, endpoint or "batch")
+            else:
+                self._learn_steps(job.raw_index, steps, first)
+        except SampleFault as exc:
+            return self._failed(job, exc)
+        return self._trained(job, tokens, steps)
+
+    def _failed(self, job: Job, exc: SampleFault) -> Outcome:
+        message, levels = str(exc), len(self.ctx.config.layers)
+        logger.warning("sample %d failed (the next call retries it): %s", job.raw_index, message)
+        # the sessions' STM may hold part of the sample: start the next one from fresh sessions
+        for s in self.sessions:
+            s.close()
+        self.sessions = self._new_sessions()
+        self.ctx.journal.finished(job.raw_index, trained=0, tokens=0, learns=[0] * levels, error=message,
+                                   steps_done=exc.steps_done)
+        return Outcome(job.raw_index, job.retry is not None, error=message, steps_done=exc.steps_done)
+
+    def _trained(self, job: Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        learns = [0] * len(self.ctx.config.layers)
+        names: dict[int, str] = {}
+        for step in steps:
+            learns[step.level] += 1
+            names.setdefault(step.level, step.name)
+        self.ctx.journal.finished(job.raw_index, trained=1, tokens=len(tokens), learns=learns)
+        return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names)
+
+    def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:
+        """One exactly-once unit per step (keys, or verify on a server without them)."""
+        ctx, cfg = self.ctx, self.ctx.config
+        for step in steps[first:]:
+            session = self.sessions[step.level]
+            key = step_key(cfg.run_name, session.node_id, raw_index, step)
+            on_phase = lambda phase, sid, t, k=step.index: ctx.journal.step(raw_index, k, phase, sid, counter=t)  # noqa: E731
+            try:
+                session.learn_unit(step.events, key, on_phase=on_phase)
+            except ProtocolError as exc:
+                if exc.status_code not in CONTENT_REJECTED:
+                    raise
+                raise SampleFault(f"step {step.index} (level {step.level}) was rejected: {exc}", step.index) from exc
+
+    def _learn_batch(self, raw_index: int, steps: list[Step], first: int, resend: tuple[int, int] | None,
+                     endpoint: str) -> None:
+        """The sample's steps from ``first`` on, in keyed learn-batch requests (one, unless the sample is big).
+
+        A request's key is a function of the range of steps it carries, and each range is journaled (start and
+        end, and ``endpoint``: "batch" for ``/learn-batch``, "batches" for ``/learn-batches``, whose keys live
+        apart) before it is sent. After a crash, ``resend`` is the last range sent: it goes again under its key on
+        the same endpoint (answered from the server's record if it took effect), then the rest from its end.
+        """
+        offered = self.client.supports_learn_batches if endpoint == "batches" else self.client.supports_learn_batch
+        if not offered:
+            raise ProtocolError(
+                f"sample {raw_index} was sent as a learn-{endpoint} request before the last stop, but "
+                f"{self.client.base_url} does not offer that extension now: it cannot be finished exactly on this server"
+            )
+        if resend is not None:
+            self._send_range(raw_index, steps, *resend, endpoint)
+            first = resend[1]
+        for a, b in batch_parts(steps):
+            if b > first:
+                self._send_range(raw_index, steps, max(a, first), b, endpoint)
+
+    def _send_range(self, raw_index: int, steps: list[Step], a: int, b: int, endpoint: str) -> None:
+        cfg = self.ctx.config
+        part = steps[a:b]
+        key = (sample_key(cfg.run_name, raw_index, part) if (a, b) == (0, len(steps))
+               else part_key(cfg.run_name, raw_index, a, part))
+        items = [(cfg.node_id(s.level), s.events) for s in part]
+        self.ctx.journal.step(raw_index, a, endpoint, "", end=b)
+        try:
+            if endpoint == "batches":
+                names = self.client.learn_batches([(key, items)])[0]
+            else:
+                names = self.client.learn_batch(items, key)
+        except ProtocolError as exc:
+            if exc.status_code not in CONTENT_REJECTED:
+                raise
+            if exc.status_code == 413 and b - a > 1:  # over the server's body limit: halves, each keyed
+                mid = (a + b) // 2
+                self._send_range(raw_index, steps, a, mid, endpoint)
+                self._send_range(raw_index, steps, mid, b, endpoint)
+                return
+            raise SampleFault(f"steps {a}-{b - 1} were rejected: {exc}", a) from exc
+        if names != [s.name for s in part]:
+            raise ProtocolError(f"sample {raw_index}: {self.client.base_url} learned other names than planned")
+
+    def _first_step(self, job: Job, steps: list[Step]) -> int:
+        """The first step to send: after a crash, from the journal; for a retried failure, past its steps done."""
+        rec = job.recovery
+        if rec is not None and rec.last_step is not None:
+            return self._first_step_to_send(job.raw_index, steps, rec)
+        if job.retry is not None:
+            return min(job.retry.steps_done, len(steps))
+        return 0
+
+    def _first_step_to_send(self, raw_index: int, steps: list[Step], recovery: SampleRecord) -> int:
+        """After a trainer crash: the first step of this sample that did not take effect (journal.py argues why)."""
+        if recovery.last_step is None or recovery.last_step >= len(steps):
+            return 0
+        k = recovery.last_step
+        if recovery.last_phase in ("learn", "counted"):
+            step = steps[k]
+            node_id = self.ctx.config.node_id(step.level)
+            applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events,
+                                       recovery.last_phase, recovery.last_counter)
+            logger.info("sample %d: step %d's learn %s before the crash", raw_index, k, "took effect" if applied else "did not take effect")
+            return k + 1 if applied else k
+        # "observe": its learn was never sent; "keyed" and "batch" replay harmlessly under their idempotency keys
+        return k
