@@ -1,4 +1,4 @@
-"""What a run learned and where it stands, as plain data: the engine behind the notebooks and ``inspect``.
+"""What a run learned and where it stands, as plain data: the engine behind the notebooks.
 
 Nothing here prints or plots (``streamtrain.notebook`` does that); every function returns lists of dicts or
 plain values, one dict per table row, so a caller can print them, assert on them or hand them to pandas.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,9 +21,10 @@ from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .client import KatoClient
-from .config import ClientConfig, RunConfig, _leaves, resume_differences, resume_policy
-from .errors import ProtocolError, ServerError, ServerUnavailable
+from .config import RunConfig, _leaves, resume_differences, resume_policy
+from .errors import ProtocolError
 from .patterns import PREFIX, strip_prefix
+from .serverconn import Connection, connect
 
 log = logging.getLogger(__name__)
 
@@ -46,104 +46,6 @@ __all__ = [
     "tokens_to_text",
     "top_patterns",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Connecting: a given server, checked quickly, or the embedded one on the run's knowledge base
-
-
-@dataclass
-class Connection:
-    """A client on a server, and the embedded server when this connection started one.
-
-    Use it as a context manager (or call :meth:`close`): the client is closed and an embedded server stopped.
-    """
-
-    url: str
-    client: KatoClient
-    server: Any = None  # streamtrain.server.EmbeddedServer when started here
-    db_path: Path | None = None
-
-    @property
-    def embedded(self) -> bool:
-        return self.server is not None
-
-    def close(self) -> None:
-        self.client.close()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def connect(
-    url: str | None,
-    db_path: str | Path | None = None,
-    *,
-    token: str | None = None,
-    wait_seconds: float = 5.0,
-    settings: ClientConfig | None = None,
-) -> Connection:
-    """Connect to ``url`` after a quick health check, or (``url`` None) start the embedded server on ``db_path``.
-
-    Args:
-        url: a KATO server such as ``http://127.0.0.1:8000``; None starts the embedded server.
-        db_path: the embedded server's SQLite file (a run's is ``config.run_dir / "kb.sqlite3"``).
-        token: bearer token of the server, if any. The embedded server started here (``url`` None) gets this
-            token, or a random one that only this process knows; ``url`` of an embedded server this process
-            started needs no token.
-        wait_seconds: how long ``GET /health`` may keep failing before giving up. Short on purpose: a notebook
-            should say at once that nobody answers, not after the training retry budget of minutes.
-        settings: the client's settings for everything after the health check (default: ``ClientConfig()``).
-
-    Raises:
-        ServerUnavailable: nobody answers at ``url`` within ``wait_seconds``, or the embedded server did not start.
-        ConfigError: ``url`` is not an http(s) URL.
-    """
-    settings = settings or ClientConfig()
-    if url is None:
-        if db_path is None:
-            raise ValueError("connect(None, db_path): give the embedded server's database path (or a server URL)")
-        from .server import EmbeddedServer
-
-        db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        token = token or secrets.token_urlsafe(32)   # no other local process may use the server we start
-        server = EmbeddedServer(db_path, token=token).start()
-        return Connection(server.url, KatoClient(server.url, token=token, settings=settings), server, db_path)
-
-    url = url.rstrip("/")
-    if token is None:  # an embedded server this process started (a notebook's other connection, a trainer's)
-        from .server.launcher import token_for
-
-        token = token_for(url)
-    quick = ClientConfig(
-        connect_timeout=min(2.0, wait_seconds), read_timeout=min(5.0, max(wait_seconds, 0.5)),
-        retry_total_seconds=wait_seconds, retry_max_attempts=50, backoff_initial=0.1, backoff_max=1.0,
-    )
-    probe = KatoClient(url, token=token, settings=quick)
-    try:
-        probe.health()
-    except ServerError as exc:
-        raise ServerUnavailable(
-            f"no KATO server answers at {url}: GET /health failed for {wait_seconds:g} s "
-            f"({_last_cause(exc)}). Start the server (for example `streamtrain serve`), fix the URL, "
-            "or set server_url to None to use the embedded server."
-        ) from None
-    finally:
-        probe.close()
-    return Connection(url, KatoClient(url, token=token, settings=settings))
-
-
-def _last_cause(exc: BaseException) -> str:
-    text = str(exc)
-    match = re.search(r"last cause: (.*?)(?:\. Check|$)", text)
-    return match.group(1) if match else text.splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The server a run talks to: the one its config names, or the embedded server started for it; its bearer token;
-and waiting, out loud, until it answers."""
+"""Which server, and is it there: the one a config names or the embedded server started on a run's knowledge base,
+its bearer token, and waiting, out loud, until it answers (``train``); a quick check and a connection for the
+notebooks (``connect``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .client import KatoClient
 from .config import ClientConfig, RunConfig
-from .errors import ServerUnavailable
+from .errors import ServerError, ServerUnavailable
 from .wire import ServiceInfo
 
 logger = logging.getLogger(__name__)
@@ -74,3 +78,100 @@ def wait_for_server(url: str, token: str | None, settings: ClientConfig,
             if stop is None:
                 time.sleep(pause)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------
+# For notebooks: a given server, checked quickly, or the embedded one on a run's knowledge base
+
+
+@dataclass
+class Connection:
+    """A client on a server, and the embedded server when this connection started one.
+
+    Use it as a context manager (or call :meth:`close`): the client is closed and an embedded server stopped.
+    """
+
+    url: str
+    client: KatoClient
+    server: Any = None  # streamtrain.server.EmbeddedServer when started here
+    db_path: Path | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.server is not None
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    url: str | None,
+    db_path: str | Path | None = None,
+    *,
+    token: str | None = None,
+    wait_seconds: float = 5.0,
+    settings: ClientConfig | None = None,
+) -> Connection:
+    """Connect to ``url`` after a quick health check, or (``url`` None) start the embedded server on ``db_path``.
+
+    Args:
+        url: a KATO server such as ``http://127.0.0.1:8000``; None starts the embedded server.
+        db_path: the embedded server's SQLite file (a run's is ``config.run_dir / "kb.sqlite3"``).
+        token: bearer token of the server, if any. The embedded server started here (``url`` None) gets this
+            token, or a random one that only this process knows; ``url`` of an embedded server this process
+            started needs no token.
+        wait_seconds: how long ``GET /health`` may keep failing before giving up. Short on purpose: a notebook
+            should say at once that nobody answers, not after the training retry budget of minutes.
+        settings: the client's settings for everything after the health check (default: ``ClientConfig()``).
+
+    Raises:
+        ServerUnavailable: nobody answers at ``url`` within ``wait_seconds``, or the embedded server did not start.
+        ConfigError: ``url`` is not an http(s) URL.
+    """
+    settings = settings or ClientConfig()
+    if url is None:
+        if db_path is None:
+            raise ValueError("connect(None, db_path): give the embedded server's database path (or a server URL)")
+        from .server import EmbeddedServer
+
+        db_path = Path(db_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        token = token or secrets.token_urlsafe(32)   # no other local process may use the server we start
+        server = EmbeddedServer(db_path, token=token).start()
+        return Connection(server.url, KatoClient(server.url, token=token, settings=settings), server, db_path)
+
+    url = url.rstrip("/")
+    if token is None:  # an embedded server this process started (a notebook's other connection, a trainer's)
+        from .server.launcher import token_for
+
+        token = token_for(url)
+    quick = ClientConfig(
+        connect_timeout=min(2.0, wait_seconds), read_timeout=min(5.0, max(wait_seconds, 0.5)),
+        retry_total_seconds=wait_seconds, retry_max_attempts=50, backoff_initial=0.1, backoff_max=1.0,
+    )
+    probe = KatoClient(url, token=token, settings=quick)
+    try:
+        probe.health()
+    except ServerError as exc:
+        raise ServerUnavailable(
+            f"no KATO server answers at {url}: GET /health failed for {wait_seconds:g} s "
+            f"({_last_cause(exc)}). Start the server (for example `streamtrain serve`), fix the URL, "
+            "or set server_url to None to use the embedded server."
+        ) from None
+    finally:
+        probe.close()
+    return Connection(url, KatoClient(url, token=token, settings=settings))
+
+
+def _last_cause(exc: BaseException) -> str:
+    cause = getattr(exc, "last_cause", None)  # ServerUnavailable carries it; no message is parsed
+    return str(cause) if cause else str(exc).splitlines()[0]
