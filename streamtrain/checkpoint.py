@@ -90,7 +90,7 @@ class ServerInfo(_Record):
 
 
 class Checkpoint(_Record):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = 2  # SCHEMA_VERSION
     library_version: str = __version__
     sequence: int = Field(ge=1, description="1, 2, 3... per run; the file name is ckpt-{sequence:08d}.json.")
     run_name: str

@@ -279,14 +279,14 @@ def _inspect_run(run_dir: Path, as_json: bool) -> int:
         found, refusal = None, str(exc)
     newest = next((e for e in entries if found is not None and e.path == found[1]), None)
     if as_json:
-        if newest is None:
+        if newest is None or newest.checkpoint is None:
             raise CheckpointError(refusal or f"no valid checkpoint in {run_dir}")
         print(newest.checkpoint.model_dump_json(indent=2))
         return EXIT_OK
     print(f"run folder {run_dir}: {len(entries)} checkpoint file(s)")
     for e in entries:
-        if e.valid:
-            ck = e.checkpoint
+        ck = e.checkpoint
+        if ck is not None:
             print(
                 f"  {e.path.name}  valid    reason={ck.reason:<9} raw_offset={ck.position.raw_offset:<8} "
                 f"created {ck.created_at.isoformat(timespec='seconds')}"

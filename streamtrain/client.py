@@ -29,9 +29,26 @@ from pydantic import BaseModel, ValidationError
 
 from . import wire
 from .config import ClientConfig
-from .errors import ConfigError, ConfigRejected, KeyAlreadyUsed, MaybeApplied, ProtocolError, ServerUnavailable, SessionNotFound
+from .errors import (
+    ConfigError,
+    ConfigRejected,
+    KeyAlreadyUsed,
+    MaybeApplied,
+    ProtocolError,
+    ServerUnavailable,
+    SessionNotFound,
+)
 from .patterns import strip_prefix
-from .retry import AMBIGUOUS_STATUS, SAFE_STATUS, SAFE_TRANSPORT, Transient, error_code, is_retryable, parse_retry_after, short
+from .retry import (
+    AMBIGUOUS_STATUS,
+    SAFE_STATUS,
+    SAFE_TRANSPORT,
+    Transient,
+    error_code,
+    is_retryable,
+    parse_retry_after,
+    short,
+)
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +364,7 @@ class KatoClient:
         """Best-effort delete: a failure is logged, never raised (the session expires anyway)."""
         try:
             self.delete_session(session_id)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not mask the real error
+        except Exception as exc:
             log.warning("could not delete session %s on %s: %s", session_id, self.base_url, exc)
 
     def _request_checked(self, method: str, path: str, session_id: str) -> wire.StatusResult:

@@ -28,8 +28,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-MUST_MATCH = {"resume": "must_match"}
-MAY_CHANGE = {"resume": "may_change"}
+MUST_MATCH: dict[str, JsonValue] = {"resume": "must_match"}
+MAY_CHANGE: dict[str, JsonValue] = {"resume": "may_change"}
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -278,7 +278,11 @@ def _token_from_env() -> SecretStr | None:
 
 def resume_policy() -> dict[str, str]:
     """Field name -> 'must_match' or 'may_change', read from the model itself."""
-    return {name: (f.json_schema_extra or {}).get("resume", "") for name, f in RunConfig.model_fields.items()}
+    out = {}
+    for name, f in RunConfig.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        out[name] = str(extra.get("resume", ""))
+    return out
 
 
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
@@ -354,7 +358,7 @@ def _split_loc(loc: tuple[Any, ...]) -> tuple[str, bool]:
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per bad field, with its dotted path: every problem at once, not just the first."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[Any]] = {}  # pydantic's ErrorDetails, read as mappings
     for err in exc.errors():
         path, _ = _split_loc(tuple(err["loc"]))
         groups.setdefault(path or "<root>", []).append(err)
@@ -371,9 +375,9 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             if msg not in msgs:
                 msgs.append(msg)
         line = f"  {path}: " + "; or ".join(msgs)
-        err = errs[0]
-        if err["type"] not in ("missing", "extra_forbidden"):
-            line += f" (got {err['input']!r})"
+        first = errs[0]
+        if first["type"] not in ("missing", "extra_forbidden"):
+            line += f" (got {first['input']!r})"
         lines.append(line)
     return f"invalid config {source}: {len(lines)} problem(s):\n" + "\n".join(lines)
 

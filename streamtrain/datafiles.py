@@ -127,7 +127,7 @@ def dataset_size(record: DatasetRecord) -> int | None:
 
     try:
         return sum(pq.read_metadata(f.path).num_rows for f in record.files)
-    except Exception:  # noqa: BLE001 - a size is a nicety for the progress bar, never a reason to stop
+    except Exception:
         return None
 
 

@@ -83,7 +83,7 @@ def build_demo_corpus(out_dir: str | Path = "data/demo", shards: int = 4) -> lis
     if all(p.is_file() for p in paths):
         logger.info("demo corpus already in %s", out)
         return paths
-    records = []
+    records: list[dict[str, str]] = []
     for path in _play_files():
         markdown = path.read_text(encoding="utf-8")
         records.extend(speeches(markdown, _title(markdown, path.stem)))

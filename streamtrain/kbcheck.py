@@ -96,11 +96,11 @@ def knowledge_base_problems(client: KatoClient, record: KnowledgeBaseRecord) -> 
                 problems.append(f"node {want.node_id}: expected at least {want.patterns} patterns (total frequency "
                                 f"{want.total_frequency}), found {patterns} (total frequency {freq})")
     for probe in record.probes:
-        found = client.pattern(probe.node_id, probe.name)
-        if found is None:
+        stored = client.pattern(probe.node_id, probe.name)
+        if stored is None:
             problems.append(f"node {probe.node_id}: pattern {probe.name} is missing (learned by this run)")
-        elif found.frequency < probe.frequency:
-            problems.append(f"node {probe.node_id}: pattern {probe.name} has frequency {found.frequency}, "
+        elif stored.frequency < probe.frequency:
+            problems.append(f"node {probe.node_id}: pattern {probe.name} has frequency {stored.frequency}, "
                             f"expected at least {probe.frequency}")
     return problems
 

@@ -159,7 +159,7 @@ def ensure_run(config: RunConfig, stops: Sequence[int] = (40, 80), workers: Sequ
     if has_run(config):
         return []
     results = []
-    for stop, n in zip(stops, workers):
+    for stop, n in zip(stops, workers, strict=False):  # workers may list more counts than stops
         results.append(train(with_changes(config, max_samples=stop, num_workers=n), progress=progress))
     return results
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from .config import DatasetConfig
@@ -103,7 +103,7 @@ class DatasetStream:
         self._seen = 0
         self._initial_state: dict[str, Any] | None = None
         self._ds, self._skip, self.resumed_by = self._prepare(start, state_dict)
-        self._it: Iterator[tuple[int, str]] | None = None
+        self._it: Generator[tuple[int, str], None, None] | None = None
 
     def _prepare(self, start: int, state: dict[str, Any] | None) -> tuple[Any, int, str]:
         raw = _open(self.config)
@@ -181,7 +181,7 @@ class DatasetStream:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _records(self) -> Iterator[tuple[int, str]]:
+    def _records(self) -> Generator[tuple[int, str], None, None]:
         source = iter(self._ds)
         head: list[dict[str, Any]] = []
         if self.resumed_by == "state_dict":

@@ -71,6 +71,7 @@ class _Run:
         self.kb_record: KnowledgeBaseRecord | None = None
         self.probe_names: dict[int, str] = {}  # level -> a pattern learned since the last checkpoint
         self.kept_marks: list[int] = []  # positions of the checkpoints kept on disk, oldest first
+        self.fatal: BaseException | None = None  # a worker's fatal error, raised again in the dispatcher
 
     # -- resume -------------------------------------------------------------------------------------------
     def load_state(self, client: KatoClient) -> None:
@@ -83,7 +84,7 @@ class _Run:
         # data_files, a wrong text_field) pins nothing, so the corrected config simply runs.
         pinned = (ckpt is not None and ckpt.has_progress) or bool(journal_state.samples)
         header = journal_state.header or {}
-        if pinned and ckpt is not None:
+        if pinned and ckpt is not None and path is not None:
             check_resume(ckpt.config, cfg, path)
         elif pinned and header:
             check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path)
@@ -97,7 +98,7 @@ class _Run:
             check_dataset(recorded, self.dataset_record, cfg.run_name, str(path or rundir.journal_path))
         self.resumed = pinned
         self.sequence = ckpt.sequence if ckpt is not None else 0
-        if pinned and ckpt is not None:
+        if pinned and ckpt is not None and path is not None:
             where = str(rundir.kb_path) if self.embedded else self.server_url
             check_knowledge_base(client, ckpt.knowledge_base, str(path), where, self.embedded)
             self.kb_record = ckpt.knowledge_base
@@ -366,7 +367,7 @@ class _Run:
                                              "dataset": self.dataset_record.model_dump(mode="json")})
         self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
         self.since_checkpoint = 0
-        self.fatal: BaseException | None = None
+        self.fatal = None
         self.metrics = MetricsLog(cfg.run_dir)
         self._metrics_row("resume" if self.resumed else "start")
         self.bar = None
@@ -479,11 +480,13 @@ def _release_lock(held: ExitStack, run: _Run | None) -> None:
         held.close()
         return
 
+    name = run.config.run_name if run is not None else "?"
+
     def release() -> None:
         for w in stragglers:
             w.join()
         held.close()
-        logger.info("run %s: the workers left behind have stopped; its lock is free", run.config.run_name)
+        logger.info("run %s: the workers left behind have stopped; its lock is free", name)
 
     threading.Thread(target=release, name="streamtrain-lock-release", daemon=True).start()
 

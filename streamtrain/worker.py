@@ -207,7 +207,9 @@ class Worker(threading.Thread):
             for job, tokens, steps in group:
                 yield self._send_sample(job, tokens, steps)
             return
-        for (job, tokens, steps), names in zip(group, answers):
+        if len(answers) != len(group):
+            raise ProtocolError(f"{self.client.base_url}: learn-batches answered {len(answers)} results for {len(group)} batches")
+        for (job, tokens, steps), names in zip(group, answers, strict=True):
             if names != [s.name for s in steps]:
                 raise ProtocolError(f"sample {job.raw_index}: {self.client.base_url} learned other names than planned")
             yield self._trained(job, tokens, steps)
@@ -220,7 +222,7 @@ class Worker(threading.Thread):
         """The sample's tokens and steps, or its failure when the tokenizer rejects its text."""
         try:
             tokens = self.ctx.tokenizer(job.text)
-        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises, it is about this text
+        except Exception as exc:
             return self._failed(job, SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0))
         return tokens, plan_sample(tokens, self.ctx.config.layers)
 
