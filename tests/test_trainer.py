@@ -128,7 +128,7 @@ def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_co
     """A 4-worker run killed twice and resumed with 2 workers gives the same knowledge base (no idempotency)."""
     srv = server_without_idempotency
     cfg = make_config(tmp_path, demo_corpus, "four-to-two", srv.url, num_workers=4)
-    _kill_and_resume(cfg, tmp_path, kills=2, seed=3, resume_workers=2)
+    assert _kill_and_resume(cfg, tmp_path, kills=2, seed=3, resume_workers=2) == 2, "a kill came after the end"
     assert kb_by_level(srv.url, cfg) == reference
 
 
@@ -327,7 +327,7 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
     """Default mode (no server_url): the trainer and its embedded server child are killed with it; the orphaned
     server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
     cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5)
-    _kill_and_resume(cfg, tmp_path, kills=3, seed=5)
+    assert _kill_and_resume(cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.embedded
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
