@@ -34,6 +34,7 @@ __all__ = [
     "connect",
     "demo_config",
     "ensure_corpus",
+    "kb_path",
     "ensure_run",
     "error_message",
     "frame",
@@ -130,6 +131,13 @@ def start_over(config: RunConfig) -> Path | None:
     from .rundir import RunDir
 
     return RunDir(config.run_dir).move_aside()
+
+
+def kb_path(config: RunConfig) -> Path:
+    """Where the embedded server keeps the run's knowledge base (``streamtrain.rundir`` owns the layout)."""
+    from .rundir import RunDir
+
+    return RunDir(config.run_dir).kb_path
 
 
 def with_changes(config: RunConfig, **changes: Any) -> RunConfig:

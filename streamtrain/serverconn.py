@@ -125,7 +125,7 @@ def connect(
 
     Args:
         url: a KATO server such as ``http://127.0.0.1:8000``; None starts the embedded server.
-        db_path: the embedded server's SQLite file (a run's is ``config.run_dir / "kb.sqlite3"``).
+        db_path: the embedded server's SQLite file (a run's is ``RunDir(config.run_dir).kb_path``).
         token: bearer token of the server, if any. The embedded server started here (``url`` None) gets this
             token, or a random one that only this process knows; ``url`` of an embedded server this process
             started needs no token.
