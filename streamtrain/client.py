@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -38,6 +39,7 @@ from .errors import (
     ServerUnavailable,
     SessionNotFound,
 )
+from .extensions import EmbeddedExtensions
 from .patterns import strip_prefix
 from .retry import (
     AMBIGUOUS_STATUS,
@@ -86,7 +88,7 @@ def config_differences(asked: Mapping[str, Any], effective: Mapping[str, Any]) -
 # The client
 
 
-class KatoClient:
+class KatoClient(EmbeddedExtensions):
     """A sync KATO client: one keep-alive ``httpx.Client``, typed answers, bounded retries.
 
     Args:
@@ -129,9 +131,6 @@ class KatoClient:
             self._http = http
         else:
             self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
-        # Exponential from backoff_initial up to backoff_max, plus up to one backoff_initial of jitter
-        self._backoff = tenacity.wait_exponential(multiplier=settings.backoff_initial, max=settings.backoff_max) \
-            + tenacity.wait_random(0, settings.backoff_initial)
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -147,7 +146,7 @@ class KatoClient:
     def __repr__(self) -> str:
         return f"KatoClient({self.base_url!r})"
 
-    def _attempt(self, method: str, path: str, json: Any, params: Any, headers: dict[str, str]) -> httpx.Response:
+    def _attempt(self, method: str, path: str, json: Any, params: Any, headers: dict[str, str] | None) -> httpx.Response:
         """One HTTP exchange. Transport errors and 429/502/503/504 become ``Transient``."""
         try:
             response = self._http.request(method, path, json=json, params=params, headers=headers)
@@ -167,14 +166,15 @@ class KatoClient:
             )
         return response
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        """Exponential backoff with jitter, at least Retry-After, cut to the remaining budget."""
-        delay = self._backoff(state)
-        exc = state.outcome.exception() if state.outcome else None
+    def _wait(self, attempt: int, exc: BaseException | None, started: float) -> float:
+        """The sleep after failed attempt number ``attempt`` of a call first sent at ``started``: exponential from
+        backoff_initial up to backoff_max plus up to one backoff_initial of jitter, at least Retry-After, cut to
+        what is left of the budget."""
+        s = self.settings
+        delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) + random.uniform(0, s.backoff_initial)  # noqa: S311
         if isinstance(exc, Transient) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
-        remaining = self.settings.retry_total_seconds - (state.seconds_since_start or 0.0)
-        return max(0.0, min(delay, remaining))
+        return max(0.0, min(delay, s.retry_total_seconds - (time.monotonic() - started)))
 
     def _request(
         self,
@@ -186,49 +186,68 @@ class KatoClient:
         idempotency_key: str | None = None,
         resend: bool,
     ) -> httpx.Response:
-        """Send with retries; ``resend``: the call is a read or idempotent write (ambiguity is harmless)."""
-        call = f"{method} {path}"
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Send with retries; ``resend``: the call is a read or idempotent write (ambiguity is harmless).
+
+        The first attempt goes out directly, so the common case costs no retry machinery. After a failure worth
+        another, tenacity sends the rest: at most ``retry_max_attempts`` attempts in all, within
+        ``retry_total_seconds`` of the first."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         resend_ambiguous = resend or idempotency_key is not None
         started = time.monotonic()
-        attempts = 0
+        try:
+            return self._attempt(method, path, json, params, headers)
+        except Transient as exc:
+            failed = exc
+        attempts = 1
+
+        def retryable(exc: BaseException) -> bool:
+            return is_retryable(exc, resend_ambiguous=resend_ambiguous)
+
+        def spent(_: object = None) -> bool:  # the stop condition
+            return (attempts >= self.settings.retry_max_attempts
+                    or time.monotonic() - started >= self.settings.retry_total_seconds)
+
+        def pause(exc: BaseException | None) -> float:
+            delay = self._wait(attempts, exc, started)
+            log.info("%s %s %s: attempt %d failed (%s); retrying in %.2f s",
+                     self.base_url, method, path, attempts, exc, delay)
+            return delay
 
         def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
             return self._attempt(method, path, json, params, headers)
 
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.info("%s %s: attempt %d failed (%s); retrying in %.2f s",
-                     self.base_url, call, state.attempt_number, exc, state.upcoming_sleep)
-
+        if not retryable(failed) or spent():
+            self._give_up(failed, method, path, attempts, started, resend_ambiguous)
+        self._sleep(pause(failed))
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda e: is_retryable(e, resend_ambiguous=resend_ambiguous)),
-            stop=tenacity.stop_after_attempt(self.settings.retry_max_attempts)
-            | tenacity.stop_after_delay(self.settings.retry_total_seconds),
-            wait=self._wait,
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
+            retry=tenacity.retry_if_exception(retryable), stop=spent, sleep=self._sleep, reraise=True,
+            wait=lambda state: pause(state.outcome.exception() if state.outcome else None),
         )
         try:
             return retrying(attempt)
         except Transient as exc:
-            spent = time.monotonic() - started
-            where = f"server {self.base_url}: {call} failed after {attempts} attempt(s) in {spent:.1f} s"
-            if exc.ambiguous and not resend_ambiguous:
-                raise MaybeApplied(
-                    f"{where}; last cause: {exc.cause}. The request may or may not have been applied, so it "
-                    "was not resent (no idempotency key); decide from server state before sending it again",
-                    attempts=attempts, last_cause=exc.cause,
-                ) from (exc.exc or exc)
-            raise ServerUnavailable(
-                f"{where} (budget: {self.settings.retry_max_attempts} attempts, "
-                f"{self.settings.retry_total_seconds:g} s); last cause: {exc.cause}. "
-                "Check that the server is running and reachable, or raise client.retry_total_seconds",
+            self._give_up(exc, method, path, attempts, started, resend_ambiguous)
+
+    def _give_up(self, exc: Transient, method: str, path: str, attempts: int, started: float,
+                 resend_ambiguous: bool) -> NoReturn:
+        """The call failed for good: MaybeApplied for an unkeyed write that may have been applied, else
+        ServerUnavailable."""
+        where = (f"server {self.base_url}: {method} {path} failed after {attempts} attempt(s) in "
+                 f"{time.monotonic() - started:.1f} s")
+        if exc.ambiguous and not resend_ambiguous:
+            raise MaybeApplied(
+                f"{where}; last cause: {exc.cause}. The request may or may not have been applied, so it "
+                "was not resent (no idempotency key); decide from server state before sending it again",
                 attempts=attempts, last_cause=exc.cause,
             ) from (exc.exc or exc)
+        raise ServerUnavailable(
+            f"{where} (budget: {self.settings.retry_max_attempts} attempts, "
+            f"{self.settings.retry_total_seconds:g} s); last cause: {exc.cause}. "
+            "Check that the server is running and reachable, or raise client.retry_total_seconds",
+            attempts=attempts, last_cause=exc.cause,
+        ) from (exc.exc or exc)
 
     def _answer(self, response: httpx.Response, model: type[M], call: str, session_id: str | None = None) -> M:
         """Turn an answer into ``model``, or raise the error the status means."""
@@ -288,21 +307,6 @@ class KatoClient:
         """Whether the server offers ``POST /learn-batch`` with idempotency keys (the embedded server does)."""
         info = self.info()
         return info.idempotency and "learn-batch" in info.extensions
-
-    @cached_property
-    def supports_learn_batches(self) -> bool:
-        """Whether the server offers ``POST /learn-batches`` (several keyed batches per request; the embedded server
-        with idempotency on)."""
-        info = self.info()
-        return info.idempotency and "learn-batches" in info.extensions
-
-    @cached_property
-    def supports_nodes(self) -> bool:
-        """Whether the server offers the ``/nodes`` listings (the embedded server's extension; a real KATO has none)."""
-        try:
-            return "nodes" in self.info().extensions
-        except ProtocolError:  # GET / is not a KATO service description: no extension either
-            return False
 
     def health(self) -> wire.Health:
         return self._get("/health", wire.Health)
@@ -466,24 +470,6 @@ class KatoClient:
         except ValidationError as exc:
             raise ProtocolError(f"server {self.base_url}: GET {path} answered an invalid pattern: {short(str(exc))}") from exc
 
-    def nodes(self) -> list[wire.NodeInfo]:
-        """Every node with a knowledge base (embedded server extension ``GET /nodes``)."""
-        return self._get("/nodes", wire.NodeList).nodes
-
-    def node_patterns(self, node_id: str, page_size: int = 500) -> Iterator[wire.NodePattern]:
-        """Every pattern of a node, ordered by name, fetched page by page."""
-        offset = 0
-        while True:
-            page = self._get(f"/nodes/{quote(node_id, safe='')}/patterns", wire.NodePatternsPage,
-                             params={"offset": offset, "limit": page_size})
-            yield from page.patterns
-            offset += len(page.patterns)
-            if not page.patterns or offset >= page.total:
-                return
-
-    def node_stats(self, node_id: str) -> wire.NodeStats:
-        return self._get(f"/nodes/{quote(node_id, safe='')}/stats", wire.NodeStats)
-
     def learn_batch(self, items: Sequence[tuple[str, Sequence[Sequence[str]]]], idempotency_key: str) -> list[str]:
         """Learn each ``(node_id, events)`` as one pattern, in order, in one request and one transaction
         (embedded server extension ``POST /learn-batch``). Keyed, so a retry after any failure is harmless:
@@ -501,33 +487,6 @@ class KatoClient:
         return self._post("/learn-batch", wire.LearnBatchResult, json=body, resend=True,
                           idempotency_key=idempotency_key).patterns
 
-    def learn_batches(
-        self, batches: Sequence[tuple[str, Sequence[tuple[str, Sequence[Sequence[str]]]]]]
-    ) -> list[list[str]]:
-        """Several ``(key, items)`` batches in one request (embedded server extension ``POST /learn-batches``), each
-        item ``(node_id, events)`` learned as one pattern, in order, in one transaction; the names of each batch.
-
-        Each batch is applied at most once per key: a batch whose key the server already holds with the same items
-        is answered from its store and applies nothing, so the request is resent after any ambiguous failure. A key
-        held with other items refuses the whole request: ``ProtocolError`` with ``status_code`` 422 and
-        ``error_code`` ``"KEY_REUSED"``, nothing applied; more items than the server's ``--max-batch-items`` in
-        all: 413. Use only when ``supports_learn_batches``."""
-        body = {"batches": [{"key": key, "items": [{"node_id": node, "events": [list(e) for e in events]}
-                                                   for node, events in items]}
-                            for key, items in batches]}
-        answer = self._post("/learn-batches", wire.LearnBatchesResult, json=body, resend=True)
-        keys = [key for key, _items in batches]
-        if [r.key for r in answer.results] != keys:
-            raise ProtocolError(f"server {self.base_url}: POST /learn-batches answered for the keys "
-                                f"{short(str([r.key for r in answer.results]))}, not for {short(str(keys))}")
-        return [r.patterns for r in answer.results]
-
-    def export_knowledge_base(self) -> dict[str, dict[str, int]]:
-        """node_id -> {pattern name ("PTRN|..."): frequency} for every node (tests and notebooks)."""
-        return {
-            n.node_id: {"PTRN|" + strip_prefix(p.name): p.frequency for p in self.node_patterns(n.node_id)}
-            for n in self.nodes()
-        }
 
 
 # Items of one learn-batch request; a larger batch is sent in parts (learn_batch). A constant, never read from the
