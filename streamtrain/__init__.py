@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .config import ClientConfig, DatasetConfig, HFTokenizer, LayerConfig, RunConfig, load_config, parse_config
@@ -10,7 +12,10 @@ from .errors import (
     CheckpointError,
     ConfigError,
     ConfigRejected,
+    DatasetChanged,
     DatasetError,
+    JournalDamaged,
+    KnowledgeBaseMismatch,
     ProtocolError,
     ResumeMismatch,
     ServerError,
@@ -25,7 +30,7 @@ from .errors import (
 _LAZY = {
     "train": "trainer",
     "train_parallel": "trainer",
-    "TrainResult": "trainer",
+    "TrainResult": "results",
     "Checkpoint": "checkpoint",
     "CheckpointStore": "checkpoint",
     "DatasetStream": "stream",
@@ -36,7 +41,18 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
+    from .checkpoint import Checkpoint, CheckpointStore
+    from .client import KatoClient
+    from .results import TrainResult
+    from .server import EmbeddedServer
+    from .stream import DatasetStream
+    from .tokenize import get_tokenizer
+    from .trainer import train, train_parallel
+    from .units import NodeSession
+
+
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
@@ -60,8 +76,11 @@ __all__ = [
     "ClientConfig",
     "ConfigError",
     "ConfigRejected",
+    "DatasetChanged",
     "DatasetConfig",
     "DatasetError",
+    "JournalDamaged",
+    "KnowledgeBaseMismatch",
     "HFTokenizer",
     "LayerConfig",
     "ProtocolError",
