@@ -1,10 +1,6 @@
 """The in-flight journal: what a killed trainer was doing, so its successor neither skips nor repeats a learn.
 
-Why it is needed. A checkpoint holds the stream position (the first unfinished raw index) and the finished
-samples above it. Between two checkpoints the trainer keeps working; when it is SIGKILLed (or OOM-killed) the
-samples it was working on have taken effect *in part*, and samples finished since the checkpoint *in full*.
-Against a server with idempotency keys, replaying them is harmless. Against a real KATO it is not: a second learn
-of the same pattern adds frequency. So before every mutating request the trainer appends one line here.
+Why it exists and why a resume from it is exact: docs/trainer.md ("The journal").
 
 The lines (JSON, one per line, appended with a single ``os.write`` on an ``O_APPEND`` descriptor, so a killed
 process leaves either the whole line or nothing the reader accepts; no fsync: the kernel keeps the page when the
@@ -26,29 +22,6 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
 A step line after a ``fin`` line of the same sample starts a new attempt (the retry of a failed sample): the
 ``fin`` no longer holds.
 
-The argument. A worker sends the steps of a sample in order (``hierarchy.plan_sample``), one request at a time on
-sessions no other worker uses, and writes a step's line before sending the step's request. So for an unfinished
-sample whose last line is step k: steps < k took effect (step k was begun only after step k-1 returned); steps > k
-were never sent; step k is decided from server state by ``client.unit_took_effect``: phase ``observe`` means its
-learn was never sent; phase ``learn`` means the STM held exactly the step's events when the learn was sent, so the
-recorded session's STM is empty if and only if the learn took effect (KATO's learn always clears it, and nothing
-else touches that session); phase ``counted`` means the request went to a session with an empty STM and the
-observation counter ``t``, which an applied observe-sequence advances by the step's length and a lost one leaves
-alone (docs/client.md argues it); phases ``keyed`` and ``batch`` are replayed under the same idempotency key, which the
-server answers from its record when the first attempt took effect (a ``batch`` sample is always replayed as a
-batch, whatever the current setting, so one sample never mixes the two). The resumed trainer never writes to the old session, so asking again after yet
-another crash gives the same answer. A ``fin`` line means the whole sample took effect: it is skipped and its
-counters are added back.
-
-Compaction: after each checkpoint the journal is rewritten (atomically) keeping the header and the lines of the
-samples at or above the position of the *oldest* checkpoint still kept, and of the failed samples still open. So a
-resume from any kept checkpoint (the newest, or an older one when the newest is damaged) finds every sample
-finished since it.
-
-Damage. A torn last line (a killed write) is expected and ignored, and cut off before the next append. Any other
-line that is not a valid journal line is damage: :class:`JournalDamaged` names the file and the line and says
-what to do. A write that fails halfway (a full disk) is cut back to the last whole line before the error is
-raised, so the file always holds whole lines.
 """
 
 from __future__ import annotations
