@@ -20,8 +20,9 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
                                                   content after its first 3 steps took effect (retried later)
 
 A step line after a ``fin`` line of the same sample starts a new attempt (the retry of a failed sample): the
-``fin`` no longer holds.
-
+``fin`` no longer holds. A torn last line (a killed write) is ignored and cut off before the next append; any other
+bad line raises :class:`JournalDamaged` naming the file and the line; a write that fails halfway (a full disk) is
+cut back to the last whole line.
 """
 
 from __future__ import annotations
