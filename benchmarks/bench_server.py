@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_server.py            # default run, well under 2 minutes
     .venv/bin/python benchmarks/bench_server.py --big      # adds the 100k-pattern prediction figures
+    .venv/bin/python benchmarks/bench_server.py --requests-only   # only the per-request figures (~30 s)
 
 Measures, against the server as a real subprocess over loopback HTTP:
   * observations/s through observe-sequence with batches of 1 (baseline: one request per event), 8, 64, 512
@@ -116,6 +117,19 @@ def bench_learn(c: httpx.Client, srv: EmbeddedServer, draw, n: int) -> None:
         label = f"learn-batch, {per_request} patterns/request, keyed"
         print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
               f"= {learned / cpu:5.0f} patterns per CPU-second")
+    # learn-batches (extension): 4 keyed batches of 6 patterns per request (4 samples of the trainer's shape).
+    n_req = max(1, n // 24)
+    bodies = [{"batches": [{"key": f"lbs-{i}-{b}", "items": [{"node_id": "batches", "events": [draw(1) for _ in range(8)]}
+                                                            for _ in range(6)]} for b in range(4)]}
+              for i in range(n_req)]
+    cpu0, t0 = server_cpu(srv), time.perf_counter()
+    for body in bodies:
+        c.post("/learn-batches", json=body)
+    dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
+    learned = n_req * 24
+    label = "learn-batches, 4 x 6 patterns/request"
+    print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
+          f"= {learned / cpu:5.0f} patterns per CPU-second")
     sid = new_session(c, "learn-separate")
     bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)]} for _ in range(n // 2)]
     cpu0, t0 = server_cpu(srv), time.perf_counter()
@@ -134,8 +148,7 @@ def fill_node(db: Path, node: str, draw, target: int) -> None:
 
     store = Store(db)
     eng = Engine(store)
-    have = store.conn.execute("SELECT unique_patterns FROM kbs WHERE kb_id=?", (eng.kb_id(node),)).fetchone()
-    have = have[0] if have else 0
+    have = store.node_stats(eng.kb_id(node))[0]
     t0 = time.perf_counter()
     with store.transaction():
         s = eng.create_session(node, {}, None, {"process_predictions": False})
@@ -150,7 +163,7 @@ def fill_node(db: Path, node: str, draw, target: int) -> None:
 
 def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], queries: int, label: str) -> None:
     from streamtrain.server.engine import Engine
-    from streamtrain.server.predictions import KBIndexes, predict
+    from streamtrain.server.kbindex import KBIndexes
     from streamtrain.server.store import Store
 
     print(f"\n== predictions, {label} (STM = 4 single-symbol events, recall_threshold 0.1, max_predictions 100)")
@@ -183,13 +196,13 @@ def bench_predictions(srv: EmbeddedServer, db: Path, draw, sizes: list[int], que
         p50 = {}
         for label, use_index in (("symbol index", True), ("full scan", False)):
             eng.kb_index = KBIndexes()
-            predict(eng, kb, stms[0], recall_threshold=0.1, max_predictions=100, use_token_matching=True,
-                    use_index=use_index)                       # load the node into memory
+            eng.predict(kb, stms[0], recall_threshold=0.1, max_predictions=100, use_token_matching=True,
+                        use_index=use_index)                   # load the node into memory
             times = []
             for stm in stms:
                 t0 = time.perf_counter()
-                predict(eng, kb, stm, recall_threshold=0.1, max_predictions=100, use_token_matching=True,
-                        use_index=use_index)
+                eng.predict(kb, stm, recall_threshold=0.1, max_predictions=100, use_token_matching=True,
+                            use_index=use_index)
                 times.append(time.perf_counter() - t0)
             p50[label] = pct(times, .5)
             print(f"      in-process {label:12s}: p50 {pct(times, .5) * 1e3:7.1f} ms  p99 {pct(times, .99) * 1e3:7.1f} ms")
@@ -202,6 +215,8 @@ def main() -> int:
     ap.add_argument("--big", action="store_true", help="also measure predictions with 100k patterns (slow to build)")
     ap.add_argument("--vocab", type=int, default=20000, help="vocabulary size (Zipf-distributed draws)")
     ap.add_argument("--queries", type=int, default=40, help="prediction queries per size")
+    ap.add_argument("--requests-only", action="store_true",
+                    help="only the per-request figures (observations, learns), no predictions")
     a = ap.parse_args()
     rng = random.Random(1)
     draw = zipf_vocab(rng, a.vocab)
@@ -213,6 +228,8 @@ def main() -> int:
                   f"load average {os.getloadavg()[0]:.1f}")
             bench_ingest(c, srv, draw, budget_events=4000)
             bench_learn(c, srv, draw, n=1500)
+            if a.requests_only:
+                return 0
             sizes = [1000, 10000] + ([100000] if a.big else [])
             bench_predictions(srv, db, draw, sizes, a.queries, "zipf vocabulary (words of a text)")
             uniform_rng = random.Random(2)

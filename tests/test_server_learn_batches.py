@@ -218,3 +218,27 @@ def test_health_answers_during_a_maximal_request(tmp_path):
         # would wait until its end, so none would both start and end inside it).
         assert took > 1.0, f"the request took {took:.2f} s: too short to show anything"
         assert len(during) >= 3, f"{len(during)} /health answers during a {took:.1f} s request"
+
+
+class Clock:
+    """An injected clock: the server's time moves only when the test moves it."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_batch_keys_expire_with_the_idempotency_ttl(tmp_path):
+    """A batch key lives as long as an Idempotency-Key (--idempotency-ttl): replayed within it, applied again (as
+    a new key) after it."""
+    clock = Clock()
+    with TestClient(create_app(tmp_path / "kb.sqlite3", idempotency_ttl=100, clock=clock)) as c:
+        assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is False
+        clock.t += 99
+        assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is True
+        assert kb(c)["L0"][names_of(A)[0]] == 1
+        clock.t += 2
+        assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is False
+        assert kb(c)["L0"][names_of(A)[0]] == 2

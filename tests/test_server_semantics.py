@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from streamtrain.patterns import pattern_name
 from streamtrain.server import create_app
-from streamtrain.server.predictions import predict
 
 
 @pytest.fixture()
@@ -73,9 +72,9 @@ def test_symbol_index_and_early_stop_match_full_scan(app, c):
             continue
         for threshold, max_predictions in ((0.1, 20), (0.1, 3), (0.3, 20), (0.6, 2), (0.0, 5)):
             kw = dict(recall_threshold=threshold, max_predictions=max_predictions, use_token_matching=True)
-            a = predict(eng, kb, stm, **kw)
-            b = predict(eng, kb, stm, use_index=False, **kw)
-            c_ = predict(eng, kb, stm, use_index=False, early_stop=False, **kw)
+            a = eng.predict(kb, stm, **kw)
+            b = eng.predict(kb, stm, use_index=False, **kw)
+            c_ = eng.predict(kb, stm, use_index=False, early_stop=False, **kw)
             assert a == b == c_
             checked += 1
     assert checked >= 40
@@ -187,3 +186,19 @@ def test_fast_alignment_equals_difflib_reference():
         m = sum(x[2] for x in blocks)
         assert len(matches) == m and nblocks == len(blocks)
         assert len(extras) == len(b) - m          # what predict() uses for the snr
+
+
+def test_sessions_expire_on_the_injected_clock(tmp_path):
+    """Session expiry follows the app's clock: each access slides it by the session's TTL; past it, KATO's 404."""
+    now = [1_000_000.0]
+    with TestClient(create_app(tmp_path / "kb.sqlite3", clock=lambda: now[0])) as c:
+        r = c.post("/sessions", json={"node_id": "ttl", "ttl_seconds": 50})
+        sid = r.json()["session_id"]
+        now[0] += 49
+        assert c.get(f"/sessions/{sid}/stm").status_code == 200        # slides the expiry to now + 50
+        now[0] += 49
+        assert c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}).status_code == 200
+        now[0] += 51
+        r = c.post(f"/sessions/{sid}/observe", json={"strings": ["b"]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "SESSION_NOT_FOUND"
+        assert c.get(f"/sessions/{sid}/exists").json()["exists"] is False

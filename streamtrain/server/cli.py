@@ -12,21 +12,20 @@ import socket
 import sys
 from pathlib import Path
 
-from streamtrain.server.app import (
+from streamtrain.server.defaults import (
+    DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_MAX_BATCH_ITEMS,
     DEFAULT_MAX_BODY_BYTES,
-    create_app,
+    MIN_UPLOAD_RATE,
+    TOKEN_ENV,
 )
-from streamtrain.server.protocol import DEFAULT_HEADER_TIMEOUT, MIN_UPLOAD_RATE, deadline_protocol
-from streamtrain.server.store import Store, StoreError
+from streamtrain.server.store import StoreError
 
 log = logging.getLogger(__name__)
 
 
-#: Environment variable holding the bearer token the server requires (the same name a run config reads its
-#: server_token from, so one exported variable serves both sides).
-TOKEN_ENV = "STREAMTRAIN_SERVER_TOKEN"
+__all__ = ["TOKEN_ENV", "add_serve_arguments", "main", "serve"]
 
 
 def _port(text: str) -> int:
@@ -186,6 +185,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace) -> int:
     """Open the database, build the app and serve until SIGTERM/SIGINT. Returns the exit code."""
     import uvicorn
+
+    from streamtrain.server.app import create_app
+    from streamtrain.server.protocol import deadline_protocol
+    from streamtrain.server.store import Store
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

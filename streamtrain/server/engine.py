@@ -7,86 +7,49 @@ left it. On a rollback the touched cache entries are dropped and re-read from th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from streamtrain.patterns import PREFIX, kb_id as kato_kb_id, pattern_hash, strip_prefix
-from streamtrain.server import session_config as sc
-from streamtrain.server.store import Store, dumps
+from streamtrain.patterns import PREFIX, pattern_hash, strip_prefix
+from streamtrain.patterns import kb_id as kato_kb_id
+from streamtrain.server.kbindex import KBIndexes
+from streamtrain.server.model import (
+    DEFAULT_TTL,
+    PERSISTENCE,
+    STM_CAP,
+    Session,
+    accumulate_metadata,
+    average_emotives,
+)
+from streamtrain.server.predictions import predict
+from streamtrain.server.store import Store
 
 log = logging.getLogger(__name__)
 
-STM_CAP = 1000          # session_manager.py:53-79: STM and accumulators trimmed at save
-PERSISTENCE = 5         # global emotive window (the per-session value is ignored by KATO)
-DEFAULT_TTL = 3600
 SERVICE_NAME = "kato"
 
-
-@dataclass
-class Session:
-    session_id: str
-    node_id: str
-    kb_id: str
-    created_at: float
-    expires_at: float
-    ttl_seconds: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)      # overrides only
-    stm: list[list[str]] = field(default_factory=list)
-    emotives_acc: list[dict[str, float]] = field(default_factory=list)
-    metadata_acc: list[dict[str, Any]] = field(default_factory=list)
-    time: int = 0
-    percept: dict[str, Any] = field(default_factory=dict)
-    # Predictions computed by the last observe (process_predictions); memory only, for cognition-data.
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    persisted_expiry: float = 0.0
-
-    def effective_config(self) -> dict[str, Any]:
-        return sc.effective(self.config)
-
-    def state_json(self) -> str:
-        return dumps({"metadata": self.metadata, "config": self.config, "stm": self.stm,
-                      "emotives_acc": self.emotives_acc, "metadata_acc": self.metadata_acc,
-                      "time": self.time, "percept": self.percept})
-
-
-def iso(ts: float) -> str:
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def accumulate_metadata(acc: list[dict[str, Any]]) -> dict[str, list[str]]:
-    out: dict[str, set[str]] = {}
-    for md in acc:
-        for k, v in md.items():
-            out.setdefault(k, set()).add(str(v))
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def average_emotives(acc: list[dict[str, float]]) -> dict[str, float]:
-    sums: dict[str, list[float]] = {}
-    for e in acc:
-        for k, v in e.items():
-            sums.setdefault(k, []).append(v)
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+__all__ = ["SERVICE_NAME", "Engine", "Session"]
 
 
 class Engine:
-    def __init__(self, store: Store, *, service_name: str = SERVICE_NAME) -> None:
+    """Sessions, observations, learning and predictions over a Store. `clock` gives the time in seconds since the
+    epoch (time.time by default; tests inject their own to move through TTLs without waiting)."""
+
+    def __init__(self, store: Store, *, service_name: str = SERVICE_NAME,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.service_name = service_name
+        self.clock = clock
         self.sessions: dict[str, Session] = {}
         self._kb_for_node: dict[str, str] = {}
         self._known_kbs: set[str] = set()
-        self.started = time.time()
+        self.started = clock()
         self._last_sweep = 0.0
         self.kb_version: dict[str, int] = {}     # bumped on every KB change (prediction caches)
-        from streamtrain.server.predictions import KBIndexes
         self.kb_index = KBIndexes()
 
     # ---------------------------------------------------------------- helpers
@@ -118,27 +81,23 @@ class Engine:
     # ---------------------------------------------------------------- sessions
     def create_session(self, node_id: str, metadata: dict[str, Any] | None, ttl_seconds: int | None,
                        overrides: dict[str, Any]) -> Session:
-        now = time.time()
+        now = self.clock()
         ttl = ttl_seconds if ttl_seconds is not None else DEFAULT_TTL
         sid = f"session-{uuid.uuid4().hex}-{int(now * 1000)}"
         s = Session(session_id=sid, node_id=node_id, kb_id=self.kb_id(node_id), created_at=now,
                     expires_at=now + ttl, ttl_seconds=ttl, metadata=metadata or {}, config=overrides)
         self._ensure_kb(s.kb_id, node_id)
-        self.store.conn.execute(
-            "INSERT INTO sessions(session_id,node_id,created_at,expires_at,ttl_seconds,state) VALUES(?,?,?,?,?,?)",
-            (sid, node_id, now, s.expires_at, ttl, s.state_json()))
+        self.store.insert_session(sid, node_id, now, s.expires_at, ttl, s.state_json())
         s.persisted_expiry = s.expires_at
         self.sessions[sid] = s
         return s
 
     def get_session(self, session_id: str, *, touch: bool = True) -> Session | None:
         """The live session or None (unknown or expired); `touch` slides the expiry like KATO's get_session."""
-        now = time.time()
+        now = self.clock()
         s = self.sessions.get(session_id)
         if s is None:
-            row = self.store.conn.execute(
-                "SELECT node_id, created_at, expires_at, ttl_seconds, state FROM sessions WHERE session_id=?",
-                (session_id,)).fetchone()
+            row = self.store.get_session(session_id)
             if row is None:
                 return None
             st = json.loads(row[4])
@@ -164,30 +123,33 @@ class Engine:
             del s.emotives_acc[:-STM_CAP]
         if len(s.metadata_acc) > STM_CAP:
             del s.metadata_acc[:-STM_CAP]
-        self.store.conn.execute("UPDATE sessions SET expires_at=?, ttl_seconds=?, state=? WHERE session_id=?",
-                                (s.expires_at, s.ttl_seconds, s.state_json(), s.session_id))
+        self.store.update_session(s.session_id, s.expires_at, s.ttl_seconds, s.state_json())
         s.persisted_expiry = s.expires_at
+
+    def extend_session(self, s: Session, ttl_seconds: int) -> None:
+        s.expires_at = self.clock() + ttl_seconds     # once; the next access slides back to the session ttl
+        self.save_session(s)
 
     def persist_expiry(self, s: Session, *, force: bool = False) -> None:
         """Sliding expiry of read-only requests: written lazily (at most once a minute per session)."""
         if force or abs(s.expires_at - s.persisted_expiry) > 60:
-            with self.store.transaction() as c:
-                c.execute("UPDATE sessions SET expires_at=? WHERE session_id=?", (s.expires_at, s.session_id))
+            self.store.update_expiry(s.session_id, s.expires_at)
             s.persisted_expiry = s.expires_at
 
     def delete_session(self, session_id: str) -> None:
-        self.store.conn.execute("DELETE FROM sessions WHERE session_id=?", (session_id,))
+        self.store.delete_session(session_id)
         self.sessions.pop(session_id, None)
+
+    def active_sessions(self) -> int:
+        return self.store.active_sessions(self.clock())
 
     def sweep(self, idempotency_ttl: float) -> None:
         """Remove expired sessions and idempotency keys (called now and then, in its own transaction)."""
-        now = time.time()
+        now = self.clock()
         if now - self._last_sweep < 60:
             return
         self._last_sweep = now
-        with self.store.transaction() as c:
-            c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-            c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - idempotency_ttl,))
+        self.store.sweep(now, idempotency_ttl)
         for sid in [k for k, s in self.sessions.items() if s.expires_at <= now]:
             del self.sessions[sid]
 
@@ -195,7 +157,7 @@ class Engine:
     def _ensure_kb(self, kb: str, node_id: str) -> None:
         if kb in self._known_kbs:
             return
-        self.store.conn.execute("INSERT OR IGNORE INTO kbs(kb_id, node_id) VALUES(?, ?)", (kb, node_id))
+        self.store.ensure_kb(kb, node_id)
         self._known_kbs.add(kb)
 
     def learn_events(self, s: Session, events: list[list[str]], *, with_context: bool) -> str:
@@ -215,60 +177,36 @@ class Engine:
         if n < 2:
             return ""
         name = pattern_hash(events)
-        c = self.store.conn
         self._ensure_kb(kb, node_id)
         counts: dict[str, int] = {}
         for e in events:
             for sym in e:
                 counts[sym] = counts.get(sym, 0) + 1
-        cur = c.execute(
-            "INSERT INTO patterns(kb_id,name,pattern_data,length,frequency,emotives,metadata) "
-            "VALUES(?,?,?,?,1,?,?) ON CONFLICT(kb_id,name) DO NOTHING",
-            (kb, name, dumps(events), n, dumps(emotives), dumps(metadata)))
-        if cur.rowcount == 1:
-            c.executemany("INSERT OR IGNORE INTO symbol_index(kb_id,symbol,name) VALUES(?,?,?)",
-                          [(kb, sym, name) for sym in counts])
-            c.executemany(
-                "INSERT INTO symbols(kb_id,symbol,frequency,pmf) VALUES(?,?,?,1) ON CONFLICT(kb_id,symbol) "
-                "DO UPDATE SET frequency=frequency+excluded.frequency, pmf=pmf+1",
-                [(kb, sym, k) for sym, k in counts.items()])
+        if self.store.add_pattern(kb, name, events, n, counts, emotives, metadata):
             self.kb_index.on_learn(kb, name, events)
-            c.execute("UPDATE kbs SET unique_patterns=unique_patterns+1, "
-                      "total_pattern_frequencies=total_pattern_frequencies+1, "
-                      "total_symbols_in_patterns_frequencies=total_symbols_in_patterns_frequencies+?, "
-                      "total_frequency=total_frequency+1 WHERE kb_id=?", (n, kb))
         else:
+            context = None
             if emotives or metadata:
-                row = c.execute("SELECT emotives, metadata FROM patterns WHERE kb_id=? AND name=?",
-                                (kb, name)).fetchone()
-                old_e, old_m = json.loads(row[0]), json.loads(row[1])
+                old_e, old_m = self.store.pattern_context(kb, name)
                 new_e = (old_e + emotives)[-PERSISTENCE:] if emotives else old_e
                 for k, vals in metadata.items():
                     old_m[k] = sorted(set(old_m.get(k, [])) | set(vals))
-                c.execute("UPDATE patterns SET frequency=frequency+1, emotives=?, metadata=? "
-                          "WHERE kb_id=? AND name=?", (dumps(new_e), dumps(old_m), kb, name))
-            else:
-                c.execute("UPDATE patterns SET frequency=frequency+1 WHERE kb_id=? AND name=?", (kb, name))
-            c.executemany("UPDATE symbols SET frequency=frequency+? WHERE kb_id=? AND symbol=?",
-                          [(k, kb, sym) for sym, k in counts.items()])
-            c.execute("UPDATE kbs SET total_symbols_in_patterns_frequencies=total_symbols_in_patterns_frequencies+?, "
-                      "total_frequency=total_frequency+1 WHERE kb_id=?", (n, kb))
+                context = (new_e, old_m)
+            self.store.relearn_pattern(kb, name, n, counts, context)
         self._bump(kb)
         return name
 
     def clear_kb(self, kb: str) -> None:
-        c = self.store.conn
-        for table in ("patterns", "symbols", "symbol_index"):
-            c.execute(f"DELETE FROM {table} WHERE kb_id=?", (kb,))
-        c.execute("UPDATE kbs SET unique_patterns=0, total_pattern_frequencies=0, "
-                  "total_symbols_in_patterns_frequencies=0, total_frequency=0 WHERE kb_id=?", (kb,))
+        self.store.clear_kb(kb)
         self.kb_index.drop(kb)
         self._bump(kb)
 
+    def kb_known(self, node_id: str) -> bool:
+        """Whether the node's knowledge base exists (a session was created or a pattern learned for it)."""
+        return self.store.kb_exists(self.kb_id(node_id))
+
     def get_pattern(self, kb: str, name: str) -> dict[str, Any] | None:
-        row = self.store.conn.execute(
-            "SELECT pattern_data, length, frequency, emotives, metadata FROM patterns WHERE kb_id=? AND name=?",
-            (kb, strip_prefix(name))).fetchone()
+        row = self.store.get_pattern(kb, strip_prefix(name))
         if row is None:
             return None
         return {"name": PREFIX + strip_prefix(name), "pattern_data": json.loads(row[0]), "length": row[1],
@@ -322,53 +260,39 @@ class Engine:
         s.predictions = []
 
     # ---------------------------------------------------------------- predictions (see predictions.py)
+    def predict(self, kb: str, stm: list[list[str]], **options: Any
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """predictions.predict against knowledge base `kb` (its in-memory index loaded on first use)."""
+        return predict(self.store, self.kb_index.get(self.store, kb), kb, stm, **options)
+
     def observe_predictions(self, s: Session) -> list[dict[str, Any]]:
-        from streamtrain.server.predictions import predict
         # Observe-time predictions use the global settings (threshold 0.1, 100 predictions).
-        preds, _ = predict(self, s.kb_id, s.stm, recall_threshold=0.1, max_predictions=100,
-                           use_token_matching=True)
+        preds, _ = self.predict(s.kb_id, s.stm, recall_threshold=0.1, max_predictions=100, use_token_matching=True)
         return preds
 
     def predictions(self, s: Session) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        from streamtrain.server.predictions import predict
         cfg = s.effective_config()
-        return predict(self, s.kb_id, s.stm, recall_threshold=cfg["recall_threshold"],
-                       max_predictions=cfg["max_predictions"], use_token_matching=bool(cfg["use_token_matching"]))
+        return self.predict(s.kb_id, s.stm, recall_threshold=cfg["recall_threshold"],
+                            max_predictions=cfg["max_predictions"], use_token_matching=bool(cfg["use_token_matching"]))
 
     # ---------------------------------------------------------------- extensions
     def nodes(self) -> list[dict[str, Any]]:
-        rows = self.store.conn.execute(
-            "SELECT kb_id, node_id, unique_patterns, total_frequency FROM kbs ORDER BY kb_id").fetchall()
-        return [{"node_id": r[1], "kb_id": r[0], "pattern_count": r[2], "total_frequency": r[3]} for r in rows]
+        return [{"node_id": node, "kb_id": kb, "pattern_count": count, "total_frequency": total}
+                for kb, node, count, total in self.store.nodes()]
 
     def node_patterns(self, node_id: str, offset: int, limit: int) -> dict[str, Any]:
         kb = self.kb_id(node_id)
-        c = self.store.conn
-        total = c.execute("SELECT COUNT(*) FROM patterns WHERE kb_id=?", (kb,)).fetchone()[0]
-        rows = c.execute("SELECT name, pattern_data, frequency FROM patterns WHERE kb_id=? ORDER BY name "
-                         "LIMIT ? OFFSET ?", (kb, limit, offset)).fetchall()
+        total, rows = self.store.node_patterns(kb, offset, limit)
         return {"node_id": node_id, "kb_id": kb, "total": total, "offset": offset, "limit": limit,
                 "patterns": [{"name": PREFIX + r[0], "pattern_data": json.loads(r[1]), "frequency": r[2]}
                              for r in rows]}
 
     def node_stats(self, node_id: str) -> dict[str, Any]:
         kb = self.kb_id(node_id)
-        c = self.store.conn
-        row = c.execute("SELECT unique_patterns, total_frequency FROM kbs WHERE kb_id=?", (kb,)).fetchone()
-        distinct = c.execute("SELECT COUNT(*) FROM symbols WHERE kb_id=?", (kb,)).fetchone()[0]
-        return {"node_id": node_id, "kb_id": kb, "pattern_count": row[0] if row else 0,
-                "total_frequency": row[1] if row else 0, "distinct_symbols": distinct}
+        count, total, distinct = self.store.node_stats(kb)
+        return {"node_id": node_id, "kb_id": kb, "pattern_count": count, "total_frequency": total,
+                "distinct_symbols": distinct}
 
     def symbol_stats(self, kb: str) -> dict[str, Any]:
-        rows = self.store.conn.execute("SELECT symbol, frequency, pmf FROM symbols WHERE kb_id=?", (kb,)).fetchall()
-        return {r[0]: {"name": r[0], "frequency": r[1], "pattern_member_frequency": r[2]} for r in rows}
-
-
-def body_fingerprint(method: str, path: str, body: bytes) -> str:
-    h = hashlib.sha256()
-    h.update(method.encode())
-    h.update(b"\0")
-    h.update(path.encode("utf-8", "surrogateescape"))
-    h.update(b"\0")
-    h.update(body)
-    return h.hexdigest()
+        return {r[0]: {"name": r[0], "frequency": r[1], "pattern_member_frequency": r[2]}
+                for r in self.store.symbol_stats(kb)}

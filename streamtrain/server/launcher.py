@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import signal
@@ -13,10 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from streamtrain.errors import ServerUnavailable
-from streamtrain.server.cli import TOKEN_ENV
+from streamtrain.server.defaults import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -88,34 +87,41 @@ class EmbeddedServer:
             return "(no log)"
         return "\n".join(lines[-n:]) or "(empty log)"
 
-    def start(self) -> "EmbeddedServer":
+    def start(self) -> EmbeddedServer:
         if self.pid is not None:
             return self
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=self.environment())
         deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                code = self._proc.poll()
-                if code is not None:
-                    raise ServerUnavailable(
-                        f"embedded server exited with code {code} during startup (db {self.db_path}, "
-                        f"port {self.port}); log {self.log_path} ends with:\n{self._log_tail()}")
-                try:
-                    if client.get(self.url + "/health").status_code == 200:
-                        log.debug("embedded server up at %s (pid %s)", self.url, self._proc.pid)
-                        if self.token:
-                            _tokens[self.url] = self.token
-                        return self
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise ServerUnavailable(
-                        f"embedded server did not answer /health within {self.startup_timeout} s at {self.url}; "
-                        f"log {self.log_path} ends with:\n{self._log_tail()}")
-                time.sleep(0.05)
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise ServerUnavailable(
+                    f"embedded server exited with code {code} during startup (db {self.db_path}, "
+                    f"port {self.port}); log {self.log_path} ends with:\n{self._log_tail()}")
+            if self._healthy():
+                log.debug("embedded server up at %s (pid %s)", self.url, self._proc.pid)
+                if self.token:
+                    _tokens[self.url] = self.token
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerUnavailable(
+                    f"embedded server did not answer /health within {self.startup_timeout} s at {self.url}; "
+                    f"log {self.log_path} ends with:\n{self._log_tail()}")
+            time.sleep(0.05)
+
+    def _healthy(self) -> bool:
+        """Whether GET /health answers 200 (http.client: the launcher loads no HTTP library of its own)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         _tokens.pop(self.url, None)
@@ -143,7 +149,7 @@ class EmbeddedServer:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "EmbeddedServer":
+    def __enter__(self) -> EmbeddedServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

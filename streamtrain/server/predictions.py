@@ -17,97 +17,17 @@ from functools import reduce
 from itertools import chain
 from math import log, log2, log10, sqrt
 from operator import add
-from sys import intern
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import LCSseq
 
-if TYPE_CHECKING:
-    from streamtrain.server.engine import Engine
+from streamtrain.server.kbindex import KBIndex
+from streamtrain.server.model import average_emotives
+from streamtrain.server.store import Store
 
 logger = logging.getLogger(__name__)
-
-_SQL_CHUNK = 500
-_MAX_LOADED_PATTERNS = 2_000_000     # patterns kept in memory over all loaded knowledge bases
-
-
-class KBIndex:
-    """One knowledge base in memory for predictions: parsed patterns and the symbol -> pattern index.
-
-    Loaded from SQLite (patterns + symbol_index) on a node's first prediction, then kept current by
-    Engine.learn_events; dropped on clear-all and on any rollback (it may hold uncommitted patterns)."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.events: list[list[list[str]]] = []
-        self.flats: list[list[str]] = []
-        self.by_symbol: dict[str, list[int]] = {}
-        self.pos: dict[str, int] = {}
-        self._lens: np.ndarray | None = None
-
-    def add(self, name: str, events: list[list[str]], *, index_symbols: bool = True) -> int:
-        i = self.pos.get(name)
-        if i is not None:
-            return i
-        i = self.pos[name] = len(self.names)
-        ev = [[intern(sym) for sym in e] for e in events]      # shared strings: less memory
-        flat = list(chain.from_iterable(ev))
-        self.names.append(name)
-        self.events.append(ev)
-        self.flats.append(flat)
-        self._lens = None
-        if index_symbols:
-            for sym in set(flat):
-                self.by_symbol.setdefault(sym, []).append(i)
-        return i
-
-    def lens(self) -> np.ndarray:
-        if self._lens is None or len(self._lens) != len(self.flats):
-            self._lens = np.fromiter((len(f) for f in self.flats), dtype=np.float64, count=len(self.flats))
-        return self._lens
-
-    @classmethod
-    def load(cls, engine: "Engine", kb: str) -> "KBIndex":
-        idx = cls()
-        conn = engine.store.conn
-        for name, pd in conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=? ORDER BY name", (kb,)):
-            idx.add(name, json.loads(pd), index_symbols=False)
-        for sym, name in conn.execute("SELECT symbol, name FROM symbol_index WHERE kb_id=?", (kb,)):
-            i = idx.pos.get(name)
-            if i is not None:
-                idx.by_symbol.setdefault(intern(sym), []).append(i)
-        return idx
-
-
-class KBIndexes:
-    """The loaded KBIndex of each knowledge base, least recently used dropped beyond a size cap."""
-
-    def __init__(self) -> None:
-        self.loaded: dict[str, KBIndex] = {}
-
-    def get(self, engine: "Engine", kb: str) -> KBIndex:
-        idx = self.loaded.pop(kb, None)
-        if idx is None:
-            idx = KBIndex.load(engine, kb)
-        self.loaded[kb] = idx            # most recently used last
-        total = sum(len(x.names) for x in self.loaded.values())
-        while total > _MAX_LOADED_PATTERNS and len(self.loaded) > 1:
-            oldest = next(iter(self.loaded))
-            total -= len(self.loaded.pop(oldest).names)
-        return idx
-
-    def on_learn(self, kb: str, name: str, events: list[list[str]]) -> None:
-        idx = self.loaded.get(kb)
-        if idx is not None:
-            idx.add(name, events)
-
-    def drop(self, kb: str | None = None) -> None:
-        if kb is None:
-            self.loaded.clear()
-        else:
-            self.loaded.pop(kb, None)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -134,14 +54,6 @@ def _conditional_probability(symbols: list[str], probs: dict[str, float]) -> flo
         p = probs.get(s, 1e-10)
         logs.append(log10(p) if p > 0 else log10(1e-10))
     return 10 ** reduce(add, logs) if logs else 0
-
-
-def _average_emotives(record: list[dict[str, float]]) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
-    for bunch in record:
-        for e, v in bunch.items():
-            acc.setdefault(e, []).append(v)
-    return {e: float(sum(v) / len(v)) if v else 0.0 for e, v in acc.items()}
 
 
 def _hash_future(future: list[list[str]]) -> str:
@@ -234,42 +146,58 @@ def reference_alignment(flat: list[str], state: list[str], cutoff: float):
     return matches, past, present, missing, extras, len(blocks)
 
 
-def _prediction(name: str, events: list[list[str]], frequency: int, emotives: Any, matches: list[str],
-                past_len: int, present_len: int, total_extras: int, similarity: float,
-                number_of_blocks: int, stm_events: list[list[str]], length: int) -> dict[str, Any]:
-    """representations/prediction.py: re-segment into the pattern's events, event-aligned missing/extras.
+class Aligned(NamedTuple):
+    """A candidate aligned with the state: what ranking needs before its stored details are read."""
 
-    past_len/present_len: symbols in the flat past/present; total_extras: state symbols the flat present
-    does not match (the snr's e)."""
-    m = len(matches)
-    denom = 2.0 * m + total_extras
-    snr = float((2.0 * m - total_extras) / denom) if denom > 0 else 0.0
-    c1, c2, ev = past_len, 0, 0
-    while c2 < c1:
+    pre: float                          # the pruning key, (evidence + confidence) * snr + fragmentation term
+    name: str
+    events: list[list[str]]
+    flat: list[str]
+    similarity: float
+    blocks: list[tuple[int, int, int]]  # (pattern position, state position, size), as difflib gives them
+    extras: int                         # state symbols the flat present does not match (the snr's e)
+    e1: int                             # events[:e1] the past, events[e1:ev] the present, events[ev:] the future
+    ev: int
+
+
+def resegment(events: list[list[str]], past_len: int, present_len: int, first_match: str | None) -> tuple[int, int]:
+    """representations/prediction.py: the flat alignment's past and present (past_len, present_len symbols) cut
+    back into the pattern's events, as (e1, ev): events[:e1] the past, events[e1:ev] the present, events[ev:] the
+    future. The present starts one event earlier when the last past event holds the first matched symbol."""
+    c2 = ev = 0
+    while c2 < past_len:
         c2 += len(events[ev])
         ev += 1
     e1 = ev
-    past = events[:ev]
-    c1 += present_len
-    while c2 < c1:
+    while c2 < past_len + present_len:
         c2 += len(events[ev])
         ev += 1
-    present = events[e1:ev]
-    future = events[ev:]
-    if past and matches and matches[0] in past[-1]:
-        present = [past[-1]] + present
-        past = past[:-1]
+    if e1 > 0 and first_match is not None and first_match in events[e1 - 1]:
+        e1 -= 1
+    return e1, ev
+
+
+def _prediction(a: Aligned, state: list[str], stm_events: list[list[str]], frequency: int,
+                emotives: dict[str, float]) -> dict[str, Any]:
+    """One prediction's fields: event-aligned past/present/future, missing and extras, the alignment metrics."""
+    matches = [sym for _i, j, n in a.blocks for sym in state[j:j + n]]
+    m = len(matches)
+    denom = 2.0 * m + a.extras
+    snr = float((2.0 * m - a.extras) / denom) if denom > 0 else 0.0
+    events = a.events
+    past, present, future = events[:a.e1], events[a.e1:a.ev], events[a.ev:]
     match_set = set(matches)
     missing = [[s for s in e if s not in match_set] for e in present]
     present_set = set(chain.from_iterable(present))
     extras = [[s for s in e if s not in present_set] for e in stm_events]
     present_len = sum(len(e) for e in present)
+    length = len(a.flat)
     return {
-        "type": "prototypical", "name": name, "frequency": frequency, "emotives": emotives,
+        "type": "prototypical", "name": a.name, "frequency": frequency, "emotives": emotives,
         "matches": matches, "past": past, "present": present, "missing": missing, "extras": extras,
         "anomalies": [], "potential": 0.0,
         "evidence": float(m / length) if length > 0 else 0.0,
-        "similarity": similarity, "fragmentation": float(number_of_blocks - 1), "snr": snr,
+        "similarity": a.similarity, "fragmentation": float(len(a.blocks) - 1), "snr": snr,
         "confluence": 0.0, "predictive_information": 0.0, "sequence": events, "future": future,
         "confidence": float(m / present_len) if present_len > 0 else 0.0,
         "weighted_similarity": None, "weighted_evidence": None, "weighted_confidence": None, "weighted_snr": None,
@@ -281,38 +209,12 @@ def _frag_term(frag: float) -> float:
     return 0.0 if frag == -1 else 1.0 / (frag + 1)
 
 
-def _kb_stats(engine: "Engine", kb: str) -> tuple[int, int, int]:
-    c = engine.store.conn
-    row = c.execute("SELECT unique_patterns, total_pattern_frequencies FROM kbs WHERE kb_id=?", (kb,)).fetchone()
-    total_symbols = c.execute("SELECT COUNT(*) FROM symbols WHERE kb_id=?", (kb,)).fetchone()[0]
-    return (row[0] if row else 0), (row[1] if row else 0), total_symbols
-
-
-def _pmf(engine: "Engine", kb: str, symbols: set[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    syms = sorted(symbols)
-    for i in range(0, len(syms), _SQL_CHUNK):
-        part = syms[i:i + _SQL_CHUNK]
-        q = f"SELECT symbol, pmf FROM symbols WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
-        out.update(engine.store.conn.execute(q, (kb, *part)).fetchall())
-    return out
-
-
-def _details(engine: "Engine", kb: str, names: list[str]) -> dict[str, tuple[int, list]]:
-    out: dict[str, tuple[int, list]] = {}
-    for i in range(0, len(names), _SQL_CHUNK):
-        part = names[i:i + _SQL_CHUNK]
-        q = f"SELECT name, frequency, emotives FROM patterns WHERE kb_id=? AND name IN ({','.join('?' * len(part))})"
-        for name, freq, emo in engine.store.conn.execute(q, (kb, *part)):
-            out[name] = (freq, json.loads(emo))
-    return out
-
-
 # ---------------------------------------------------------------------------------------- entry point
-def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold: float, max_predictions: int,
-            use_token_matching: bool, use_index: bool = True, early_stop: bool = True
+def predict(store: Store, idx: KBIndex, kb: str, stm: list[list[str]], *, recall_threshold: float,
+            max_predictions: int, use_token_matching: bool, use_index: bool = True, early_stop: bool = True
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(predictions, future_potentials) for this STM against knowledge base `kb`.
+    """(predictions, future_potentials) for this STM against knowledge base `kb` (`idx`: its patterns in memory;
+    `store`: its frequencies, emotives and symbol statistics).
 
     use_index=False scores every pattern of the node and early_stop=False aligns every qualifying
     candidate: same answer, slower (the benchmark and the tests compare them)."""
@@ -320,37 +222,70 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
     if not state:
         return [], []
     if len(state) == 1:
-        return _single_symbol(engine, kb, state[0], max_predictions), []
+        return _single_symbol(store, idx, kb, state[0], max_predictions), []
+    cand = _candidates(idx, state, recall_threshold, use_index)
+    if not len(cand):
+        return [], []
+    limit = max_predictions * 3
+    aligned, pruned = _align(idx, state, cand, recall_threshold, use_token_matching, limit, early_stop)
+    if not aligned:
+        return [], []
+    if pruned:
+        aligned = heapq.nsmallest(limit, aligned, key=lambda t: (-t.pre, t.name))
+    else:
+        aligned.sort(key=lambda t: t.name)     # deterministic ensemble sums and future_potentials order
+    details = store.frequencies_and_emotives(kb, [a.name for a in aligned])
+    preds = []
+    for a in aligned:
+        freq, emos = details.get(a.name, (1, []))
+        p = _prediction(a, state, stm, freq, average_emotives(emos))
+        if pruned:
+            p["_pre_potential"] = a.pre     # KATO leaves this helper key in the predictions when it prunes
+        preds.append(p)
+    _information_metrics(store, kb, preds, state)
+    futures = _ensemble(preds)
+    _bayesian_and_potential(preds)
+    ranked = heapq.nsmallest(max_predictions, preds, key=lambda p: (-p["potential"], p["name"]))
+    return ranked, futures
 
-    idx = engine.kb_index.get(engine, kb)
-    threshold = recall_threshold
+
+# ---------------------------------------------------------------------------------------- the phases of predict
+def _candidates(idx: KBIndex, state: list[str], threshold: float, use_index: bool) -> np.ndarray:
+    """Positions of the patterns that can qualify: those sharing a symbol with the state (a pattern sharing none
+    has similarity 0), or every pattern at threshold 0 or without the index."""
     if use_index and threshold > 0:
         chosen: set[int] = set()
         for sym in set(state):
             chosen.update(idx.by_symbol.get(sym, ()))
-        cand = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
-    else:
-        cand = np.arange(len(idx.names), dtype=np.int64)
-    if not len(cand):
-        return [], []
-    cut = threshold * 100.0 - 1e-6
-    b2j: dict[str, list[int]] = {}
-    for j, sym in enumerate(state):
-        b2j.setdefault(sym, []).append(j)
-    ls = len(state)
-    limit = max_predictions * 3
+        return np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+    return np.arange(len(idx.names), dtype=np.int64)
+
+
+def _similarities(idx: KBIndex, state: list[str], cand: np.ndarray, use_token_matching: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(an upper bound of each candidate's matched symbols, its similarity x 100), as KATO scores them."""
     flats = idx.flats
     if use_token_matching:
         # Same float operations as KATO's per-pattern 2.0*LCS/(len_p+len_s)*100.0, vectorized.
         lcs = process.cdist([state], [flats[i] for i in cand], scorer=LCSseq.similarity, dtype=np.int64,
                             workers=1)[0].astype(np.float64)
-        score = 2.0 * lcs / (idx.lens()[cand] + ls) * 100.0
-    else:
-        lcs = idx.lens()[cand]            # no cheap bound in character mode
-        score = np.array([fuzz.ratio(" ".join(flats[i]), " ".join(state)) for i in cand], dtype=np.float64)
-    keep = score >= cut
+        return lcs, 2.0 * lcs / (idx.lens()[cand] + len(state)) * 100.0
+    lcs = idx.lens()[cand]            # no cheap bound in character mode
+    joined = " ".join(state)
+    return lcs, np.array([fuzz.ratio(" ".join(flats[i]), joined) for i in cand], dtype=np.float64)
+
+
+def _align(idx: KBIndex, state: list[str], cand: np.ndarray, threshold: float, use_token_matching: bool, limit: int,
+           early_stop: bool) -> tuple[list[Aligned], bool]:
+    """Align each qualifying candidate with the state; (the aligned, whether KATO prunes them to `limit`).
+
+    When more than `limit` qualify, the most promising are aligned first and the loop stops once no candidate left
+    can enter the `limit` best pruning keys (early_stop)."""
+    lcs, score = _similarities(idx, state, cand, use_token_matching)
+    keep = score >= threshold * 100.0 - 1e-6
     q_idx, q_lcs, q_score = cand[keep], lcs[keep], score[keep]
     will_prune = len(q_idx) > limit
+    ls = len(state)
     # Upper bound of each candidate's pruning key (evidence + confidence) * snr + 1/(fragmentation + 1)
     # from its LCS L: matched symbols m <= L and snr = (3m - ls)/(m + ls) rises with m; evidence <= L/len,
     # confidence <= 1, and when even the best snr is negative, evidence + confidence >= 2/len (m >= 1);
@@ -358,84 +293,68 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
     q_len = idx.lens()[q_idx]
     snr_max = (3.0 * q_lcs - ls) / (q_lcs + ls)
     bound = np.where(snr_max >= 0, (q_lcs / q_len + 1.0) * snr_max, 2.0 / q_len * snr_max) + 1.0
-    # Align the most promising first: once `limit` keys are in hand, a candidate whose bound is below the
-    # smallest of them can never survive the pruning, and neither can any after it.
     order = np.argsort(-bound, kind="stable") if will_prune else np.arange(len(q_idx))
+    b2j: dict[str, list[int]] = {}
+    for j, sym in enumerate(state):
+        b2j.setdefault(sym, []).append(j)
     heap: list[float] = []
-    scored = []      # every aligned candidate: alignment and pruning key only
+    aligned: list[Aligned] = []
     for k in order.tolist():
         if early_stop and will_prune and len(heap) >= limit and bound[k] + 1e-9 < heap[0]:
             break
-        i = int(q_idx[k])
-        name, events, flat = idx.names[i], idx.events[i], flats[i]
-        sim = float(q_score[k]) / 100.0
-        lcs_k = int(q_lcs[k])
-        blocks = alignment_blocks(flat, b2j, ls, lcs_k if use_token_matching else None)
-        if blocks:
-            i0 = blocks[0][0]
-            end = blocks[-1][0] + blocks[-1][2]
-            past_len, present_len = i0, (end - i0 if end > i0 else len(flat) - i0)
-        elif threshold > 0.0:
+        a = _align_one(idx, int(q_idx[k]), state, b2j, float(q_score[k]) / 100.0,
+                       int(q_lcs[k]) if use_token_matching else None, threshold)
+        if a is None:
             continue
-        else:
-            past_len, present_len = 0, len(flat)
-        m = sum(b[2] for b in blocks)
-        # Aligning the flat present with the state again (KATO's compare()) matches the same m symbols:
-        # every other state symbol is an extra.
-        extras = ls - m
-        denom = 2.0 * m + extras
-        snr = float((2.0 * m - extras) / denom) if denom > 0 else 0.0
-        c2 = ev = 0
-        while c2 < past_len:
-            c2 += len(events[ev])
-            ev += 1
-        e1 = ev
-        while c2 < past_len + present_len:
-            c2 += len(events[ev])
-            ev += 1
-        if e1 > 0 and blocks and state[blocks[0][1]] in events[e1 - 1]:
-            e1 -= 1
-        present_sym = sum(len(events[k]) for k in range(e1, ev))
-        evidence = float(m / len(flat)) if flat else 0.0
-        confidence = float(m / present_sym) if present_sym > 0 else 0.0
-        pre = (evidence + confidence) * snr + _frag_term(float(len(blocks) - 1))
-        scored.append((pre, name, events, flat, sim, blocks, past_len, present_len, extras))
+        aligned.append(a)
         if will_prune:
             if len(heap) < limit:
-                heapq.heappush(heap, pre)
-            elif pre > heap[0]:
-                heapq.heapreplace(heap, pre)
-    if not scored:
-        return [], []
+                heapq.heappush(heap, a.pre)
+            elif a.pre > heap[0]:
+                heapq.heapreplace(heap, a.pre)
+    return aligned, will_prune
 
-    pruned = will_prune
-    if pruned:
-        scored = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
+
+def _align_one(idx: KBIndex, i: int, state: list[str], b2j: dict[str, list[int]], similarity: float,
+               lcs: int | None, threshold: float) -> Aligned | None:
+    """Pattern `i` aligned with the state, or None when nothing matches and the threshold is above 0."""
+    name, events, flat = idx.names[i], idx.events[i], idx.flats[i]
+    ls = len(state)
+    blocks = alignment_blocks(flat, b2j, ls, lcs)
+    if blocks:
+        i0 = blocks[0][0]
+        end = blocks[-1][0] + blocks[-1][2]
+        past_len, present_len = i0, (end - i0 if end > i0 else len(flat) - i0)
+    elif threshold > 0.0:
+        return None
     else:
-        scored.sort(key=lambda t: t[1])     # deterministic ensemble sums and future_potentials order
+        past_len, present_len = 0, len(flat)
+    m = sum(b[2] for b in blocks)
+    # Aligning the flat present with the state again (KATO's compare()) matches the same m symbols:
+    # every other state symbol is an extra.
+    extras = ls - m
+    denom = 2.0 * m + extras
+    snr = float((2.0 * m - extras) / denom) if denom > 0 else 0.0
+    e1, ev = resegment(events, past_len, present_len, state[blocks[0][1]] if blocks else None)
+    present_sym = sum(len(events[k]) for k in range(e1, ev))
+    evidence = float(m / len(flat)) if flat else 0.0
+    confidence = float(m / present_sym) if present_sym > 0 else 0.0
+    pre = (evidence + confidence) * snr + _frag_term(float(len(blocks) - 1))
+    return Aligned(pre, name, events, flat, similarity, blocks, extras, e1, ev)
 
-    details = _details(engine, kb, [t[1] for t in scored])
-    preds = []
-    for pre, name, events, flat, sim, blocks, past_len, present_len, extras in scored:
-        freq, emos = details.get(name, (1, []))
-        matches = [sym for _i, j, n in blocks for sym in state[j:j + n]]
-        p = _prediction(name, events, freq, _average_emotives(emos), matches, past_len, present_len, extras, sim,
-                        len(blocks), stm, len(flat))
-        if pruned:
-            p["_pre_potential"] = pre     # KATO leaves this helper key in the predictions when it prunes
-        preds.append(p)
 
-    unique_patterns, total_pattern_freqs, total_symbols = _kb_stats(engine, kb)
+def _information_metrics(store: Store, kb: str, preds: list[dict[str, Any]], state: list[str]) -> None:
+    """Entropies, itfdf similarity, confluence and tf-idf of each prediction's present (KATO's formulas)."""
+    unique_patterns, total_pattern_freqs, total_symbols = store.kb_stats(kb)
     wanted: set[str] = set()
     for p in preds:
         wanted.update(p["matches"])
         wanted.update(chain.from_iterable(p["missing"]))
-    pmf = _pmf(engine, kb, wanted)
+    pmf = store.pmf(kb, wanted)
     probs = {s: (float(pmf[s] / unique_patterns) if unique_patterns > 0 else 0.0) if s in pmf else 0
              for s in wanted}
     ensemble_freq = sum(p["frequency"] for p in preds)
     state_counts = Counter(state)
-
     for p in preds:
         present = list(chain.from_iterable(p["present"]))
         all_symbols = set(present) | set(state)
@@ -445,36 +364,31 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
         if all(v == 0 for v in sv) or all(v == 0 for v in pv):
             distance = 1.0
         else:
-            dot = sum(a * b for a, b in zip(sv, pv))
+            dot = sum(a * b for a, b in zip(sv, pv, strict=True))
             distance = 1.0 - dot / (sqrt(sum(a * a for a in sv)) * sqrt(sum(b * b for b in pv)))
         p_e_h = float(p["frequency"] / total_pattern_freqs) if total_pattern_freqs > 0 else 0.0
         itfdf = 1 - (distance * p["frequency"] / ensemble_freq) if ensemble_freq > 0 else 0.0
         confluence = p_e_h * (1 - _conditional_probability(present, probs)) if present else 0.0
-        if present:
-            n = len(present)
-            entropy = 0.0
-            for cnt in pc.values():
-                q = cnt / n
-                entropy -= q * log2(q)
-        else:
-            entropy = 0.0
+        entropy = 0.0
+        for cnt in pc.values():
+            q = cnt / len(present)
+            entropy -= q * log2(q)
         tfidf = 0.0
         if present and unique_patterns > 0:
             scores = []
             for sym, cnt in pc.items():
                 tf = cnt / len(present)
-                if sym in probs:
-                    pws = int(probs[sym] * unique_patterns) or 1
-                else:
-                    pws = 1
+                pws = (int(probs[sym] * unique_patterns) or 1) if sym in probs else 1
                 scores.append(tf * (log2(unique_patterns / pws) + 1))
             tfidf = sum(scores) / len(scores)
         p.update({"entropy": entropy, "normalized_entropy": _normalized_entropy(present, total_symbols),
                   "global_normalized_entropy": _global_normalized_entropy(present, probs, total_symbols),
                   "itfdf_similarity": itfdf, "confluence": confluence, "tfidf_score": tfidf})
 
-    futures = _ensemble(preds)
 
+def _bayesian_and_potential(preds: list[dict[str, Any]]) -> None:
+    """Bayesian prior, likelihood and posterior over the ensemble, and each prediction's potential."""
+    ensemble_freq = sum(p["frequency"] for p in preds)
     sims_priors = [(p["similarity"], p["frequency"] / ensemble_freq) for p in preds] if ensemble_freq > 0 else []
     evidence_sum = sum(s * pr for s, pr in sims_priors)
     for p in preds:
@@ -488,9 +402,6 @@ def predict(engine: "Engine", kb: str, stm: list[list[str]], *, recall_threshold
         p["bayesian_likelihood"] = p["similarity"]
         p["potential"] = ((p["evidence"] + p["confidence"]) * p["snr"] + p["itfdf_similarity"]
                           + _frag_term(p["fragmentation"]))
-
-    ranked = heapq.nsmallest(max_predictions, preds, key=lambda p: (-p["potential"], p["name"]))
-    return ranked, futures
 
 
 def _ensemble(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -525,16 +436,15 @@ def _ensemble(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for a in sorted(aggs.values(), key=lambda x: x["aggregate_potential"], reverse=True)]
 
 
-def _single_symbol(engine: "Engine", kb: str, symbol: str, max_predictions: int) -> list[dict[str, Any]]:
+def _single_symbol(store: Store, idx: KBIndex, kb: str, symbol: str, max_predictions: int) -> list[dict[str, Any]]:
     """KATO's one-symbol fast path: patterns whose first symbol is `symbol`, flat fields, threshold 0.
 
     KATO builds its query by string interpolation and crashes on an apostrophe (§7.1); here the symbol is
     only a dictionary key."""
-    idx = engine.kb_index.get(engine, kb)
     hits = [i for i in idx.by_symbol.get(symbol, ()) if idx.flats[i][0] == symbol]
     pats = {idx.names[i]: (idx.events[i], idx.flats[i]) for i in hits}
     first = sorted(pats)
-    details = _details(engine, kb, first)
+    details = store.frequencies_and_emotives(kb, first)
     preds = []
     for name in first:
         events, flat = pats[name]
@@ -545,7 +455,7 @@ def _single_symbol(engine: "Engine", kb: str, symbol: str, max_predictions: int)
         snr = 1.0
         preds.append({
             "name": name, "pattern_data": events, "length": n, "frequency": freq,
-            "emotives": _average_emotives(emos), "matches": [symbol], "missing": [], "present": [symbol],
+            "emotives": average_emotives(emos), "matches": [symbol], "missing": [], "present": [symbol],
             "past": [], "future": flat[1:], "extras": [], "similarity": 2.0 / (n + 1), "evidence": evidence,
             "confidence": confidence, "snr": snr, "fragmentation": 0.0, "anomalies": [],
             "weighted_similarity": None, "weighted_evidence": None, "weighted_confidence": None,

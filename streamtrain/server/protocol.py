@@ -21,10 +21,9 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-log = logging.getLogger(__name__)
+from streamtrain.server.defaults import DEFAULT_HEADER_TIMEOUT, MIN_UPLOAD_RATE
 
-DEFAULT_HEADER_TIMEOUT = 5.0
-MIN_UPLOAD_RATE = 1_000_000  # bytes per second a request body must at least arrive at
+log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                     b"content-length: %d\r\n\r\n%s")

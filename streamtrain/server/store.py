@@ -1,6 +1,7 @@
 """The embedded server's SQLite store: knowledge bases, sessions and idempotency keys in one WAL file.
 
-One connection, used by one thread at a time (the server serializes requests: see app.py); each mutating
+All of the server's SQL is here: the engine and the routes call these methods. One connection, used by one thread
+at a time (the server serializes requests: see app.py); each mutating
 request runs inside :meth:`Store.transaction`, which commits once at the end, so a crash leaves either all of a
 request's effects or none. A second, read-only connection (:meth:`Store.reader`) serves `GET /health`, which
 takes no lock: in WAL mode it reads the last commit while a write transaction is open on the first.
@@ -24,6 +25,7 @@ from streamtrain.errors import StreamtrainError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_SQL_CHUNK = 500      # host parameters of one IN (...) query
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -177,6 +179,166 @@ class Store:
         keys on every request this table holds a day of answers."""
         self.conn.execute("INSERT OR REPLACE INTO idempotency(key,fingerprint,request,status,body,created_at) "
                           "VALUES(?,?,?,?,?,?)", (key, fingerprint, request, status, zlib.compress(body, 1), now))
+
+    def sweep(self, now: float, idempotency_ttl: float) -> None:
+        """Remove expired sessions and idempotency keys, in a transaction of its own."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - idempotency_ttl,))
+
+    # ---------------------------------------------------------------- sessions
+    def insert_session(self, session_id: str, node_id: str, created_at: float, expires_at: float, ttl: int,
+                       state: str) -> None:
+        self.conn.execute(
+            "INSERT INTO sessions(session_id,node_id,created_at,expires_at,ttl_seconds,state) VALUES(?,?,?,?,?,?)",
+            (session_id, node_id, created_at, expires_at, ttl, state))
+
+    def get_session(self, session_id: str) -> tuple[str, float, float, int, str] | None:
+        """(node_id, created_at, expires_at, ttl_seconds, state JSON) of a stored session, or None."""
+        return self.conn.execute(
+            "SELECT node_id, created_at, expires_at, ttl_seconds, state FROM sessions WHERE session_id=?",
+            (session_id,)).fetchone()
+
+    def update_session(self, session_id: str, expires_at: float, ttl: int, state: str) -> None:
+        self.conn.execute("UPDATE sessions SET expires_at=?, ttl_seconds=?, state=? WHERE session_id=?",
+                          (expires_at, ttl, state, session_id))
+
+    def update_expiry(self, session_id: str, expires_at: float) -> None:
+        """Write a session's sliding expiry, in a transaction of its own (read-only requests)."""
+        with self.transaction() as c:
+            c.execute("UPDATE sessions SET expires_at=? WHERE session_id=?", (expires_at, session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        self.conn.execute("DELETE FROM sessions WHERE session_id=?", (session_id,))
+
+    def active_sessions(self, now: float) -> int:
+        """Sessions not expired, read through the reader connection (no lock needed: GET /health)."""
+        return self.reader().execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()[0]
+
+    # ---------------------------------------------------------------- knowledge bases
+    def ensure_kb(self, kb: str, node_id: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO kbs(kb_id, node_id) VALUES(?, ?)", (kb, node_id))
+
+    def kb_exists(self, kb: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM kbs WHERE kb_id=?", (kb,)).fetchone() is not None
+
+    def add_pattern(self, kb: str, name: str, events: list[list[str]], length: int, counts: dict[str, int],
+                    emotives: list[dict[str, Any]], metadata: dict[str, list[str]]) -> bool:
+        """Insert a new pattern (frequency 1) with its symbol statistics and index rows; False (nothing written)
+        when the knowledge base already holds it."""
+        c = self.conn
+        cur = c.execute(
+            "INSERT INTO patterns(kb_id,name,pattern_data,length,frequency,emotives,metadata) "
+            "VALUES(?,?,?,?,1,?,?) ON CONFLICT(kb_id,name) DO NOTHING",
+            (kb, name, dumps(events), length, dumps(emotives), dumps(metadata)))
+        if cur.rowcount != 1:
+            return False
+        c.executemany("INSERT OR IGNORE INTO symbol_index(kb_id,symbol,name) VALUES(?,?,?)",
+                      [(kb, sym, name) for sym in counts])
+        c.executemany(
+            "INSERT INTO symbols(kb_id,symbol,frequency,pmf) VALUES(?,?,?,1) ON CONFLICT(kb_id,symbol) "
+            "DO UPDATE SET frequency=frequency+excluded.frequency, pmf=pmf+1",
+            [(kb, sym, k) for sym, k in counts.items()])
+        c.execute("UPDATE kbs SET unique_patterns=unique_patterns+1, "
+                  "total_pattern_frequencies=total_pattern_frequencies+1, "
+                  "total_symbols_in_patterns_frequencies=total_symbols_in_patterns_frequencies+?, "
+                  "total_frequency=total_frequency+1 WHERE kb_id=?", (length, kb))
+        return True
+
+    def pattern_context(self, kb: str, name: str) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+        """(emotives, metadata) stored with a pattern."""
+        row = self.conn.execute("SELECT emotives, metadata FROM patterns WHERE kb_id=? AND name=?",
+                                (kb, name)).fetchone()
+        return json.loads(row[0]), json.loads(row[1])
+
+    def relearn_pattern(self, kb: str, name: str, length: int, counts: dict[str, int],
+                        context: tuple[list[dict[str, Any]], dict[str, list[str]]] | None) -> None:
+        """One more on an existing pattern's frequency and its symbols'; `context` replaces its emotives and
+        metadata when given."""
+        c = self.conn
+        if context is not None:
+            c.execute("UPDATE patterns SET frequency=frequency+1, emotives=?, metadata=? WHERE kb_id=? AND name=?",
+                      (dumps(context[0]), dumps(context[1]), kb, name))
+        else:
+            c.execute("UPDATE patterns SET frequency=frequency+1 WHERE kb_id=? AND name=?", (kb, name))
+        c.executemany("UPDATE symbols SET frequency=frequency+? WHERE kb_id=? AND symbol=?",
+                      [(k, kb, sym) for sym, k in counts.items()])
+        c.execute("UPDATE kbs SET total_symbols_in_patterns_frequencies=total_symbols_in_patterns_frequencies+?, "
+                  "total_frequency=total_frequency+1 WHERE kb_id=?", (length, kb))
+
+    def clear_kb(self, kb: str) -> None:
+        c = self.conn
+        for table in ("patterns", "symbols", "symbol_index"):
+            c.execute(f"DELETE FROM {table} WHERE kb_id=?", (kb,))
+        c.execute("UPDATE kbs SET unique_patterns=0, total_pattern_frequencies=0, "
+                  "total_symbols_in_patterns_frequencies=0, total_frequency=0 WHERE kb_id=?", (kb,))
+
+    def get_pattern(self, kb: str, name: str) -> tuple[str, int, int, str, str] | None:
+        """(pattern_data, length, frequency, emotives, metadata), the JSON fields as stored, or None."""
+        return self.conn.execute(
+            "SELECT pattern_data, length, frequency, emotives, metadata FROM patterns WHERE kb_id=? AND name=?",
+            (kb, name)).fetchone()
+
+    def iter_patterns(self, kb: str) -> Iterator[tuple[str, str]]:
+        """(name, pattern_data JSON) of every pattern of `kb`, by name."""
+        return iter(self.conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=? ORDER BY name", (kb,)))
+
+    def iter_symbol_index(self, kb: str) -> Iterator[tuple[str, str]]:
+        """(symbol, pattern name) rows of `kb`'s symbol index."""
+        return iter(self.conn.execute("SELECT symbol, name FROM symbol_index WHERE kb_id=?", (kb,)))
+
+    def kb_stats(self, kb: str) -> tuple[int, int, int]:
+        """(unique_patterns, total_pattern_frequencies, distinct symbols) of `kb`; zeros when unknown."""
+        c = self.conn
+        row = c.execute("SELECT unique_patterns, total_pattern_frequencies FROM kbs WHERE kb_id=?", (kb,)).fetchone()
+        total_symbols = c.execute("SELECT COUNT(*) FROM symbols WHERE kb_id=?", (kb,)).fetchone()[0]
+        return (row[0] if row else 0), (row[1] if row else 0), total_symbols
+
+    def pmf(self, kb: str, symbols: set[str]) -> dict[str, int]:
+        """symbol -> number of distinct patterns holding it, for those of `symbols` the knowledge base knows."""
+        out: dict[str, int] = {}
+        syms = sorted(symbols)
+        for i in range(0, len(syms), _SQL_CHUNK):
+            part = syms[i:i + _SQL_CHUNK]
+            q = f"SELECT symbol, pmf FROM symbols WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
+            out.update(self.conn.execute(q, (kb, *part)).fetchall())
+        return out
+
+    def frequencies_and_emotives(self, kb: str, names: list[str]) -> dict[str, tuple[int, list]]:
+        """name -> (frequency, emotives) for those of `names` the knowledge base holds."""
+        out: dict[str, tuple[int, list]] = {}
+        for i in range(0, len(names), _SQL_CHUNK):
+            part = names[i:i + _SQL_CHUNK]
+            q = (f"SELECT name, frequency, emotives FROM patterns WHERE kb_id=? AND name IN "
+                 f"({','.join('?' * len(part))})")
+            for name, freq, emo in self.conn.execute(q, (kb, *part)):
+                out[name] = (freq, json.loads(emo))
+        return out
+
+    def symbol_stats(self, kb: str) -> list[tuple[str, int, int]]:
+        """(symbol, frequency, pmf) of every symbol of `kb`."""
+        return self.conn.execute("SELECT symbol, frequency, pmf FROM symbols WHERE kb_id=?", (kb,)).fetchall()
+
+    # ---------------------------------------------------------------- the /nodes extensions
+    def nodes(self) -> list[tuple[str, str, int, int]]:
+        """(kb_id, node_id, unique_patterns, total_frequency) of every knowledge base, by kb_id."""
+        return self.conn.execute(
+            "SELECT kb_id, node_id, unique_patterns, total_frequency FROM kbs ORDER BY kb_id").fetchall()
+
+    def node_patterns(self, kb: str, offset: int, limit: int) -> tuple[int, list[tuple[str, str, int]]]:
+        """(total, [(name, pattern_data JSON, frequency)]) of one page of `kb`'s patterns, by name."""
+        c = self.conn
+        total = c.execute("SELECT COUNT(*) FROM patterns WHERE kb_id=?", (kb,)).fetchone()[0]
+        rows = c.execute("SELECT name, pattern_data, frequency FROM patterns WHERE kb_id=? ORDER BY name "
+                         "LIMIT ? OFFSET ?", (kb, limit, offset)).fetchall()
+        return total, rows
+
+    def node_stats(self, kb: str) -> tuple[int, int, int]:
+        """(unique_patterns, total_frequency, distinct symbols) of `kb`; zeros when unknown."""
+        c = self.conn
+        row = c.execute("SELECT unique_patterns, total_frequency FROM kbs WHERE kb_id=?", (kb,)).fetchone()
+        distinct = c.execute("SELECT COUNT(*) FROM symbols WHERE kb_id=?", (kb,)).fetchone()[0]
+        return (row[0] if row else 0), (row[1] if row else 0), distinct
 
     def close(self) -> None:
         """Fold the WAL into the main file, then close: a stopped server's database file is complete on its own
