@@ -87,6 +87,11 @@ def test_unknown_session(c):
 def test_non_utf8_bytes(c, sid):
     r = raw(c, sid, b'{"strings": ["\xff\xfe"]}')
     assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
+    for content_type in ("text/plain", None):     # not JSON by its header: the same 400, not a 500
+        headers = {"Content-Type": content_type} if content_type else {}
+        for path in (f"/sessions/{sid}/observe", "/sessions", "/learn-batch"):
+            r = c.post(path, content=b'{"strings": ["\xff\xfe"]}', headers=headers)
+            assert r.status_code == 400 and "UTF-8" in r.json()["detail"], (path, content_type, r.text)
     assert c.get(f"/sessions/{sid}/stm").json()["stm"] == []
     assert still_serving(c, sid)["time"] == 1
 

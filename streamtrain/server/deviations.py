@@ -44,8 +44,8 @@ BEHAVIOUR: dict[str, str] = {
         "a body that is not valid JSON gets 422 even when the session does not exist; KATO's middleware "
         "answers 404 first"),
     "non-utf8-body": (
-        "a JSON body that is not UTF-8 gets 400 naming the byte offset; KATO answers 400 'There was an error "
-        "parsing the body'"),
+        "a body that is not UTF-8 gets 400 naming the byte offset (under any content type); KATO answers 400 "
+        "'There was an error parsing the body'"),
     "not-implemented": (
         "GET /status, GET /sessions/count, POST /sessions/{id}/finalize-training, the symbol affinity and "
         "monitoring endpoints and the WebSocket are not implemented (404)"),

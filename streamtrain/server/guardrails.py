@@ -111,7 +111,9 @@ class Guardrails:
                 if not msg.get("more_body", False):
                     break
             body = b"".join(chunks)
-            if body and b"json" in headers.get(b"content-type", b""):
+            # Every body this server takes is JSON, whatever content type it was sent with (a body that is not
+            # UTF-8 under another content type used to reach FastAPI's error encoder and fail there with a 500).
+            if body:
                 try:
                     body.decode("utf-8")
                 except UnicodeDecodeError as e:
