@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lab bench clean
+.PHONY: demo test lint soak lab bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/streamtrain demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest --nbmake tests notebooks
+
+lint: $(STAMP)  # style and types of the package: part of `make test`, so CI fails on a regression
+	$(PY) -m ruff check streamtrain
+	$(PY) -m mypy
 
 soak: $(STAMP)
 	STREAMTRAIN_SOAK=1 $(PY) -m pytest --nbmake tests notebooks

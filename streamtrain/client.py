@@ -171,7 +171,7 @@ class KatoClient(EmbeddedExtensions):
         backoff_initial up to backoff_max plus up to one backoff_initial of jitter, at least Retry-After, cut to
         what is left of the budget."""
         s = self.settings
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) + random.uniform(0, s.backoff_initial)  # noqa: S311
+        delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) + random.uniform(0, s.backoff_initial)
         if isinstance(exc, Transient) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
         return max(0.0, min(delay, s.retry_total_seconds - (time.monotonic() - started)))

@@ -68,7 +68,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         transport.close()
 
     # -- uvicorn's protocol callbacks
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm(self.header_timeout, True)
 
