@@ -36,7 +36,7 @@ from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
-from .worker import SAMPLES_PER_REQUEST, Job, Worker, WorkerContext
+from .worker import Job, Worker, WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ class _Run:
                 self.learn_batches = self.learn_batch and probe.supports_learn_batches
                 self.batch_endpoint = "batches" if self.learn_batches else "batch"
                 if self.learn_batches:
-                    self.capacity = cfg.num_workers * (SAMPLES_PER_REQUEST + 1) + 2
+                    self.capacity = cfg.num_workers * (cfg.client.samples_per_request + 1) + 2
                 self.load_state(probe)
             return self._train()
         finally:

@@ -55,9 +55,6 @@ MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 1 << 20
 
 
-# One learn-batches request carries at most this many whole samples (each under its own key), filled with whatever
-# samples are ready when a worker takes its next one, so a slow stream never waits for a request to fill.
-SAMPLES_PER_REQUEST = 16
 
 
 def _cost(step: Step) -> int:
@@ -160,7 +157,8 @@ class Worker(threading.Thread):
         jobs = [job]
         if not self.ctx.learn_batches or job.recovery is not None or job.retry is not None:
             return jobs, False
-        while len(jobs) < SAMPLES_PER_REQUEST:
+        # filled with the samples already waiting, never waiting for more: a slow stream does not delay them
+        while len(jobs) < self.ctx.config.client.samples_per_request:
             try:
                 more = self.ctx.inbox.get_nowait()
             except queue.Empty:

@@ -154,7 +154,10 @@ def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, d
     """Ctrl-C and SIGTERM land anywhere in the dispatcher's loop (also twice: stop without waiting); every stop
     writes its 'interrupt' checkpoint, and the resumed run still ends with exactly the uninterrupted knowledge base."""
     # checkpoints (which compact the journal) are rare here, so the journal-growth trigger keeps firing mid-run
-    cfg = make_config(tmp_path, demo_corpus, f"signals-{workers}", server.url, num_workers=workers, checkpoint_every=30)
+    # two samples a request at most: 90 samples must last for all the rounds of signals
+    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=2)
+    cfg = make_config(tmp_path, demo_corpus, f"signals-{workers}", server.url, num_workers=workers, checkpoint_every=30,
+                      client=client)
     rounds = 24 if SOAK else 8
     bursts = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]]
     stopped = _stop_and_resume(cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
@@ -288,7 +291,8 @@ def test_failed_samples_are_retried_and_stop_the_run_past_max_failures(demo_corp
     and the steps that took effect; past max_failures the run stops. With the limit lifted, the next call retries
     each failure from its first step not applied: the knowledge base equals a run that never failed."""
     layers = [LayerConfig(chunk_size=40)]
-    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-body-bytes", "400"]) as srv:
+    # 480 bytes: some chunks of 40 words do not fit even alone, some samples fail after their first chunk
+    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-body-bytes", "480"]) as srv:
         cfg = make_config(tmp_path, demo_corpus, "failing", srv.url, layers=layers, max_failures=1000)
         result = train(cfg, progress=False)
         assert result.samples_failed > 0 and result.samples_trained > 0 and result.reason == "end"
