@@ -58,10 +58,14 @@ def test_a_finished_runs_bar_reaches_100_percent_and_shows_the_size(server, demo
     assert f"{SAMPLES}/{SAMPLES}" in err and "100%" in err
     size = dataset_size(describe_dataset(cfg.dataset))
     assert size is not None and size > SAMPLES
-    # a stream shorter than max_samples: the first shard alone, asked for more than it holds
-    one = sorted(demo_corpus.glob("*.parquet"))[0]
+    # a stream shorter than max_samples: a small file, asked for more than it holds
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from streamtrain.config import DatasetConfig
 
+    one = tmp_path / "short.parquet"
+    pq.write_table(pa.table({"text": [f"record number {i} of a short file, long enough to train" for i in range(25)]}), one)
     short = make_config(tmp_path, demo_corpus, "bar-short", server.url, max_samples=10**6,
                         dataset=DatasetConfig(path="parquet", data_files=str(one), min_chars=20))
     n = dataset_size(describe_dataset(short.dataset))
