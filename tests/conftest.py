@@ -55,3 +55,40 @@ def reference(server, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactor
     kb = kb_by_level(server.url, cfg)
     assert set(kb) == {0, 1, 2} and all(kb.values()) and sum(kb[0].values()) == result.patterns_learned[0]
     return kb
+
+
+class FakeClock:
+    """An injectable clock for `create_app(clock=...)`: time moves only when a test calls `advance`."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture()
+def app_client(tmp_path_factory: pytest.TempPathFactory):
+    """Factory of in-process servers: `app_client(**create_app_options)` is a starlette TestClient (an httpx.Client)
+    over a fresh `create_app(...)` on its own database. For HTTP contract checks that involve no process behaviour
+    (no kill, restart, signal, real port or socket timing): no server process starts. Closed after the test."""
+    from contextlib import ExitStack
+
+    from fastapi.testclient import TestClient
+
+    from streamtrain.server import create_app
+
+    with ExitStack() as stack:
+        def make(**options):
+            db = tmp_path_factory.mktemp("app") / "kb.sqlite3"
+            return stack.enter_context(TestClient(create_app(db, **options), base_url="http://embedded"))
+
+        yield make

@@ -1,9 +1,9 @@
-"""Idempotency-Key semantics of the embedded server, over HTTP against a real subprocess."""
+"""Idempotency-Key semantics of the embedded server: the contract in-process (create_app through TestClient,
+expiry on an injected clock); concurrent connections and a crash against real server processes."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
@@ -11,16 +11,9 @@ import pytest
 from streamtrain.server import EmbeddedServer
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedServer(tmp_path_factory.mktemp("idem") / "kb.sqlite3") as srv:
-        yield srv
-
-
 @pytest.fixture()
-def c(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+def c(app_client):
+    return app_client()
 
 
 def new_session(c, node="idem-node") -> str:
@@ -61,7 +54,10 @@ def test_same_key_different_body_or_path_is_422_and_applies_nothing(c):
     assert stm(c, sid) == [["x"]]
 
 
-def test_eight_threads_one_key_apply_once(server, c):
+def test_eight_threads_one_key_apply_once(server):
+    """Eight connections to a real server process send one key at once: applied once, one answer for all.
+    (`server`: the session-wide default server of conftest.py; this test uses its own session.)"""
+    c = httpx.Client(base_url=server.url, timeout=30)
     sid = new_session(c)
     barrier = threading.Barrier(8)
     answers: list[httpx.Response] = []
@@ -132,28 +128,30 @@ def test_keys_survive_a_crash(tmp_path):
         assert stm(c, sid) == [["k"]]
 
 
-def test_keys_expire(tmp_path):
-    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--idempotency-ttl", "0.5"]) as srv:
-        c = httpx.Client(base_url=srv.url, timeout=30)
-        sid = new_session(c)
-        h = {"Idempotency-Key": "short-1"}
-        c.post(f"/sessions/{sid}/observe", json={"strings": ["e"]}, headers=h)
-        time.sleep(0.8)
-        c.post(f"/sessions/{sid}/observe", json={"strings": ["e"]}, headers=h)
-        assert stm(c, sid) == [["e"], ["e"]]
+def test_keys_expire(app_client, clock):
+    """A key older than the TTL (on the app's clock) no longer replays: the same request applies again."""
+    c = app_client(idempotency_ttl=0.5, clock=clock)
+    sid = new_session(c)
+    h = {"Idempotency-Key": "short-1"}
+    c.post(f"/sessions/{sid}/observe", json={"strings": ["e"]}, headers=h)
+    clock.advance(0.4)
+    c.post(f"/sessions/{sid}/observe", json={"strings": ["e"]}, headers=h)
+    assert stm(c, sid) == [["e"]]                   # still within the TTL: a replay
+    clock.advance(0.4)
+    c.post(f"/sessions/{sid}/observe", json={"strings": ["e"]}, headers=h)
+    assert stm(c, sid) == [["e"], ["e"]]
 
 
-def test_no_idempotency_mode_applies_replays(tmp_path):
-    with EmbeddedServer(tmp_path / "kb.sqlite3", idempotency=False) as srv:
-        c = httpx.Client(base_url=srv.url, timeout=30)
-        assert c.get("/").json()["idempotency"] is False
-        sid = new_session(c)
-        h = {"Idempotency-Key": "ignored-1"}
-        for _ in range(2):
-            assert c.post(f"/sessions/{sid}/observe", json={"strings": ["r", "s"]}, headers=h).status_code == 200
-        assert stm(c, sid) == [["r", "s"], ["r", "s"]]
-        name = c.post(f"/sessions/{sid}/learn", headers=h).json()["pattern_name"]
-        c.post(f"/sessions/{sid}/observe-sequence", headers=h,
-               json={"observations": [{"strings": ["r", "s"]}, {"strings": ["r", "s"]}], "learn_at_end": True})
-        pat = c.get(f"/pattern/{name}", params={"node_id": "idem-node"}).json()["pattern"]["pattern"]
-        assert pat["frequency"] == 2
+def test_no_idempotency_mode_applies_replays(app_client):
+    c = app_client(idempotency=False)
+    assert c.get("/").json()["idempotency"] is False
+    sid = new_session(c)
+    h = {"Idempotency-Key": "ignored-1"}
+    for _ in range(2):
+        assert c.post(f"/sessions/{sid}/observe", json={"strings": ["r", "s"]}, headers=h).status_code == 200
+    assert stm(c, sid) == [["r", "s"], ["r", "s"]]
+    name = c.post(f"/sessions/{sid}/learn", headers=h).json()["pattern_name"]
+    c.post(f"/sessions/{sid}/observe-sequence", headers=h,
+           json={"observations": [{"strings": ["r", "s"]}, {"strings": ["r", "s"]}], "learn_at_end": True})
+    pat = c.get(f"/pattern/{name}", params={"node_id": "idem-node"}).json()["pattern"]["pattern"]
+    assert pat["frequency"] == 2
