@@ -4,7 +4,6 @@ file does not cover, deliberate fixes of KATO bugs, the symbol index, the extens
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -103,10 +102,12 @@ def test_stm_is_capped_at_1000_events(c):
     assert stm["length"] == 1000 and stm["stm"][0] == ["t5"] and stm["stm"][-1] == ["t1004"]
 
 
-def test_session_ttl_expiry_and_extend(c):
+def test_session_ttl_expiry_and_extend(app_client, clock):
+    """Time moves on the app's injected clock, not by waiting."""
+    c = app_client(clock=clock)
     sid = c.post("/sessions", json={"node_id": "ttl", "ttl_seconds": 1}).json()["session_id"]
     assert c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}).status_code == 200
-    time.sleep(1.2)
+    clock.advance(1.2)
     assert c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}).status_code == 404
     assert c.get(f"/sessions/{sid}/exists").json() == {"exists": False, "expired": False, "session_id": sid}
     sid = c.post("/sessions", json={"node_id": "ttl"}).json()["session_id"]
