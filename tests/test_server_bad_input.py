@@ -1,5 +1,6 @@
-"""Bad input to the embedded server (a real subprocess): each gets its documented status, nothing is
-half-applied, and the server keeps answering. Bad database files give a clear startup error."""
+"""Bad input to the embedded server: each gets its documented status, nothing is half-applied, and the server
+keeps answering (the HTTP contract in-process: create_app through TestClient). Bad database files, hosts and a
+second server on one database give a clear startup error (real processes: `streamtrain.server` and EmbeddedServer)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,18 @@ import sys
 import httpx
 import pytest
 
+from fastapi.testclient import TestClient
+
 from streamtrain.errors import ServerUnavailable
-from streamtrain.server import EmbeddedServer
+from streamtrain.server import EmbeddedServer, create_app
 
 LIMIT = 4096
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedServer(tmp_path_factory.mktemp("bad") / "kb.sqlite3",
-                        extra_args=["--max-body-bytes", str(LIMIT)]) as srv:
-        yield srv
-
-
 @pytest.fixture()
-def c(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+def c(app_client):
+    """The app as `--max-body-bytes 4096` serves it."""
+    return app_client(max_body_bytes=LIMIT)
 
 
 @pytest.fixture()
@@ -122,15 +118,14 @@ def test_failing_item_applies_nothing(c, sid):
     assert still_serving(c, sid)["time"] == 2
 
 
-def test_token_required(tmp_path):
-    with EmbeddedServer(tmp_path / "kb.sqlite3", token="s3cret") as srv:
-        c = httpx.Client(base_url=srv.url, timeout=10)
-        assert c.get("/health").status_code == 200
-        r = c.post("/sessions", json={"node_id": "n"})
-        assert r.status_code == 401 and "Bearer" in r.json()["detail"]
-        assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        ok = c.post("/sessions", json={"node_id": "n"}, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
+def test_token_required(app_client):
+    c = app_client(token="s3cret")
+    assert c.get("/health").status_code == 200
+    r = c.post("/sessions", json={"node_id": "n"})
+    assert r.status_code == 401 and "Bearer" in r.json()["detail"]
+    assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = c.post("/sessions", json={"node_id": "n"}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
 
 
 def run_server_cli(*args: str) -> subprocess.CompletedProcess:
@@ -152,8 +147,10 @@ def test_db_that_is_not_sqlite(tmp_path):
 
 def test_read_only_db(tmp_path):
     db = tmp_path / "kb.sqlite3"
-    with EmbeddedServer(db) as srv:
-        httpx.post(srv.url + "/sessions", json={"node_id": "ro"})
+    app = create_app(db)                                # a database with something in it, made in-process
+    with TestClient(app) as c:
+        assert c.post("/sessions", json={"node_id": "ro"}).status_code == 200
+    app.state.server.store.close()
     os.chmod(db, 0o444)
     p = run_server_cli("--db", str(db))
     assert p.returncode != 0 and "read-only" in p.stderr and "Traceback" not in p.stderr
