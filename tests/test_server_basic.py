@@ -1,4 +1,5 @@
-"""Smoke test of the embedded server as a real subprocess: sessions, observe, learn, restart, extensions."""
+"""Smoke test of the embedded server: sessions, observe, learn, SIGKILL and restart, extensions (a real subprocess
+of its own: it asserts on every node of the server); the idempotency-key replay in-process."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from streamtrain.server import EmbeddedServer
 
 
 @pytest.fixture()
-def server(tmp_path):
+def own_server(tmp_path):
+    """A server process for one test: it is killed and restarted, and /nodes must list only this test's node."""
     with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:
         yield srv
 
 
-def test_session_observe_learn_and_restart(server):
+def test_session_observe_learn_and_restart(own_server):
+    server = own_server
     c = httpx.Client(base_url=server.url, timeout=10)
     root = c.get("/").json()
     assert root["version"] == "3.10.1" and root["idempotency"] is True
@@ -36,8 +39,10 @@ def test_session_observe_learn_and_restart(server):
     assert c.get(f"/sessions/{sid}/stm").json()["stm"] == []
 
     c.post(f"/sessions/{sid}/observe", json={"strings": ["x", "y"]})
+    killed = server.pid
     server.kill()            # SIGKILL: the session and its STM must survive
     server.restart()
+    assert server.pid is not None and server.pid != killed      # a new process answers
     c2 = httpx.Client(base_url=server.url, timeout=10)
     assert c2.get(f"/sessions/{sid}/stm").json()["stm"] == [["x", "y"]]
     learn = c2.post(f"/sessions/{sid}/learn").json()
@@ -56,8 +61,8 @@ def test_session_observe_learn_and_restart(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "SESSION_NOT_FOUND"
 
 
-def test_idempotency_key_replays_the_first_answer(server):
-    c = httpx.Client(base_url=server.url, timeout=10)
+def test_idempotency_key_replays_the_first_answer(app_client):
+    c = app_client()
     sid = c.post("/sessions", json={"node_id": "idem"}).json()["session_id"]
     h = {"Idempotency-Key": "k-1"}
     first = c.post(f"/sessions/{sid}/observe", json={"strings": ["a"]}, headers=h)
