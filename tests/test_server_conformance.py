@@ -1,5 +1,5 @@
-"""Replay every recorded real-KATO 3.10.1 exchange (tests/golden) against the embedded server as a
-real subprocess. Every case must pass, except the deliberate deviations listed in
+"""Replay every recorded real-KATO 3.10.1 exchange (tests/golden) against the embedded server
+in-process (create_app through TestClient: the HTTP contract, no process behaviour). Every case must pass, except the deliberate deviations listed in
 streamtrain/server/deviations.py, which must fail exactly where and how the table says.
 """
 
@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from streamtrain.server import EmbeddedServer
+from streamtrain.server import create_app
 from streamtrain.server.deviations import DEVIATIONS
 
 HERE = Path(__file__).resolve().parent
@@ -60,8 +60,9 @@ def test_golden_file_is_present():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
+    """One app for every case, as one server answered them all before (each case names its own nodes)."""
     db = tmp_path_factory.mktemp("conformance") / "kb.sqlite3"
-    with EmbeddedServer(db) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with TestClient(create_app(db), base_url="http://embedded") as c:
         yield c
 
 
