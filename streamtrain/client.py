@@ -254,7 +254,7 @@ class KatoClient(EmbeddedExtensions):
         status = response.status_code
         if 200 <= status < 300:
             try:
-                return model.model_validate(response.json())
+                return model.model_validate_json(response.content)
             except (ValueError, ValidationError) as exc:
                 raise ProtocolError(
                     f"server {self.base_url}: {call} answered {status} with a body that is not a valid "
