@@ -8,6 +8,9 @@
 * idle, silent and half-sent connections are closed within a few seconds;
 * a maximal learn-batch does not stall /health; a larger one gets 413 naming the limit;
 * the bearer scheme is case-insensitive; an unknown node is a 404.
+
+Contract checks with no process behaviour (the client's split of a huge batch, the bearer scheme, the unknown
+node) run in-process: create_app through TestClient.
 """
 
 from __future__ import annotations
@@ -347,18 +350,17 @@ def test_health_answers_while_a_maximal_batch_is_applied(tmp_path):
         assert slowest < max(3.0, took / 2), f"a /health took {slowest:.2f} s during a {took:.1f} s batch"
 
 
-def test_client_splits_a_huge_batch_into_keyed_parts(tmp_path, monkeypatch):
+def test_client_splits_a_huge_batch_into_keyed_parts(app_client, monkeypatch):
     """A sample with more learns than one request may carry goes in parts, each keyed: sent again (a resume
     after a crash), nothing is applied twice."""
     monkeypatch.setattr(client_module, "LEARN_BATCH_PART", 4)
     items = [(f"split-L{i % 2}", [[f"a{i}"], [f"b{i}"]]) for i in range(10)]
-    with EmbeddedServer(tmp_path / "kb.sqlite3", extra_args=["--max-batch-items", "5"]) as srv, \
-            KatoClient(srv.url) as client:
+    http = app_client(max_batch_items=5)                # the app as `--max-batch-items 5` serves it
+    with KatoClient(str(http.base_url), http=http) as client:
         names = client.learn_batch(items, idempotency_key="sample-1")
         again = client.learn_batch(items, idempotency_key="sample-1")
         kb = client.export_knowledge_base()
-        with httpx.Client(base_url=srv.url) as http:
-            too_many = http.post("/learn-batch", json={"items": [{"node_id": "x", "events": [["a"], ["b"]]}] * 6})
+        too_many = http.post("/learn-batch", json={"items": [{"node_id": "x", "events": [["a"], ["b"]]}] * 6})
     assert names == again and len(names) == 10 and all(names)
     assert sum(len(v) for v in kb.values()) == 10 and set(f for v in kb.values() for f in v.values()) == {1}
     assert too_many.status_code == 413 and "at most 5 per request (--max-batch-items)" in too_many.json()["detail"]
@@ -375,19 +377,19 @@ def test_bearer_scheme_is_case_insensitive_in_process(tmp_path):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
 
-def test_unknown_node_is_404_and_analysis_reads_it_as_empty(tmp_path, demo_corpus):
+def test_unknown_node_is_404_and_analysis_reads_it_as_empty(tmp_path, demo_corpus, app_client):
     """/nodes/{id}/stats and /patterns of a node the server never saw: 404 naming it (not zeros that look like a
     trained-but-empty node); the analysis helpers still show such a level as empty."""
     from streamtrain import analysis
 
     cfg = run_config(tmp_path, demo_corpus, "partial", layers=[LayerConfig(chunk_size=2)] * 3)
-    with EmbeddedServer(tmp_path / "kb.sqlite3") as srv, KatoClient(srv.url) as client:
+    http = app_client()
+    with KatoClient(str(http.base_url), http=http) as client:
         client.learn_batch([(cfg.node_id(0), [["a"], ["b"]])], idempotency_key="k")
-        with httpx.Client(base_url=srv.url) as http:
-            for path in ("stats", "patterns"):
-                r = http.get(f"/nodes/{cfg.node_id(1)}/{path}")
-                assert r.status_code == 404 and f"'{cfg.node_id(1)}' is unknown" in r.json()["detail"]
-            assert http.get(f"/nodes/{cfg.node_id(0)}/stats").json()["pattern_count"] == 1
+        for path in ("stats", "patterns"):
+            r = http.get(f"/nodes/{cfg.node_id(1)}/{path}")
+            assert r.status_code == 404 and f"'{cfg.node_id(1)}' is unknown" in r.json()["detail"]
+        assert http.get(f"/nodes/{cfg.node_id(0)}/stats").json()["pattern_count"] == 1
         rows = analysis.kb_summary(client, cfg)
         assert [r["patterns"] for r in rows] == [1, 0, 0] and rows[2]["node"] == cfg.node_id(2)
         kb = analysis.kb_by_level(client, cfg)
