@@ -28,12 +28,13 @@ import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from runs import make_config
 
 from streamtrain import client as client_module
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.client import KatoClient
+from streamtrain.config import SERVER_TOKEN_ENV, LayerConfig, RunConfig
 from streamtrain.errors import ProtocolError
-from streamtrain.config import SERVER_TOKEN_ENV, ClientConfig, DatasetConfig, LayerConfig, RunConfig
 from streamtrain.server import EmbeddedServer, create_app
 from streamtrain.server.app import DEFAULT_MAX_BATCH_ITEMS
 from streamtrain.server.cli import TOKEN_ENV
@@ -44,18 +45,10 @@ CHILD = Path(__file__).with_name("train_child.py")
 
 
 def run_config(tmp_path: Path, corpus: Path, run_name: str, **overrides) -> RunConfig:
-    fields = dict(
-        run_name=run_name,
-        dataset=DatasetConfig(path="parquet", data_files=str(corpus / "*.parquet"), min_chars=20),
-        layers=[LayerConfig(chunk_size=6), LayerConfig(chunk_size=4)],
-        max_samples=60,
-        checkpoint_dir=tmp_path / "ckpt",
-        checkpoint_every=7,
-        checkpoint_every_seconds=None,
-        client=ClientConfig(retry_total_seconds=30, read_timeout=10),
-    )
-    fields.update(overrides)
-    return RunConfig(**fields)
+    """The trainer tests' small run (runs.make_config), two levels, 60 records, server_url as given (default none)."""
+    url = overrides.pop("server_url", None)
+    fields: dict = {"layers": [LayerConfig(chunk_size=6), LayerConfig(chunk_size=4)], "max_samples": 60, **overrides}
+    return make_config(tmp_path, corpus, run_name, url, **fields)
 
 
 def files_holding(folder: Path, secret: str) -> list[Path]:
