@@ -1,5 +1,6 @@
-"""The client against the embedded server as a real subprocess: through the fault proxy, SIGKILL + restart,
-a server that is gone for good, lost sessions, and configs the server did not take.
+"""The client against the embedded server: through the fault proxy, SIGKILL + restart and a server that is gone
+for good (real server processes); lost sessions, a crashed trainer's unit, keyed resends and configs the server
+did not take (in-process: create_app through TestClient, no process behaviour involved).
 
 Every knowledge base is read straight from the server (no proxy) through the /nodes export. It is compared
 with the same workload run without faults, which must also equal the knowledge base computed offline.
@@ -15,19 +16,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from budgets import FAST, FAST_WITH_ROOM
+from fastapi.testclient import TestClient
 from faultproxy import KINDS, FaultProxy
 from soak import SOAK
 
 from streamtrain.client import KatoClient
-from streamtrain.config import ClientConfig
 from streamtrain.errors import ConfigRejected, ServerUnavailable
 from streamtrain.patterns import pattern_name
-from streamtrain.server import EmbeddedServer
+from streamtrain.server import EmbeddedServer, create_app
 from streamtrain.units import NodeSession, unit_took_effect
 
-# Short timeouts keep stall faults cheap; the budget still rides out a restart of the server.
-FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=30.0, retry_max_attempts=200,
-                    backoff_initial=0.02, backoff_max=0.3)
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 NODES = ("wl-a", "wl-b", "wl-c")
 
@@ -80,7 +79,7 @@ def run_workload(client: KatoClient, units: list[Unit], *, after_unit: Callable[
 
 
 def export(url: str) -> dict[str, dict[str, int]]:
-    with KatoClient(url, settings=FAST) as direct:
+    with KatoClient(url, settings=FAST_WITH_ROOM) as direct:
         return direct.export_knowledge_base()
 
 
@@ -104,11 +103,12 @@ UNITS = workload(SCALE)
 
 @pytest.fixture(scope="module")
 def fault_free_kb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, int]]:
-    """The workload without faults (verify mode, the longer protocol); it must equal the offline count."""
-    with EmbeddedServer(tmp_path_factory.mktemp("clean") / "kb.db", idempotency=False) as srv:
-        with KatoClient(srv.url, settings=FAST) as client:
-            assert run_workload(client, UNITS, mode="verify") == "verify"
-        kb = export(srv.url)
+    """The workload without faults (verify mode, the longer protocol) in-process; it must equal the offline count."""
+    app = create_app(tmp_path_factory.mktemp("clean") / "kb.db", idempotency=False)
+    with TestClient(app, base_url="http://embedded") as http, KatoClient("http://embedded", http=http,
+                                                                          settings=FAST) as client:
+        assert run_workload(client, UNITS, mode="verify") == "verify"
+        kb = client.export_knowledge_base()
     assert kb == offline_kb(UNITS)
     assert max(f for node in kb.values() for f in node.values()) > 1
     return kb
@@ -127,7 +127,7 @@ def test_workload_through_ten_percent_faults_learns_exactly_once(
     """Drops, lost answers, 503/429 and stalls leave exactly the fault-free knowledge base."""
     srv = server_factory(idempotency=idempotency)
     with FaultProxy(srv.url, fault_rate=0.1, seed=40, retry_after="1", stall_seconds=0.8) as proxy:
-        with KatoClient(proxy.url, settings=FAST) as client:
+        with KatoClient(proxy.url, settings=FAST_WITH_ROOM) as client:
             mode = run_workload(client, UNITS, mode=asked)
         counts = proxy.counts
     assert mode == expected
@@ -162,7 +162,7 @@ def test_server_sigkilled_and_restarted_mid_workload(
         if i in kill_at and not go.is_set():
             go.set()
 
-    with KatoClient(srv.url, settings=FAST) as client:
+    with KatoClient(srv.url, settings=FAST_WITH_ROOM) as client:
         assert run_workload(client, UNITS, after_unit=after_unit, mode=asked) == expected
     thread.join(30)
     assert restarted.is_set()
@@ -172,7 +172,7 @@ def test_server_sigkilled_and_restarted_mid_workload(
 def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[..., EmbeddedServer]) -> None:
     """No server: ServerUnavailable after retry_total_seconds (within one backoff step), never a hang."""
     srv = server_factory()
-    settings = FAST.model_copy(update={"retry_total_seconds": 1.5, "backoff_max": 0.3})
+    settings = FAST_WITH_ROOM.model_copy(update={"retry_total_seconds": 1.5, "backoff_max": 0.3})
     with KatoClient(srv.url, settings=settings) as client:
         node = NodeSession(client, "n", TRAIN_CONFIG)
         node.learn_unit([["a"], ["b"]], "k0")
@@ -185,10 +185,19 @@ def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[.
     assert srv.url in str(info.value) and "attempt(s)" in str(info.value)
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(tmp_path_factory.mktemp("shared") / "kb.db", idempotency=False) as srv:
-        yield srv
+@pytest.fixture()
+def in_process(app_client: Callable[..., TestClient]) -> Callable[..., KatoClient]:
+    """`in_process(idempotency=...)`: a KatoClient (FAST) over a fresh in-process app; closed after the test."""
+    clients: list[KatoClient] = []
+
+    def make(idempotency: bool = False) -> KatoClient:
+        http = app_client(idempotency=idempotency)
+        clients.append(KatoClient(str(http.base_url), http=http, settings=FAST))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 @pytest.mark.parametrize("config, rejected", [
@@ -196,16 +205,17 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
     ({"no_such_key": 1}, "no_such_key"),         # silently ignored
     ({"recall_threshold": 5}, "recall_threshold"),  # refused with 400 by this server
 ])
-def test_config_the_server_did_not_take_is_rejected(shared_server: EmbeddedServer, config: dict, rejected: str) -> None:
-    with KatoClient(shared_server.url, settings=FAST) as client:
+def test_config_the_server_did_not_take_is_rejected(in_process: Callable[..., KatoClient], config: dict,
+                                                    rejected: str) -> None:
+    with in_process() as client:
         with pytest.raises(ConfigRejected, match=rejected):
             NodeSession(client, "cfg-node", {**TRAIN_CONFIG, **config}).open()
 
 
-def test_deleted_session_is_replaced_and_the_unit_learned_once(shared_server: EmbeddedServer) -> None:
+def test_deleted_session_is_replaced_and_the_unit_learned_once(in_process: Callable[..., KatoClient]) -> None:
     """A session that vanished (404) is recreated; the unit is redone from a clean STM."""
     a, b = [["x"], ["y"], ["z"]], [["p"], ["q"]]
-    with KatoClient(shared_server.url, settings=FAST) as client:
+    with in_process() as client:
         node = NodeSession(client, "lost-node", TRAIN_CONFIG)
         node.learn_unit(a, "k0")
         old = node.session_id
@@ -218,7 +228,7 @@ def test_deleted_session_is_replaced_and_the_unit_learned_once(shared_server: Em
     assert kb == {pattern_name(a): 2, pattern_name(b): 1}
 
 
-def test_unit_took_effect_after_a_trainer_crash(shared_server: EmbeddedServer) -> None:
+def test_unit_took_effect_after_a_trainer_crash(in_process: Callable[..., KatoClient]) -> None:
     """The journaled phase (and counter) and the session's state decide whether a crashed trainer's learn happened."""
     events = [["m"], ["n"], ["o"]]
 
@@ -233,7 +243,7 @@ def test_unit_took_effect_after_a_trainer_crash(shared_server: EmbeddedServer) -
 
         return hook
 
-    with KatoClient(shared_server.url, settings=FAST) as client:
+    with in_process() as client:
         seen: list[tuple[str, str, int | None]] = []
         with pytest.raises(Crash):  # verify: crashed before sending the learn: STM holds the unit
             NodeSession(client, "crash-node", TRAIN_CONFIG, mode="verify").learn_unit(events, "k",
@@ -256,11 +266,10 @@ def test_unit_took_effect_after_a_trainer_crash(shared_server: EmbeddedServer) -
         assert client.export_knowledge_base()["crash-node-2"] == {pattern_name(events): 2}
 
 
-def test_keyed_unit_resent_to_a_new_session_is_not_learned_twice(server_factory: Callable[..., EmbeddedServer]) -> None:
+def test_keyed_unit_resent_to_a_new_session_is_not_learned_twice(in_process: Callable[..., KatoClient]) -> None:
     """A resumed trainer resends its in-flight unit with the same key to new sessions: frequency stays 1."""
-    srv = server_factory(idempotency=True)
     events = [["to"], ["be"]]
-    with KatoClient(srv.url, settings=FAST) as client:
+    with in_process(idempotency=True) as client:
         first = NodeSession(client, "key-node", TRAIN_CONFIG)
         assert first.mode == "keys"
         first.learn_unit(events, "run/key-node/0/0")
