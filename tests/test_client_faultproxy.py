@@ -17,7 +17,6 @@ from streamtrain.client import KatoClient
 from streamtrain.errors import ProtocolError
 from streamtrain.server import EmbeddedServer, create_app
 
-
 # kind -> (what the client sees, whether the observe was applied)
 EXPECTED = {
     "drop_before": (httpx.RemoteProtocolError, False),

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from budgets import FAST
 from fastapi.testclient import TestClient
 
 from streamtrain.client import KatoClient
-from streamtrain.config import ClientConfig
 from streamtrain.errors import (
     ConfigError,
     KeyAlreadyUsed,
@@ -26,7 +26,6 @@ from streamtrain.units import NodeSession
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "process_predictions": False}
 UNIT = [["to"], ["be"], ["or"], ["not"]]
-FAST = ClientConfig(retry_total_seconds=5, retry_max_attempts=3, backoff_initial=0.001, backoff_max=0.01)
 
 
 def in_process(tmp_path: Path, **app_options: object) -> Iterator[KatoClient]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from budgets import FAST
 
 from streamtrain.client import KatoClient
 from streamtrain.config import ClientConfig
@@ -31,8 +32,6 @@ from streamtrain.patterns import pattern_hash, pattern_name
 from streamtrain.retry import Transient, is_retryable, parse_retry_after
 from streamtrain.units import NodeSession, unit_took_effect
 
-FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=5, retry_max_attempts=6,
-                    backoff_initial=0.001, backoff_max=0.01)
 URL = "http://kato.test"
 UNIT = [["the"], ["quick"], ["brown"], ["fox"]]
 DEFAULTS = {"max_pattern_length": 0, "persistence": 5, "recall_threshold": 0.1, "max_predictions": 100,
