@@ -3,19 +3,16 @@ check that every learn that was answered 200 is there with the right frequency (
 
 from __future__ import annotations
 
-import os
 import random
 import threading
-import time
 from collections import Counter
 
 import httpx
 import pytest
+from soak import SOAK  # noqa: E402
 
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer
-
-from soak import SOAK  # noqa: E402
 
 
 def chunk(i: int) -> list[list[str]]:
@@ -95,9 +92,10 @@ def test_session_state_survives_sigkill(tmp_path):
             r = c.post(f"/sessions/{sid}/observe", json={"strings": s, "emotives": {"joy": 0.5}})
         before = c.get(f"/sessions/{sid}/stm").json()
         assert before["stm"] == [["d"], ["e"]] and r.json()["time"] == 4
-        srv.kill()
-        time.sleep(0.1)
+        killed = srv.pid
+        srv.kill()               # returns once the process is reaped: nothing to wait for
         srv.restart()
+        assert srv.pid is not None and srv.pid != killed
         c = httpx.Client(base_url=srv.url, timeout=10)
         assert c.get(f"/sessions/{sid}/stm").json() == before
         cfg = c.get(f"/sessions/{sid}/config").json()["config"]
