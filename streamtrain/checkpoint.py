@@ -213,6 +213,8 @@ def _describe_os_error(exc: OSError, access: str = "writable") -> str:
         return "the disk is full (free some space, or point checkpoint_dir at another disk)"
     if exc.errno == errno.EDQUOT:
         return "the disk quota is exceeded (free some space, or point checkpoint_dir at another disk)"
+    if exc.errno == errno.EFBIG:
+        return "the file-size limit of this process is reached (ulimit -f; raise it, or run without one)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"the folder is not {access} (fix its permissions, or point checkpoint_dir elsewhere)"
     return exc.strerror or str(exc)

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -210,18 +211,52 @@ def test_entries_report_validity(store: CheckpointStore) -> None:
     assert "not valid JSON" in entries[1].error
 
 
-@pytest.mark.parametrize("where", ["write", "fsync"])
-def test_disk_full_leaves_previous_checkpoint(
-    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, where: str
-) -> None:
-    """ENOSPC during a write (simulated: a disk can't be filled on demand) -> clear error, nothing lost."""
+def test_write_past_the_file_size_limit_leaves_previous_checkpoint(store: CheckpointStore) -> None:
+    """A real failing write: the save runs in a child process under a kernel file-size limit (RLIMIT_FSIZE, with
+    SIGXFSZ ignored), so writing the temp file fails with EFBIG. Clear error, nothing lost."""
+    first = store.save(make_ckpt(1))
+    before = first.read_bytes()
+    big = make_ckpt(2, failures=[FailedSample(raw_index=i, error="x" * 150) for i in range(1000)])  # ~200 KB
+    payload = store.run_dir.parent / "ckpt-2.json"           # outside the run folder
+    payload.write_text(big.model_dump_json())
+    limit = 64 * 1024
+    assert len(before) < limit < len(payload.read_bytes())
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        from pathlib import Path
+        from streamtrain.checkpoint import Checkpoint, CheckpointStore
+        from streamtrain.errors import CheckpointError
+        ckpt = Checkpoint.model_validate_json(Path({str(payload)!r}).read_text())
+        store = CheckpointStore({str(store.run_dir)!r}, keep=3)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        try:
+            store.save(ckpt)
+        except CheckpointError as exc:
+            print(exc)
+            sys.exit(0)
+        sys.exit(1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    message = done.stdout
+    assert "the file-size limit of this process is reached (ulimit -f" in message, message
+    assert "ckpt-00000002.json" in message and "previous checkpoints are untouched" in message, message
+    assert sorted(p.name for p in store.run_dir.iterdir() if p.name != ".lock") == ["ckpt-00000001.json"]
+    assert first.read_bytes() == before
+    assert store.latest().sequence == 1
+
+
+def test_fsync_failure_leaves_previous_checkpoint(store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from fsync -> clear error, nothing lost. A mock of os.fsync: a real disk cannot be made to fail an
+    fsync on demand here (no fault-injecting device or file system is available to the tests)."""
     first = store.save(make_ckpt(1))
     before = first.read_bytes()
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, where, full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(CheckpointError, match="disk is full") as info:
         store.save(make_ckpt(2))
     monkeypatch.undo()
