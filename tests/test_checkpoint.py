@@ -12,41 +12,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-
-from streamtrain.checkpoint import (
-    Checkpoint,
-    CheckpointStore,
-    Counters,
-    FailedSample,
-    StreamPosition,
-)
-from streamtrain.config import DatasetConfig, RunConfig
-from streamtrain.errors import CheckpointError
-
 from soak import SOAK  # noqa: E402
 
-
-def make_ckpt(seq: int, run_name: str = "run1", **kw) -> Checkpoint:
-    config = RunConfig(run_name=run_name, dataset=DatasetConfig(path="text", data_files="x.txt"))
-    now = datetime.now(timezone.utc)
-    fields = dict(
-        sequence=seq,
-        run_name=run_name,
-        config=config,
-        position=StreamPosition(raw_offset=seq * 10, done_above=[seq * 10 + 2]),
-        counters=Counters(samples_trained=seq * 9, samples_filtered=seq, patterns_learned=[seq, 1]),
-        failures=[FailedSample(raw_index=3, error="boom")],
-        reason="interval",
-        started_at=now,
-        created_at=now,
-        elapsed_seconds=1.5 * seq,
-    )
-    fields.update(kw)
-    return Checkpoint(**fields)
+from checkpoints import make_ckpt  # noqa: E402
+from streamtrain.checkpoint import (
+    CheckpointStore,
+    FailedSample,
+)
+from streamtrain.errors import CheckpointError
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from checkpoints import make_ckpt  # tests/ is on sys.path (rootdir conftest)
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import main
-from test_checkpoint import make_ckpt  # tests/ is on sys.path (rootdir conftest)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
