@@ -6,8 +6,9 @@
 
 Measures, against the server as a real subprocess over loopback HTTP:
   * observations/s through observe-sequence with batches of 1 (baseline: one request per event), 8, 64, 512
-  * learned patterns/s: one observe-sequence of 8 events with learn_at_end per pattern (the trainer's shape),
-    with and without an Idempotency-Key, and POST /learn after an observe-sequence
+  * learned patterns/s: one observe-sequence of 8 events with learn_at_end per pattern (the real-KATO
+    protocol's shape), with and without an Idempotency-Key, POST /learn after an observe-sequence, auto-learn,
+    and the extensions learn-batch and learn-batches (among them the trainer's shape: ~11 samples a request)
   * GET /predictions latency p50/p99 with 1k, 10k (and 100k with --big) patterns in the node, and in the same
     run the in-process prediction time with the symbol index against a full scan of the node; for a
     Zipf-distributed vocabulary (frequent symbols occur in most patterns: little for the index to skip)
@@ -130,6 +131,23 @@ def bench_learn(c: httpx.Client, srv: EmbeddedServer, draw, n: int) -> None:
     label = "learn-batches, 4 x 6 patterns/request"
     print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
           f"= {learned / cpu:5.0f} patterns per CPU-second")
+    # learn-batches in the trainer's shape (demo corpus, samples_per_request 16): ~11 samples per request, each a
+    # keyed batch of 6 patterns of 8 single-symbol events: 5 of words on level 0, 1 of pattern names on level 1.
+    n_req = max(1, n // 66)
+    rng = random.Random(3)
+    names = [f"PTRN|{rng.getrandbits(160):040x}" for _ in range(4000)]
+    bodies = [{"batches": [{"key": f"trainer-{i}-{b}", "items": [
+        {"node_id": "trainer-L0", "events": [draw(1) for _ in range(8)]} for _ in range(5)] + [
+        {"node_id": "trainer-L1", "events": [[w] for w in rng.choices(names, k=8)]}]} for b in range(11)]}
+        for i in range(n_req)]
+    cpu0, t0 = server_cpu(srv), time.perf_counter()
+    for body in bodies:
+        c.post("/learn-batches", json=body)
+    dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
+    learned = n_req * 66
+    label = "learn-batches, 11 x 6 (trainer's shape)"
+    print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
+          f"= {learned / cpu:5.0f} patterns per CPU-second; {n_req * 11 / dt:5.0f} samples/s wall")
     sid = new_session(c, "learn-separate")
     bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)]} for _ in range(n // 2)]
     cpu0, t0 = server_cpu(srv), time.perf_counter()
@@ -215,6 +233,7 @@ def main() -> int:
     ap.add_argument("--big", action="store_true", help="also measure predictions with 100k patterns (slow to build)")
     ap.add_argument("--vocab", type=int, default=20000, help="vocabulary size (Zipf-distributed draws)")
     ap.add_argument("--queries", type=int, default=40, help="prediction queries per size")
+    ap.add_argument("--learns", type=int, default=1500, help="patterns learned per learn figure (default 1500)")
     ap.add_argument("--requests-only", action="store_true",
                     help="only the per-request figures (observations, learns), no predictions")
     a = ap.parse_args()
@@ -227,7 +246,7 @@ def main() -> int:
             print(f"embedded server {srv.url}, db {db}, python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
                   f"load average {os.getloadavg()[0]:.1f}")
             bench_ingest(c, srv, draw, budget_events=4000)
-            bench_learn(c, srv, draw, n=1500)
+            bench_learn(c, srv, draw, n=a.learns)
             if a.requests_only:
                 return 0
             sizes = [1000, 10000] + ([100000] if a.big else [])

@@ -278,7 +278,7 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
             return items
 
         def fn():
-            return 200, {"status": "learned", "patterns": [srv.learn_item(node_id, events) for node_id, events in items]}
+            return 200, {"status": "learned", "patterns": srv.learn_items(items)}
         return await run_in_threadpool(srv.mutate, g, None, fn)
 
     if srv.idempotency:   # without keys a batch could not be exact: not offered (404, not advertised)

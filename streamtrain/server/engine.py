@@ -26,7 +26,7 @@ from streamtrain.server.model import (
     average_emotives,
 )
 from streamtrain.server.predictions import predict
-from streamtrain.server.store import Store
+from streamtrain.server.store import Store, dumps
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,69 @@ class Engine:
             self.store.relearn_pattern(kb, name, n, counts, context)
         self._bump(kb)
         return name
+
+    def learn_patterns(self, items: list[tuple[str, list[list[str]]]]) -> list[str]:
+        """Learn each (node_id, sorted events) item as learn_pattern would, in order, with no emotives or metadata
+        (learn-batch items): the bare sha1 of each, "" under 2 symbols. The same database state as the learns one by
+        one, written with one statement per table for the whole list: the counts are added up here first."""
+        names: list[str] = []
+        todo: list[tuple[str, str, list[list[str]], int]] = []      # (kb, name, events, length)
+        by_kb: dict[str, set[str]] = {}
+        for node_id, events in items:
+            n = sum(len(e) for e in events)
+            if n < 2:
+                names.append("")
+                continue
+            name = pattern_hash(events)
+            kb = self.kb_id(node_id)
+            self._ensure_kb(kb, node_id)
+            names.append(name)
+            todo.append((kb, name, events, n))
+            by_kb.setdefault(kb, set()).add(name)
+        if not todo:
+            return names
+        known = {kb: self.store.existing_patterns(kb, sorted(ns)) for kb, ns in by_kb.items()}
+        new: dict[tuple[str, str], list[Any]] = {}         # (kb, name) -> [kb, name, pattern_data, length, frequency]
+        relearned: dict[tuple[str, str], int] = {}
+        index_rows: list[tuple[str, str, str]] = []
+        sym_freq: dict[tuple[str, str], int] = {}
+        sym_pmf: dict[tuple[str, str], int] = {}
+        totals: dict[str, list[int]] = {}                   # kb -> [new patterns, symbols, learns]
+        learned: list[tuple[str, str, list[list[str]]]] = []
+        for kb, name, events, n in todo:
+            t = totals.get(kb)
+            if t is None:
+                t = totals[kb] = [0, 0, 0]
+            t[1] += n
+            t[2] += 1
+            for e in events:
+                for sym in e:
+                    key = (kb, sym)
+                    sym_freq[key] = sym_freq.get(key, 0) + 1
+            row = new.get((kb, name))
+            if row is not None:
+                row[4] += 1
+            elif name in known[kb]:
+                relearned[(kb, name)] = relearned.get((kb, name), 0) + 1
+            else:
+                new[(kb, name)] = [kb, name, dumps(events), n, 1]
+                t[0] += 1
+                for sym in {sym for e in events for sym in e}:
+                    index_rows.append((kb, sym, name))
+                    sym_pmf[(kb, sym)] = sym_pmf.get((kb, sym), 0) + 1
+                learned.append((kb, name, events))
+        self.store.write_learns(
+            [(kb, name, data, n, k) for kb, name, data, n, k in new.values()],
+            [(k, kb, name) for (kb, name), k in relearned.items()],
+            index_rows,
+            [(kb, sym, k, sym_pmf[(kb, sym)]) for (kb, sym), k in sym_freq.items() if (kb, sym) in sym_pmf],
+            [(k, kb, sym) for (kb, sym), k in sym_freq.items() if (kb, sym) not in sym_pmf],
+            [(t[0], t[1], t[2], kb) for kb, t in totals.items()])
+        for kb, name, events in learned:
+            self.kb_index.on_learn(kb, name, events)
+        for kb, t in totals.items():
+            self.kb_version[kb] = self.kb_version.get(kb, 0) + t[2]
+        return names
 
     def clear_kb(self, kb: str) -> None:
         self.store.clear_kb(kb)

@@ -187,11 +187,11 @@ class Server:
             log.warning("sweeping expired sessions/keys failed", exc_info=True)
         return Response(body, status_code=status, media_type="application/json")
 
-    def learn_item(self, node_id: str, events: list[list[str]]) -> str:
-        """One learn-batch item: `events` (sorted inside each event) learned as one pattern of the node, without a
-        session, emotives or metadata. "PTRN|<sha1>", or "" under 2 symbols."""
-        name = self.engine.learn_pattern(self.engine.kb_id(node_id), node_id, events, [], {})
-        return PREFIX + name if name else ""
+    def learn_items(self, items: list[tuple[str, list[list[str]]]]) -> list[str]:
+        """Learn-batch items: each item's events (sorted inside each event) learned as one pattern of its node, in order,
+        without a session, emotives or metadata; "PTRN|<sha1>" each, or "" under 2 symbols. One statement per table
+        for them all (Engine.learn_patterns)."""
+        return [PREFIX + name if name else "" for name in self.engine.learn_patterns(items)]
 
     def learn_batches(self, batches: list[ParsedBatch]) -> Response:
         """POST /learn-batches: each batch applied at most once per key, all in one transaction. Every key is looked
@@ -214,16 +214,26 @@ class Server:
                     "error": {"code": "KEY_REUSED", "key": b.key}}, 422)
 
         def apply() -> tuple[int, Any]:
-            results = []
+            # The items of every batch applied by this request (the first of each key not stored), learned together.
+            applied: dict[str, tuple[int, int]] = {}      # key -> its items' slice in `items`
+            items: list[tuple[str, list[list[str]]]] = []
             for b in batches:
-                names = stored.get(b.key)
-                if names is not None:
-                    results.append({"key": b.key, "patterns": names, "replayed": True})
-                    continue
-                names = stored[b.key] = [self.learn_item(node_id, events) for node_id, events in b.items]
-                self.store.put_key(BATCH_KEY_PREFIX + b.key, b.fingerprint, "POST /learn-batches", 200,
-                                   render({"patterns": names}), now)
-                results.append({"key": b.key, "patterns": names, "replayed": False})
+                if b.key not in stored and b.key not in applied:
+                    applied[b.key] = (len(items), len(items) + len(b.items))
+                    items.extend(b.items)
+            names = self.learn_items(items)
+            keys = []
+            results: list[dict[str, Any]] = []
+            for b in batches:
+                if b.key in applied and b.key not in stored:
+                    lo, hi = applied[b.key]
+                    stored[b.key] = names[lo:hi]
+                    keys.append((BATCH_KEY_PREFIX + b.key, b.fingerprint, "POST /learn-batches", 200,
+                                 render({"patterns": stored[b.key]}), now))
+                    results.append({"key": b.key, "patterns": stored[b.key], "replayed": False})
+                else:
+                    results.append({"key": b.key, "patterns": stored[b.key], "replayed": True})
+            self.store.put_keys(keys)
             return 200, {"status": "ok", "results": results}
         return self.mutate(NO_GUARD, None, apply)
 
