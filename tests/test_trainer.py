@@ -341,11 +341,15 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
 @pytest.mark.parametrize("mode", ["batch", "verify"])
 def test_training_through_faults_is_exact(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference):
     """10% of requests dropped before or after reaching the server, answered 503/429, or stalled past the read
-    timeout: the run finishes with exactly the fault-free knowledge base."""
+    timeout: the run finishes with exactly the fault-free knowledge base.
+
+    One sample per request in batch mode: the proxy draws its faults in request order from a fixed seed, so a run
+    of ~100 requests meets every kind, whatever the timing (several samples per request: the next test)."""
     from faultproxy import FaultProxy
 
     srv = server if mode == "batch" else server_without_idempotency
-    client = ClientConfig(read_timeout=0.3, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1)
+    client = ClientConfig(read_timeout=0.3, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1,
+                          samples_per_request=1)
     kinds = ("drop_before", "drop_after", "503", "429", "stall")
     with FaultProxy(srv.url, fault_rate=0.1, seed=3, kinds=kinds, retry_after="0", stall_seconds=0.6) as proxy:
         cfg = make_config(tmp_path, demo_corpus, f"faults-{mode}", proxy.url, client=client, num_workers=2)
@@ -354,6 +358,22 @@ def test_training_through_faults_is_exact(mode, server, server_without_idempoten
     faults = {kind: counts.get(kind, 0) for kind in ("drop_before", "drop_after", "503", "429", "stall")}
     assert result.samples_failed == 0 and sum(faults.values()) >= 5 and faults["drop_after"] > 0, counts
     assert kb_by_level(srv.url, cfg) == reference
+
+
+def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_corpus, tmp_path, reference):
+    """Half of the learn-batches requests (several samples each, a key per sample) lose their answer after the
+    server applied them (the ambiguous case; the other kinds are in the test above): every sample is still
+    learned exactly once."""
+    from faultproxy import FaultProxy
+
+    client = ClientConfig(read_timeout=2, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1)
+    with FaultProxy(server.url, fault_rate=0.5, seed=5, kinds=("drop_after",),
+                    match=lambda method, path: path == "/learn-batches") as proxy:
+        cfg = make_config(tmp_path, demo_corpus, "faults-batches", proxy.url, client=client, num_workers=2)
+        result = train(cfg, progress=False)
+        counts = proxy.counts
+    assert result.samples_failed == 0 and counts.get("drop_after", 0) > 0, counts
+    assert kb_by_level(server.url, cfg) == reference
 
 
 def test_progress_history_stays_bounded(monkeypatch):
