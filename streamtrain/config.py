@@ -1,12 +1,8 @@
 """Run configuration: pydantic models, TOML/JSON loading, and the resume compatibility rule.
 
-Every top-level field is classified for resume (``json_schema_extra={"resume": ...}``):
-
-* ``must_match``: it decides *what* is trained or *where* it goes (dataset identity, tokenizer, layers,
-  run_name). A checkpoint written under another value cannot be continued exactly, so resuming is refused.
-* ``may_change``: it decides *how* or *how far* (max_samples, workers, intervals, server_url, timeouts).
-
-A test checks that every field carries one of the two, so a new field cannot be forgotten.
+Every top-level field is marked for resume (``json_schema_extra={"resume": ...}``): ``must_match`` when it decides
+*what* is trained or *where* (a resume under another value is refused), ``may_change`` when it decides *how* or
+*how far*. A test checks that every field carries one, so a new field cannot be forgotten.
 """
 
 from __future__ import annotations
