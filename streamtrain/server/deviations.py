@@ -1,7 +1,7 @@
 """Every deliberate difference from KATO 3.10.1, in one place (read by tests/test_server_conformance.py
 and mirrored in docs/server.md).
 
-DEVIATIONS maps a golden case id (../shared/golden/kato-golden.json) to why this server answers that
+DEVIATIONS maps a golden case id (tests/golden/kato-golden.json) to why this server answers that
 case differently on purpose; BEHAVIOUR lists deviations no golden case exercises.
 """
 
