@@ -77,13 +77,14 @@ def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
     return parts
 
 
-def fill_requests(ready: list[tuple[Job, list[str], list[Step]]]) -> list[list[tuple[Job, list[str], list[Step]]]]:
-    """Whole samples packed, in order, into requests within the items and bytes bounds of one learn-batch part."""
+def fill_requests(ready: list[tuple[Job, list[str], list[Step]]],
+                  costs: list[int]) -> list[list[tuple[Job, list[str], list[Step]]]]:
+    """Whole samples packed, in order, into requests within the items and bytes bounds of one learn-batch part
+    (``costs``: each sample's estimated bytes)."""
     groups: list[list[tuple[Job, list[str], list[Step]]]] = []
     items = size = 0
-    for entry in ready:
+    for entry, cost in zip(ready, costs, strict=True):
         steps = entry[2]
-        cost = sum(_cost(s) for s in steps)
         if groups and items + len(steps) <= MAX_BATCH_ITEMS and size + cost <= MAX_BATCH_BYTES:
             groups[-1].append(entry)
             items, size = items + len(steps), size + cost
@@ -175,6 +176,7 @@ class Worker(threading.Thread):
             yield self._train_sample(jobs[0])
             return
         ready: list[tuple[Job, list[str], list[Step]]] = []
+        costs: list[int] = []
         for job in jobs:
             if job.recovery is not None or job.retry is not None:
                 yield self._train_sample(job)
@@ -182,11 +184,15 @@ class Worker(threading.Thread):
             planned = self._plan(job)
             if isinstance(planned, Outcome):
                 yield planned
-            elif not planned[1] or len(batch_parts(planned[1])) > 1:
+                continue
+            steps = planned[1]
+            cost = sum(_cost(s) for s in steps)
+            if not steps or len(steps) > MAX_BATCH_ITEMS or cost > MAX_BATCH_BYTES:  # more than one part: alone
                 yield self._send_sample(job, *planned)
             else:
                 ready.append((job, *planned))
-        for group in fill_requests(ready):
+                costs.append(cost)
+        for group in fill_requests(ready, costs):
             yield from self._send_group(group)
 
     def _send_group(self, group: list[tuple[Job, list[str], list[Step]]]) -> Iterator[Outcome]:
