@@ -4,12 +4,11 @@ per key. The contract in-process (ASGI), /health during a maximal request throug
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from health import post_while_polling_health
 
 from streamtrain.client import KatoClient
 from streamtrain.errors import ProtocolError
@@ -189,23 +188,8 @@ def test_health_answers_during_a_maximal_request(tmp_path):
         assert c.get("/nodes").json()["nodes"] == []
 
         payload = json.dumps(body("m", DEFAULT_MAX_BATCH_ITEMS)).encode()
-        answer: dict = {}
-
-        def send():
-            t0 = time.monotonic()
-            r = httpx.post(srv.url + "/learn-batches", content=payload,
-                           headers={"Content-Type": "application/json"}, timeout=300)
-            answer.update(status=r.status_code, body=r.json(), t0=t0, t1=time.monotonic())
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        health: list[tuple[float, float]] = []
-        while sender.is_alive():
-            t0 = time.monotonic()
-            assert c.get("/health").status_code == 200
-            health.append((t0, time.monotonic()))
-            time.sleep(0.02)
-        sender.join()
+        response, t0, t1, health = post_while_polling_health(c, srv.url + "/learn-batches", payload)
+        answer = {"status": response.status_code, "body": response.json(), "t0": t0, "t1": t1}
         assert answer["status"] == 200, answer["body"]
         results = answer["body"]["results"]
         assert [r["replayed"] for r in results] == [False] * 4
@@ -220,25 +204,14 @@ def test_health_answers_during_a_maximal_request(tmp_path):
         assert len(during) >= 3, f"{len(during)} /health answers during a {took:.1f} s request"
 
 
-class Clock:
-    """An injected clock: the server's time moves only when the test moves it."""
-
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_batch_keys_expire_with_the_idempotency_ttl(tmp_path):
+def test_batch_keys_expire_with_the_idempotency_ttl(tmp_path, clock):
     """A batch key lives as long as an Idempotency-Key (--idempotency-ttl): replayed within it, applied again (as
     a new key) after it."""
-    clock = Clock()
     with TestClient(create_app(tmp_path / "kb.sqlite3", idempotency_ttl=100, clock=clock)) as c:
         assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is False
-        clock.t += 99
+        clock.advance(99)
         assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is True
         assert kb(c)["L0"][names_of(A)[0]] == 1
-        clock.t += 2
+        clock.advance(2)
         assert c.post("/learn-batches", json={"batches": [A]}).json()["results"][0]["replayed"] is False
         assert kb(c)["L0"][names_of(A)[0]] == 2

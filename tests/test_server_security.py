@@ -28,6 +28,7 @@ import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from health import post_while_polling_health
 from runs import make_config
 
 from streamtrain import client as client_module
@@ -313,23 +314,8 @@ def test_health_answers_while_a_maximal_batch_is_applied(tmp_path):
         assert c.get("/nodes").json()["nodes"] == []
 
         body = json.dumps(big_batch(DEFAULT_MAX_BATCH_ITEMS, "m")).encode()
-        answer: dict = {}
-
-        def send_batch():
-            t0 = time.monotonic()
-            r = httpx.post(srv.url + "/learn-batch", content=body, headers={"Content-Type": "application/json"},
-                           timeout=300)
-            answer.update(status=r.status_code, names=r.json().get("patterns", []), t0=t0, t1=time.monotonic())
-
-        sender = threading.Thread(target=send_batch)
-        sender.start()
-        health: list[tuple[float, float]] = []
-        while sender.is_alive():
-            t0 = time.monotonic()
-            assert c.get("/health").status_code == 200
-            health.append((t0, time.monotonic()))
-            time.sleep(0.02)
-        sender.join()
+        response, t0, t1, health = post_while_polling_health(c, srv.url + "/learn-batch", body)
+        answer = {"status": response.status_code, "names": response.json().get("patterns", []), "t0": t0, "t1": t1}
         assert answer["status"] == 200 and len(answer["names"]) == DEFAULT_MAX_BATCH_ITEMS
         stats = [c.get(f"/nodes/big-m-L{k}/stats").json()["pattern_count"] for k in range(3)]
         assert sum(stats) == DEFAULT_MAX_BATCH_ITEMS
