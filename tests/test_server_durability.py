@@ -104,3 +104,34 @@ def test_session_state_survives_sigkill(tmp_path):
         assert r["time"] == 5 and r["auto_learned_pattern"] == pattern_name([["d"], ["e"], ["f"]])
         got = c.get(f"/sessions/{sid}").json()
         assert got["ttl_seconds"] in (599, 600)
+
+
+def _patterns_in_main_file(db) -> int:
+    """Patterns in the database file itself, ignoring its WAL (what a checkpoint has folded in)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM patterns").fetchone()[0]
+    except sqlite3.OperationalError:  # no table yet in the main file
+        return 0
+    finally:
+        conn.close()
+
+
+def test_wal_is_folded_in_while_the_server_runs(tmp_path):
+    """Learns reach the database file itself shortly after their commit, by the background checkpoint thread
+    (the writer's own auto-checkpoint is a backstop at a size these few learns never reach)."""
+    import time
+
+    db = tmp_path / "kb.sqlite3"
+    with EmbeddedServer(db) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        for i in range(20):
+            c.post("/learn-batch", json={"items": [{"node_id": "fold", "events": chunk(i + 100 * j)}
+                                                   for j in range(5)]}).raise_for_status()
+        learned = len(frequencies(c, "fold"))
+        deadline = time.monotonic() + 15
+        while _patterns_in_main_file(db) < learned and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.pid is not None  # still running: the file was written by the running server
+        assert _patterns_in_main_file(db) == learned

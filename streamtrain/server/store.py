@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtrain.errors import StreamtrainError
+from streamtrain.server.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,10 @@ class Store:
             self.conn.execute("PRAGMA journal_mode=WAL").fetchone()
             self.conn.execute(f"PRAGMA synchronous={sync.upper()}")
             self.conn.execute("PRAGMA busy_timeout=5000")
-            # A large page cache and fewer, larger checkpoints: learns touch random B-tree pages (sha1 keys),
-            # and each checkpoint costs an fsync.
+            # A large page cache: learns touch random B-tree pages (sha1 keys). Checkpoints run in a background
+            # thread (walcheckpoint.py); the writer's own auto-checkpoint is only a backstop.
             self.conn.execute("PRAGMA cache_size=-65536")
-            self.conn.execute("PRAGMA wal_autocheckpoint=8192")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             self.conn.execute("PRAGMA temp_store=MEMORY")
             self.conn.executescript(_SCHEMA)
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -141,6 +142,7 @@ class Store:
         self._depth = 0
         self._closed = False
         self._reader: sqlite3.Connection | None = None
+        self.checkpointer = WalCheckpointer(self.path)
 
     def reader(self) -> sqlite3.Connection:
         """A second connection that only reads (for requests that must answer while a write is in progress)."""
@@ -165,6 +167,7 @@ class Store:
             raise
         else:
             self.conn.execute("COMMIT")
+            self.checkpointer.nudge()
         finally:
             self._depth = 0
 
@@ -394,6 +397,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self.checkpointer.stop()
         try:
             busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             if busy:
