@@ -39,6 +39,39 @@ def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_pa
     assert kb_by_level(server.url, cfg) == reference
 
 
+
+def test_heap_is_frozen_while_training_and_given_back(server, demo_corpus, tmp_path, reference):
+    """train() hides the objects that exist when it starts from the garbage collector while it trains (a full
+    collection scanned them all) and gives them back at its end; a caller's own gc.freeze() is left alone."""
+    import gc
+    import threading
+
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(gc.get_freeze_count())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        train(make_config(tmp_path, demo_corpus, "heap", server.url), progress=False)
+    finally:
+        done.set()
+        watcher.join()
+    assert max(seen) > 0 and gc.get_freeze_count() == 0
+
+    gc.freeze()  # the caller's own (as before a fork)
+    try:
+        cfg = make_config(tmp_path, demo_corpus, "heap-caller", server.url)
+        train(cfg, progress=False)
+        assert gc.get_freeze_count() > 0  # still frozen: an unfreeze would have made it 0
+    finally:
+        gc.unfreeze()
+    assert kb_by_level(server.url, cfg) == reference
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, workers):
     """N workers, completions out of order: the same knowledge base as one worker."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -230,6 +231,9 @@ def serve(args: argparse.Namespace) -> int:
                             access_log=args.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=30,
                             http=deadline_protocol(args.header_timeout, args.max_body_bytes))
     server = uvicorn.Server(config)
+    # What exists now (modules, the app) lives as long as the process: out of the garbage collector's sight, a full
+    # collection scans only what requests made (it scanned it all, 100 ms each, a sixth of the CPU of a training run)
+    gc.freeze()
     if args.exit_with_parent is not None:
         _watch_parent(args.exit_with_parent, server)
     # uvicorn re-raises the stop signal once it has shut down; SIGTERM's default action would then end the process
