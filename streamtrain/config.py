@@ -121,7 +121,7 @@ class ClientConfig(StrictModel):
         "KATO.",
     )
     samples_per_request: int = Field(
-        16, ge=1, le=256,
+        128, ge=1, le=256,
         description="With learn_batch on a server that offers several samples per request: at most this many "
         "whole samples in one request (a worker sends those already waiting; it never waits for more).",
     )

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import LayerConfig
-from .patterns import pattern_name, sort_event
+from .patterns import PREFIX, list_hash, sort_event
 
 Events = list[list[str]]
 
@@ -49,6 +49,8 @@ def learn_units(chunk: Sequence[str], layer: LayerConfig) -> list[Events]:
     with fewer than 2 symbols are left out because KATO stores nothing for them.
     """
     mpl, units, stm = layer.max_pattern_length, [], []
+    if mpl <= 0:  # no auto-learn (the default): the whole chunk is one unit, one symbol per event
+        return [[[symbol] for symbol in chunk]] if len(chunk) >= 2 else []
     for symbol in chunk:
         stm.append(sort_event([symbol]))
         if mpl > 0 and len(stm) >= mpl:
@@ -68,7 +70,7 @@ def learn_units(chunk: Sequence[str], layer: LayerConfig) -> list[Events]:
     return [u for u in units if sum(len(e) for e in u) >= 2]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """One learn of a sample: globally numbered, with its level, events and the name it must produce."""
 
@@ -86,7 +88,8 @@ def plan_sample(tokens: Sequence[str], layers: Sequence[LayerConfig]) -> list[St
         names: list[str] = []
         for chunk in chunk_symbols(symbols, layer.chunk_size):
             for events in learn_units(chunk, layer):
-                name = pattern_name(events)
+                # learn_units gives lists of sorted lists with 2 symbols or more: pattern_name's checks hold
+                name = PREFIX + list_hash(events)
                 steps.append(Step(len(steps), level, events, name))
                 names.append(name)
         symbols = names

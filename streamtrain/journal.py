@@ -196,8 +196,9 @@ class Journal:
                 out.append(rec.finished)
         return out
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+    def _append(self, *entries: dict[str, Any]) -> None:
+        """Whole lines, in one write (a crash tears at most the last line, which a reader cuts)."""
+        line = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries).encode("utf-8")
         with self._lock:
             if self._fd is None:
                 raise CheckpointError(f"the journal {self.path} is closed")
@@ -228,6 +229,15 @@ class Journal:
 
     def finished(self, raw_index: int, **counts: Any) -> None:
         self._append({"s": raw_index, "p": "fin", **counts})
+
+    def batches_sent(self, samples: list[tuple[int, int]]) -> None:
+        """(raw index, step count) of each whole sample about to go in one learn-batches request: each sample's
+        ``step(raw_index, 0, "batches", "", end=count)`` line, all in one write."""
+        self._append(*({"s": s, "k": 0, "p": "batches", "sid": "", "e": n} for s, n in samples))
+
+    def finished_many(self, samples: list[tuple[int, dict[str, Any]]]) -> None:
+        """(raw index, counts) of several finished samples: each one's ``finished`` line, all in one write."""
+        self._append(*({"s": s, "p": "fin", **counts} for s, counts in samples))
 
     def _rewrite(self, entries: list[dict[str, Any]]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -21,8 +21,12 @@ def sort_event(symbols: Sequence[str]) -> list[str]:
 
 def pattern_hash(events: Sequence[Sequence[str]]) -> str:
     """The bare sha1 name KATO stores (events must already be sorted)."""
-    data = [list(e) for e in events]
-    return hashlib.sha1(repr(data).encode("utf-8")).hexdigest()
+    return list_hash([list(e) for e in events])  # the repr of lists, whatever sequences came in (a tuple's differs)
+
+
+def list_hash(events: list[list[str]]) -> str:
+    """pattern_hash of events that are a list of lists already (the planner's and the server's): no copy."""
+    return hashlib.sha1(repr(events).encode("utf-8")).hexdigest()
 
 
 def pattern_name(events: Sequence[Sequence[str]]) -> str:

@@ -198,9 +198,9 @@ class Worker(threading.Thread):
     def _send_group(self, group: list[tuple[Job, list[str], list[Step]]]) -> Iterator[Outcome]:
         """Several whole samples in one request, each under its own key (the one it has when sent alone)."""
         ctx, cfg = self.ctx, self.ctx.config
-        for job, _, steps in group:
-            ctx.journal.step(job.raw_index, 0, "batches", "", end=len(steps))
-        batches = [(sample_key(cfg.run_name, job.raw_index, steps), [(cfg.node_id(s.level), s.events) for s in steps])
+        ctx.journal.batches_sent([(job.raw_index, len(steps)) for job, _, steps in group])
+        nodes = [cfg.node_id(level) for level in range(len(cfg.layers))]
+        batches = [(sample_key(cfg.run_name, job.raw_index, steps), [(nodes[s.level], s.events) for s in steps])
                    for job, _, steps in group]
         try:
             answers = self.client.learn_batches(batches)
@@ -213,10 +213,13 @@ class Worker(threading.Thread):
             return
         if len(answers) != len(group):
             raise ProtocolError(f"{self.client.base_url}: learn-batches answered {len(answers)} results for {len(group)} batches")
-        for (job, tokens, steps), names in zip(group, answers, strict=True):
+        for (job, _, steps), names in zip(group, answers, strict=True):
             if names != [s.name for s in steps]:
                 raise ProtocolError(f"sample {job.raw_index}: {self.client.base_url} learned other names than planned")
-            yield self._trained(job, tokens, steps)
+        outcomes = [self._outcome(job, tokens, steps) for job, tokens, steps in group]
+        ctx.journal.finished_many([(o.raw_index, {"trained": 1, "tokens": o.tokens, "learns": o.learns})
+                                   for o in outcomes])
+        yield from outcomes
 
     def _train_sample(self, job: Job) -> Outcome:
         planned = self._plan(job)
@@ -261,12 +264,17 @@ class Worker(threading.Thread):
         return Outcome(job.raw_index, job.retry is not None, error=message, steps_done=exc.steps_done)
 
     def _trained(self, job: Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        outcome = self._outcome(job, tokens, steps)
+        self.ctx.journal.finished(job.raw_index, trained=1, tokens=outcome.tokens, learns=outcome.learns)
+        return outcome
+
+    def _outcome(self, job: Job, tokens: list[str], steps: list[Step]) -> Outcome:
+        """A trained sample's outcome (its journal line is the caller's)."""
         learns = [0] * len(self.ctx.config.layers)
         names: dict[int, str] = {}
         for step in steps:
             learns[step.level] += 1
             names.setdefault(step.level, step.name)
-        self.ctx.journal.finished(job.raw_index, trained=1, tokens=len(tokens), learns=learns)
         return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names)
 
     def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:

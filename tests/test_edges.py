@@ -43,7 +43,8 @@ def test_a_server_outage_stops_the_run_and_the_same_call_finishes_it_exactly(
     """HTTP 500 on every learn for a while (a full disk): the run stops with an 'error' checkpoint, failing no
     sample; once the outage is over, calling again until it ends leaves exactly the uninterrupted KB."""
     srv = server_without_idempotency if mode == "verify" else server
-    client = ClientConfig(retry_total_seconds=5, read_timeout=5, learn_batch=mode == "batch")
+    # a few samples per request: the outage must begin while most of the 90 samples are still to be sent
+    client = ClientConfig(retry_total_seconds=5, read_timeout=5, learn_batch=mode == "batch", samples_per_request=4)
     seen = {"learns": 0}
 
     def from_the_4th_learn(method: str, path: str) -> bool:

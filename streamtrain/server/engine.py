@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from streamtrain.patterns import PREFIX, pattern_hash, strip_prefix
+from streamtrain.patterns import PREFIX, list_hash, pattern_hash, strip_prefix
 from streamtrain.patterns import kb_id as kato_kb_id
 from streamtrain.server.kbindex import KBIndexes
 from streamtrain.server.model import (
@@ -208,7 +208,7 @@ class Engine:
             if n < 2:
                 names.append("")
                 continue
-            name = pattern_hash(events)
+            name = list_hash(events)  # lists of sorted lists (service._sorted_items)
             kb = self.kb_id(node_id)
             self._ensure_kb(kb, node_id)
             names.append(name)
