@@ -57,6 +57,17 @@ def reference(server, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactor
     return kb
 
 
+@pytest.fixture(scope="session")
+def trainer_processes(tmp_path_factory: pytest.TempPathFactory):
+    """A zygote that forks `python train_child.py CONFIG.json` processes without their ~3 s of imports (see
+    train_zygote.py): `trainer_processes.spawn([sys.executable, train_child, config], log)` is Popen-like."""
+    from train_zygote import Zygote
+
+    zygote = Zygote(tmp_path_factory.mktemp("zygote") / "stderr.log")
+    yield zygote
+    zygote.close()
+
+
 class FakeClock:
     """An injectable clock for `create_app(clock=...)`: time moves only when a test calls `advance`."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from runs import SAMPLES, kb_by_level, make_config
 from soak import SOAK
+from train_zygote import ForkedProcess, Zygote
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import ClientConfig, LayerConfig, RunConfig
@@ -81,10 +82,12 @@ def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, wo
     assert kb_by_level(server.url, cfg) == reference
 
 
-def _start_child(cfg: RunConfig, tmp_path: Path, log) -> subprocess.Popen:
+def _start_child(processes: Zygote, cfg: RunConfig, tmp_path: Path, log: Path) -> ForkedProcess:
+    """`python train_child.py CONFIG.json`, its output appended to ``log`` (forked by the zygote: conftest's
+    trainer_processes)."""
     path = tmp_path / f"{cfg.run_name}-{cfg.num_workers}.json"
     path.write_text(cfg.model_dump_json())
-    return subprocess.Popen([sys.executable, str(CHILD), str(path)], stdout=log, stderr=subprocess.STDOUT)
+    return processes.spawn([sys.executable, str(CHILD), str(path)], log)
 
 
 def _journal_size(cfg: RunConfig) -> int:
@@ -92,8 +95,8 @@ def _journal_size(cfg: RunConfig) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _stop_and_resume(cfg: RunConfig, tmp_path: Path, bursts: list[list[signal.Signals]], seed: int,
-                     resume_workers: int | None = None) -> int:
+def _stop_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, bursts: list[list[signal.Signals]],
+                     seed: int, resume_workers: int | None = None) -> int:
     """Stop a training process with real signals at a random moment, once per burst (its signals sent in a row),
     then let one run to the end. Returns how many runs the signals stopped.
 
@@ -103,40 +106,41 @@ def _stop_and_resume(cfg: RunConfig, tmp_path: Path, bursts: list[list[signal.Si
     rng = random.Random(seed)
     log_path = tmp_path / f"{cfg.run_name}.log"
     stopped = 0
-    with open(log_path, "ab") as log:
-        for burst in bursts:
-            before = _journal_size(cfg)
-            proc = _start_child(cfg, tmp_path, log)
-            deadline = time.monotonic() + 60
-            target = before + rng.randint(1, 300)
-            while proc.poll() is None and _journal_size(cfg) < target and time.monotonic() < deadline:
-                time.sleep(0.002)
-            if proc.poll() is not None:
-                break  # it finished before the signal: nothing left to stop
-            for i, sig in enumerate(burst):
-                if i:
-                    time.sleep(rng.uniform(0, 0.01))
-                proc.send_signal(sig)
-            code = proc.wait(timeout=60)
-            # 130 after a stop; a burst's later signals may come as the process exits and end it (a shell says 130)
-            expected = {0, 130} | {-int(sig) for sig in burst[1:]} | {-int(sig) for sig in burst if sig == signal.SIGKILL}
-            assert code in expected, log_path.read_text()[-3000:]
-            stopped += code != 0
-        if resume_workers is not None:
-            cfg = cfg.model_copy(update={"num_workers": resume_workers})
-        proc = _start_child(cfg, tmp_path, log)
-        assert proc.wait(timeout=240) == 0, log_path.read_text()[-3000:]
+    for burst in bursts:
+        before = _journal_size(cfg)
+        proc = _start_child(processes, cfg, tmp_path, log_path)
+        deadline = time.monotonic() + 60
+        target = before + rng.randint(1, 300)
+        while proc.poll() is None and _journal_size(cfg) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is not None:
+            break  # it finished before the signal: nothing left to stop
+        for i, sig in enumerate(burst):
+            if i:
+                time.sleep(rng.uniform(0, 0.01))
+            proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        # 130 after a stop; a burst's later signals may come as the process exits and end it (a shell says 130)
+        expected = {0, 130} | {-int(sig) for sig in burst[1:]} | {-int(sig) for sig in burst if sig == signal.SIGKILL}
+        assert code in expected, log_path.read_text()[-3000:]
+        stopped += code != 0
+    if resume_workers is not None:
+        cfg = cfg.model_copy(update={"num_workers": resume_workers})
+    proc = _start_child(processes, cfg, tmp_path, log_path)
+    assert proc.wait(timeout=240) == 0, log_path.read_text()[-3000:]
     return stopped
 
 
-def _kill_and_resume(cfg: RunConfig, tmp_path: Path, kills: int, seed: int, resume_workers: int | None = None) -> int:
+def _kill_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, kills: int, seed: int,
+                     resume_workers: int | None = None) -> int:
     """SIGKILL a training process at random moments ``kills`` times, then let one run to the end."""
-    return _stop_and_resume(cfg, tmp_path, [[signal.SIGKILL]] * kills, seed, resume_workers)
+    return _stop_and_resume(processes, cfg, tmp_path, [[signal.SIGKILL]] * kills, seed, resume_workers)
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("mode", ["batch", "keys", "verify"])
-def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference):
+def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference,
+                           trainer_processes):
     """The headline: a trainer SIGKILLed >= 10 times and resumed leaves exactly the uninterrupted knowledge base.
 
     batch: one keyed learn-batch request per sample (the embedded server's fast path); keys: one keyed request
@@ -147,7 +151,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
     cfg = make_config(tmp_path, demo_corpus, f"crash-{mode}", srv.url, checkpoint_every=5, client=client)
     kills = 50 if SOAK else 10
-    killed = _kill_and_resume(cfg, tmp_path, kills, seed={"batch": 5, "keys": 7, "verify": 11}[mode])
+    killed = _kill_and_resume(trainer_processes, cfg, tmp_path, kills, seed={"batch": 5, "keys": 7, "verify": 11}[mode])
     assert killed == kills, f"only {killed} of {kills} kills landed before the run finished"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.idempotency == (mode != "verify")
@@ -157,33 +161,35 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
 
 
-def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_corpus, tmp_path, reference):
+def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_corpus, tmp_path, reference,
+                                             trainer_processes):
     """A 4-worker run killed twice and resumed with 2 workers gives the same knowledge base (no idempotency)."""
     srv = server_without_idempotency
     cfg = make_config(tmp_path, demo_corpus, "four-to-two", srv.url, num_workers=4)
-    assert _kill_and_resume(cfg, tmp_path, kills=2, seed=3, resume_workers=2) == 2, "a kill came after the end"
+    killed = _kill_and_resume(trainer_processes, cfg, tmp_path, kills=2, seed=3, resume_workers=2)
+    assert killed == 2, "a kill came after the end"
     assert kb_by_level(srv.url, cfg) == reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_path):
+def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_path, trainer_processes):
     """SIGTERM and Ctrl-C: in-flight samples finish, a checkpoint with reason 'interrupt' is written, exit 130."""
     cfg = make_config(tmp_path, demo_corpus, f"signal{int(sig)}", server.url, max_samples=None, checkpoint_every=10**6)
-    with open(tmp_path / "child.log", "ab") as log:
-        proc = _start_child(cfg, tmp_path, log)
-        journal = cfg.run_dir / "journal.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 2000):
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        assert proc.wait(timeout=60) == 130, (tmp_path / "child.log").read_text()[-3000:]
+    proc = _start_child(trainer_processes, cfg, tmp_path, tmp_path / "child.log")
+    journal = cfg.run_dir / "journal.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 2000):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 130, (tmp_path / "child.log").read_text()[-3000:]
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt is not None and ckpt.reason == "interrupt" and ckpt.position.raw_offset > 0
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("workers", [1, 3])
-def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, demo_corpus, tmp_path, reference):
+def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, demo_corpus, tmp_path, reference,
+                                                              trainer_processes):
     """Ctrl-C and SIGTERM land anywhere in the dispatcher's loop (also twice: stop without waiting); every stop
     writes its 'interrupt' checkpoint, and the resumed run still ends with exactly the uninterrupted knowledge base."""
     # checkpoints (which compact the journal) are rare here, so the journal-growth trigger keeps firing mid-run
@@ -193,7 +199,7 @@ def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, d
                       client=client)
     rounds = 24 if SOAK else 8
     bursts = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]]
-    stopped = _stop_and_resume(cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
+    stopped = _stop_and_resume(trainer_processes, cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end"
     assert kb_by_level(server.url, cfg) == reference
@@ -360,11 +366,12 @@ def test_embedded_server_by_default(demo_corpus, tmp_path):
     assert sum(kb[0].values()) == second.patterns_learned[0]
 
 
-def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus, tmp_path, reference):
+def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus, tmp_path, reference,
+                                                                     trainer_processes):
     """Default mode (no server_url): the trainer and its embedded server child are killed with it; the orphaned
     server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
     cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5)
-    assert _kill_and_resume(cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
+    assert _kill_and_resume(trainer_processes, cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.embedded
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:
