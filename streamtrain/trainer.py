@@ -7,13 +7,12 @@ Why a run killed at any moment resumes exactly: docs/trainer.md ("Exactly once")
 
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from .errors import (
     StreamtrainError,
     TooManyFailures,
 )
+from .heap import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
 from .metrics import Event, MetricsLog
@@ -69,7 +69,7 @@ class _Run:
         self.history: list[ProgressPoint] = []
         self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
         self.stream: DatasetStream | None = None
-        self.heap_frozen = False     # whether this call froze the heap for the garbage collector (_heap_frozen)
+        self.freeze_heap_again: Callable[[], None] = lambda: None  # set by heap.frozen_heap while training
         self.workers: list[Worker] = []
         self.kb_record: KnowledgeBaseRecord | None = None
         self.probe_names: dict[int, str] = {}  # level -> a pattern learned since the last checkpoint
@@ -285,8 +285,7 @@ class _Run:
         if self.signals.stop.is_set() or (limit is not None and st.read_pos >= limit):
             return
         stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state, stop=limit)
-        if self.heap_frozen:
-            gc.freeze()  # the dataset's objects too (datasets imports much of itself on opening a stream)
+        self.freeze_heap_again()  # the dataset's objects too (datasets imports much of itself on opening a stream)
         for raw_index, text in stream:
             if raw_index in st.done_above:
                 st.skip_to(raw_index + 1)
@@ -341,7 +340,7 @@ class _Run:
             self._take(outcome)
 
     def execute(self) -> TrainResult:
-        with self.signals.installed():  # from here on a stop signal is a request the loop answers (_StopSignals)
+        with self.signals.installed(), frozen_heap() as self.freeze_heap_again:  # stop signals: requests (_StopSignals)
             return self._execute()
 
     def _execute(self) -> TrainResult:
@@ -384,8 +383,6 @@ class _Run:
             self.bar = tqdm(total=total, initial=self.start_position, desc=cfg.run_name, unit="rec",
                             dynamic_ncols=True)
         workers = self.workers
-        heap = ExitStack()
-        self.heap_frozen = heap.enter_context(_heap_frozen())
         try:
             try:
                 ctx = WorkerContext(config=cfg, server_url=self.server_url, token=token_for(self.server_url, cfg),
@@ -418,7 +415,6 @@ class _Run:
                     logger.error("could not write the error checkpoint: %s", ckpt_exc)
                 raise
         finally:
-            heap.close()
             self.journal.close()
             if self.bar is not None:
                 self.bar.close()
@@ -451,23 +447,6 @@ class _Run:
             server_url=self.server_url, server_idempotency=self.idempotency, failures=self.state.failure_list(),
             history=self.history,
         )
-
-
-@contextmanager
-def _heap_frozen() -> Iterator[bool]:
-    """The objects that exist when training starts (modules, the client's, the dataset's) out of the garbage
-    collector's sight until it ends: each full collection scanned them all (100-250 ms with ``datasets`` loaded, a
-    fifth of the trainer's CPU in ``bench_trainer``, pauses of every worker). Objects made while training are
-    collected as usual. Left alone when the process froze objects itself (``gc.freeze`` before a fork): True when
-    this call froze them."""
-    if gc.get_freeze_count():
-        yield False
-        return
-    gc.freeze()
-    try:
-        yield True
-    finally:
-        gc.unfreeze()
 
 
 def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True) -> TrainResult:

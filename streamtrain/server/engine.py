@@ -219,7 +219,6 @@ class Engine:
         known = {kb: self.store.existing_patterns(kb, sorted(ns)) for kb, ns in by_kb.items()}
         new: dict[tuple[str, str], list[Any]] = {}         # (kb, name) -> [kb, name, pattern_data, length, frequency]
         relearned: dict[tuple[str, str], int] = {}
-        index_rows: list[tuple[str, str, str]] = []
         sym_freq: dict[tuple[str, str], int] = {}
         sym_pmf: dict[tuple[str, str], int] = {}
         totals: dict[str, list[int]] = {}                   # kb -> [new patterns, symbols, learns]
@@ -243,13 +242,11 @@ class Engine:
                 new[(kb, name)] = [kb, name, dumps(events), n, 1]
                 t[0] += 1
                 for sym in {sym for e in events for sym in e}:
-                    index_rows.append((kb, sym, name))
                     sym_pmf[(kb, sym)] = sym_pmf.get((kb, sym), 0) + 1
                 learned.append((kb, name, events))
         self.store.write_learns(
             [(kb, name, data, n, k) for kb, name, data, n, k in new.values()],
             [(k, kb, name) for (kb, name), k in relearned.items()],
-            index_rows,
             [(kb, sym, k, sym_pmf[(kb, sym)]) for (kb, sym), k in sym_freq.items() if (kb, sym) in sym_pmf],
             [(k, kb, sym) for (kb, sym), k in sym_freq.items() if (kb, sym) not in sym_pmf],
             [(t[0], t[1], t[2], kb) for kb, t in totals.items()])

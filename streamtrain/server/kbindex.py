@@ -27,7 +27,7 @@ class KBIndex:
         self.pos: dict[str, int] = {}
         self._lens: np.ndarray | None = None
 
-    def add(self, name: str, events: list[list[str]], *, index_symbols: bool = True) -> int:
+    def add(self, name: str, events: list[list[str]]) -> int:
         i = self.pos.get(name)
         if i is not None:
             return i
@@ -38,9 +38,8 @@ class KBIndex:
         self.events.append(ev)
         self.flats.append(flat)
         self._lens = None
-        if index_symbols:
-            for sym in set(flat):
-                self.by_symbol.setdefault(sym, []).append(i)
+        for sym in set(flat):
+            self.by_symbol.setdefault(sym, []).append(i)
         return i
 
     def lens(self) -> np.ndarray:
@@ -52,11 +51,7 @@ class KBIndex:
     def load(cls, store: Store, kb: str) -> KBIndex:
         idx = cls()
         for name, pd in store.iter_patterns(kb):
-            idx.add(name, json.loads(pd), index_symbols=False)
-        for sym, name in store.iter_symbol_index(kb):
-            i = idx.pos.get(name)
-            if i is not None:
-                idx.by_symbol.setdefault(intern(sym), []).append(i)
+            idx.add(name, json.loads(pd))
         return idx
 
 

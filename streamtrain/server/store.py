@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS symbols (
     pmf INTEGER NOT NULL,                  -- number of distinct patterns holding the symbol
     PRIMARY KEY (kb_id, symbol)
 ) WITHOUT ROWID;
+-- No longer written or read (a knowledge base's symbol index is built in memory from its patterns, kbindex.py):
+-- kept so that files written before still open, and cleared with their knowledge bases.
 CREATE TABLE IF NOT EXISTS symbol_index (
     kb_id TEXT NOT NULL,
     symbol TEXT NOT NULL,
@@ -232,7 +234,7 @@ class Store:
 
     def add_pattern(self, kb: str, name: str, events: list[list[str]], length: int, counts: dict[str, int],
                     emotives: list[dict[str, Any]], metadata: dict[str, list[str]]) -> bool:
-        """Insert a new pattern (frequency 1) with its symbol statistics and index rows; False (nothing written)
+        """Insert a new pattern (frequency 1) with its symbol statistics; False (nothing written)
         when the knowledge base already holds it."""
         c = self.conn
         cur = c.execute(
@@ -241,8 +243,6 @@ class Store:
             (kb, name, dumps(events), length, dumps(emotives), dumps(metadata)))
         if cur.rowcount != 1:
             return False
-        c.executemany("INSERT OR IGNORE INTO symbol_index(kb_id,symbol,name) VALUES(?,?,?)",
-                      [(kb, sym, name) for sym in counts])
         c.executemany(
             "INSERT INTO symbols(kb_id,symbol,frequency,pmf) VALUES(?,?,?,1) ON CONFLICT(kb_id,symbol) "
             "DO UPDATE SET frequency=frequency+excluded.frequency, pmf=pmf+1",
@@ -263,12 +263,12 @@ class Store:
         return out
 
     def write_learns(self, new: list[tuple[str, str, str, int, int]], relearned: list[tuple[int, str, str]],
-                     index_rows: list[tuple[str, str, str]], new_symbols: list[tuple[str, str, int, int]],
+                     new_symbols: list[tuple[str, str, int, int]],
                      old_symbols: list[tuple[int, str, str]], totals: list[tuple[int, int, int, str]]) -> None:
         """The aggregated effect of many learns (Engine.learn_patterns), one statement per table: `new` patterns
         (kb, name, pattern_data, length, frequency) with no emotives or metadata; frequency increments of stored
-        ones (k, kb, name); `index_rows` (kb, symbol, name) of the new ones; symbol upserts (kb, symbol, frequency
-        increment, pmf increment) for symbols of new patterns, frequency increments (k, kb, symbol) of symbols
+        ones (k, kb, name); symbol upserts (kb, symbol, frequency increment, pmf
+        increment) for symbols of new patterns, frequency increments (k, kb, symbol) of symbols
         only re-learned; the knowledge bases' totals (new patterns, symbols, learns, kb). Rows are written in
         key order (fewer B-tree page visits); the resulting state is that of the learns one by one."""
         c = self.conn
@@ -277,8 +277,6 @@ class Store:
                           "VALUES(?,?,?,?,?,'[]','{}')", sorted(new))
         if relearned:
             c.executemany("UPDATE patterns SET frequency=frequency+? WHERE kb_id=? AND name=?", relearned)
-        if index_rows:
-            c.executemany("INSERT OR IGNORE INTO symbol_index(kb_id,symbol,name) VALUES(?,?,?)", sorted(index_rows))
         if new_symbols:
             c.executemany(
                 "INSERT INTO symbols(kb_id,symbol,frequency,pmf) VALUES(?,?,?,?) ON CONFLICT(kb_id,symbol) "
@@ -327,10 +325,6 @@ class Store:
     def iter_patterns(self, kb: str) -> Iterator[tuple[str, str]]:
         """(name, pattern_data JSON) of every pattern of `kb`, by name."""
         return iter(self.conn.execute("SELECT name, pattern_data FROM patterns WHERE kb_id=? ORDER BY name", (kb,)))
-
-    def iter_symbol_index(self, kb: str) -> Iterator[tuple[str, str]]:
-        """(symbol, pattern name) rows of `kb`'s symbol index."""
-        return iter(self.conn.execute("SELECT symbol, name FROM symbol_index WHERE kb_id=?", (kb,)))
 
     def kb_stats(self, kb: str) -> tuple[int, int, int]:
         """(unique_patterns, total_pattern_frequencies, distinct symbols) of `kb`; zeros when unknown."""
