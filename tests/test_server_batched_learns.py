@@ -4,15 +4,21 @@ up first): the database and the answers must be those of the same learns made on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import sqlite3
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamtrain.server import create_app
+from streamtrain.server.service import BatchItem, batch_fingerprint
+from streamtrain.server.store import dumps, events_json
 
-TABLES = {"kbs": "kb_id", "patterns": "kb_id, name", "symbols": "kb_id, symbol", "symbol_index": "kb_id, symbol, name"}
+TABLES = {"kbs": "kb_id", "patterns": "kb_id, name", "symbols": "kb_id, symbol"}
 
 
 def dump(db: Path) -> dict[str, list[tuple]]:
@@ -108,3 +114,23 @@ def test_learn_batch_leaves_the_database_of_learns_one_by_one(tmp_path):
             got.extend(r.json()["patterns"])
         assert got == expected
     assert dump(tmp_path / "batch.sqlite3") == dump(tmp_path / "ref.sqlite3")
+
+
+# any text a JSON string can carry (lone surrogates too: json.loads makes them from "\\ud800" escapes)
+_events = st.lists(st.lists(st.text(st.characters(codec=None)), max_size=4), max_size=6)
+_valid_text = st.text(st.characters(exclude_categories=["Cs"]), min_size=1)    # what the request model accepts
+
+
+@given(_events)
+def test_pattern_data_is_json_dumps_text(events):
+    """pattern_data is written without json.dumps (too slow per learn): the stored text must be json.dumps's."""
+    assert events_json(events) == dumps(events)
+
+
+@given(st.lists(st.tuples(_valid_text, st.lists(st.lists(_valid_text, max_size=3), min_size=1, max_size=4)),
+                min_size=1, max_size=3))
+def test_batch_fingerprint_is_that_of_json_dumps(items):
+    """Batch keys stored by earlier versions keep their fingerprints: a resent batch is replayed, not refused."""
+    batch = [BatchItem(node_id=node, events=events) for node, events in items]
+    canon = json.dumps([[i.node_id, i.events] for i in batch], ensure_ascii=False, separators=(",", ":"))
+    assert batch_fingerprint(batch) == hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()

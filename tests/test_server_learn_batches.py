@@ -133,6 +133,15 @@ def test_invalid_request_is_422_and_applies_nothing(c, body):
     assert c.get("/nodes").json()["nodes"] == []
 
 
+def test_a_lone_surrogate_is_422_and_applies_nothing(c):
+    """A lone surrogate escape ("\\ud800"): json.loads reads it, no database row can hold it (it failed the request
+    with a 500, which stops a training run on every retry); pydantic's parser refuses it: 422, nothing applied."""
+    body = b'{"batches":[{"key":"sur","items":[{"node_id":"L0","events":[["\\ud800"],["x"]]}]}]}'
+    r = c.post("/learn-batches", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", r.text
+    assert c.get("/nodes").json()["nodes"] == []
+
+
 def test_key_of_200_characters_is_accepted(c):
     r = c.post("/learn-batches", json={"batches": [batch("k" * 200, ("n", [["a"], ["b"]]))]})
     assert r.status_code == 200

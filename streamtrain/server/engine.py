@@ -26,7 +26,7 @@ from streamtrain.server.model import (
     average_emotives,
 )
 from streamtrain.server.predictions import predict
-from streamtrain.server.store import Store, dumps
+from streamtrain.server.store import Store, events_json
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Engine:
             elif name in known[kb]:
                 relearned[(kb, name)] = relearned.get((kb, name), 0) + 1
             else:
-                new[(kb, name)] = [kb, name, dumps(events), n, 1]
+                new[(kb, name)] = [kb, name, events_json(events), n, 1]
                 t[0] += 1
                 for sym in {sym for e in events for sym in e}:
                     sym_pmf[(kb, sym)] = sym_pmf.get((kb, sym), 0) + 1
