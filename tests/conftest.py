@@ -58,14 +58,15 @@ def reference(server, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def trainer_processes(tmp_path_factory: pytest.TempPathFactory):
-    """A zygote that forks `python train_child.py CONFIG.json` processes without their ~3 s of imports (see
-    train_zygote.py): `trainer_processes.spawn([sys.executable, train_child, config], log)` is Popen-like."""
-    from train_zygote import Zygote
+def zygote(tmp_path_factory: pytest.TempPathFactory):
+    """Forks `python train_child.py ...` and `python checkpoint_writer.py ...` processes without their interpreter's
+    start-up (~3 s of imports for a trainer; see zygote.py): `zygote.spawn([sys.executable, script, *args], log)`
+    is Popen-like."""
+    from zygote import Zygote
 
-    zygote = Zygote(tmp_path_factory.mktemp("zygote") / "stderr.log")
-    yield zygote
-    zygote.close()
+    z = Zygote(tmp_path_factory.mktemp("zygote") / "stderr.log")
+    yield z
+    z.close()
 
 
 class FakeClock:

@@ -291,8 +291,10 @@ def test_second_writer_is_refused(store: CheckpointStore, tmp_path: Path) -> Non
 
 
 @pytest.mark.soak
-def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
-    """A writer SIGKILLed at random moments: every checkpoint file is whole, the newest one loads, none is lost."""
+def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path, zygote) -> None:
+    """A writer SIGKILLed at random moments: every checkpoint file is whole, the newest one loads, none is lost.
+
+    The writers are forked by conftest's zygote, which has imported what they import: each writes at once."""
     run_dir = tmp_path / "killed"
     store = CheckpointStore(run_dir, keep=3)
     writer = Path(__file__).with_name("checkpoint_writer.py")
@@ -300,15 +302,16 @@ def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path) ->
     kills = 200 if SOAK else 20
     last_seq = 0
     temp_seen = 0
-    for _ in range(kills):
-        proc = subprocess.Popen(
-            [sys.executable, str(writer), str(run_dir), str(last_seq + 1)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().strip() == "ready"
+    for i in range(kills):
+        out = tmp_path / f"writer-{i}.out"
+        out.touch()
+        proc = zygote.spawn([sys.executable, writer, run_dir, last_seq + 1], out)
+        while b"ready" not in out.read_bytes():  # printed once its first checkpoint is saved
+            assert proc.poll() is None, out.read_text()[-3000:]
+            time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.08))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
         temp_seen += any(p.name.endswith(".tmp") for p in run_dir.iterdir())
         entries = store.entries()
         assert entries and all(e.valid for e in entries), [e.error for e in entries if not e.valid]

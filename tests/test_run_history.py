@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,14 +98,14 @@ def test_an_unreachable_server_is_announced_and_gives_up_in_its_budget(demo_corp
     assert not CheckpointStore(cfg.run_dir).paths()
 
 
-def test_one_ctrl_c_stops_a_run_waiting_for_its_server(demo_corpus, tmp_path):
+def test_one_ctrl_c_stops_a_run_waiting_for_its_server(demo_corpus, tmp_path, zygote):
     url = f"http://127.0.0.1:{free_port()}"
     cfg = make_config(tmp_path, demo_corpus, "waiting", url, client=ClientConfig(retry_total_seconds=120))
     path = tmp_path / "run.json"
     path.write_text(cfg.model_dump_json())
     log = tmp_path / "child.log"
-    with open(log, "wb") as out:
-        child = subprocess.Popen([sys.executable, str(CHILD), str(path)], stdout=out, stderr=subprocess.STDOUT)
+    log.touch()
+    child = zygote.spawn([sys.executable, CHILD, path], log)  # `python train_child.py run.json`, forked
     try:
         deadline = time.monotonic() + 60
         while b"waiting for the server" not in log.read_bytes():

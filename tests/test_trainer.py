@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from runs import SAMPLES, kb_by_level, make_config
 from soak import SOAK
-from train_zygote import ForkedProcess, Zygote
+from zygote import ForkedProcess, Zygote
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import ClientConfig, LayerConfig, RunConfig
@@ -83,8 +83,7 @@ def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, wo
 
 
 def _start_child(processes: Zygote, cfg: RunConfig, tmp_path: Path, log: Path) -> ForkedProcess:
-    """`python train_child.py CONFIG.json`, its output appended to ``log`` (forked by the zygote: conftest's
-    trainer_processes)."""
+    """`python train_child.py CONFIG.json`, its output appended to ``log`` (forked by conftest's zygote)."""
     path = tmp_path / f"{cfg.run_name}-{cfg.num_workers}.json"
     path.write_text(cfg.model_dump_json())
     return processes.spawn([sys.executable, str(CHILD), str(path)], log)
@@ -139,8 +138,7 @@ def _kill_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, kills: i
 
 @pytest.mark.soak
 @pytest.mark.parametrize("mode", ["batch", "keys", "verify"])
-def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference,
-                           trainer_processes):
+def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus, tmp_path, reference, zygote):
     """The headline: a trainer SIGKILLed >= 10 times and resumed leaves exactly the uninterrupted knowledge base.
 
     batch: one keyed learn-batch request per sample (the embedded server's fast path); keys: one keyed request
@@ -151,7 +149,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
     cfg = make_config(tmp_path, demo_corpus, f"crash-{mode}", srv.url, checkpoint_every=5, client=client)
     kills = 50 if SOAK else 10
-    killed = _kill_and_resume(trainer_processes, cfg, tmp_path, kills, seed={"batch": 5, "keys": 7, "verify": 11}[mode])
+    killed = _kill_and_resume(zygote, cfg, tmp_path, kills, seed={"batch": 5, "keys": 7, "verify": 11}[mode])
     assert killed == kills, f"only {killed} of {kills} kills landed before the run finished"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.idempotency == (mode != "verify")
@@ -161,21 +159,20 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     assert ckpt.counters.samples_trained + ckpt.counters.samples_filtered == SAMPLES
 
 
-def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_corpus, tmp_path, reference,
-                                             trainer_processes):
+def test_four_workers_killed_resume_with_two(server_without_idempotency, demo_corpus, tmp_path, reference, zygote):
     """A 4-worker run killed twice and resumed with 2 workers gives the same knowledge base (no idempotency)."""
     srv = server_without_idempotency
     cfg = make_config(tmp_path, demo_corpus, "four-to-two", srv.url, num_workers=4)
-    killed = _kill_and_resume(trainer_processes, cfg, tmp_path, kills=2, seed=3, resume_workers=2)
+    killed = _kill_and_resume(zygote, cfg, tmp_path, kills=2, seed=3, resume_workers=2)
     assert killed == 2, "a kill came after the end"
     assert kb_by_level(srv.url, cfg) == reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_path, trainer_processes):
+def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_path, zygote):
     """SIGTERM and Ctrl-C: in-flight samples finish, a checkpoint with reason 'interrupt' is written, exit 130."""
     cfg = make_config(tmp_path, demo_corpus, f"signal{int(sig)}", server.url, max_samples=None, checkpoint_every=10**6)
-    proc = _start_child(trainer_processes, cfg, tmp_path, tmp_path / "child.log")
+    proc = _start_child(zygote, cfg, tmp_path, tmp_path / "child.log")
     journal = cfg.run_dir / "journal.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 2000):
@@ -189,7 +186,7 @@ def test_signals_write_an_interrupt_checkpoint(sig, server, demo_corpus, tmp_pat
 @pytest.mark.soak
 @pytest.mark.parametrize("workers", [1, 3])
 def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, demo_corpus, tmp_path, reference,
-                                                              trainer_processes):
+                                                              zygote):
     """Ctrl-C and SIGTERM land anywhere in the dispatcher's loop (also twice: stop without waiting); every stop
     writes its 'interrupt' checkpoint, and the resumed run still ends with exactly the uninterrupted knowledge base."""
     # checkpoints (which compact the journal) are rare here, so the journal-growth trigger keeps firing mid-run
@@ -199,7 +196,7 @@ def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, d
                       client=client)
     rounds = 24 if SOAK else 8
     bursts = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]]
-    stopped = _stop_and_resume(trainer_processes, cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
+    stopped = _stop_and_resume(zygote, cfg, tmp_path, [bursts[i % len(bursts)] for i in range(rounds)], seed=workers)
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end"
     assert kb_by_level(server.url, cfg) == reference
@@ -367,11 +364,11 @@ def test_embedded_server_by_default(demo_corpus, tmp_path):
 
 
 def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus, tmp_path, reference,
-                                                                     trainer_processes):
+                                                                     zygote):
     """Default mode (no server_url): the trainer and its embedded server child are killed with it; the orphaned
     server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
     cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5)
-    assert _kill_and_resume(trainer_processes, cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
+    assert _kill_and_resume(zygote, cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.embedded
     with EmbeddedServer(cfg.run_dir / "kb.sqlite3") as srv:

@@ -1,7 +1,4 @@
-"""A trainer in its own process, for the tests that kill or signal it: python train_child.py CONFIG.json.
-
-(train_zygote.py forks the same process, `run_as_main`, from an interpreter that has already imported the trainer.)
-"""
+"""A trainer in its own process, for the tests that kill or signal it: python train_child.py CONFIG.json."""
 
 import json
 import logging
@@ -25,15 +22,10 @@ def main() -> int:
     return 130 if result.reason == "interrupt" else 0
 
 
-def run_as_main() -> None:
-    """The process's whole life: it ends with SystemExit, so the interpreter's usual shutdown follows."""
+if __name__ == "__main__":
     try:
         code = main()
     except KeyboardInterrupt:  # as the CLI: a Ctrl-C outside the run's own handling (before it, after it) exits 130
         code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late signal of a burst: the run is over
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    run_as_main()

@@ -1,25 +1,26 @@
-"""Trainer processes without the interpreter's start-up, for the tests that kill or signal a trainer many times.
+"""Test scripts' processes without the interpreter's start-up, for the tests that kill or signal one many times.
 
-`python train_zygote.py` imports train_child.py (the trainer, `datasets`...) once, then forks one process per run
-on request; each child runs train_child's `run_as_main` exactly as `python train_child.py CONFIG.json` does. A
-child starts training in ~0.4 s instead of ~3 s (2 s of them importing `datasets`); the crash and signal tests start
-~10 trainers each.
+`python zygote.py` imports what tests/train_child.py and tests/checkpoint_writer.py import (the trainer,
+`datasets`...) once, then forks one process per request; each child runs its script with `runpy.run_path(script,
+run_name="__main__")`, as `python SCRIPT ARGS...` runs it. A trainer starts training in ~0.4 s instead of ~3 s (2 s of
+them importing `datasets`), a checkpoint writer writes at once instead of after ~0.5 s: the crash and signal tests
+start 10-20 each.
 
 A child is a real process like one that `subprocess` starts: SIGKILL, SIGINT and SIGTERM reach it the same way, its
-stdout and stderr go to a log file, it ends with SystemExit (the interpreter's usual shutdown: atexit handlers,
-threads joined), and its modules' state is that of a fresh import: the zygote only imports, never trains (and
-`random` reseeds itself in a forked child). It inherits the environment and working directory the zygote started
-with, not the test's at the time of the spawn.
+stdout and stderr go to files, it ends through SystemExit or the end of its script (the interpreter's usual shutdown:
+atexit handlers, threads joined), and its modules' state is that of a fresh import: the zygote only imports, never
+runs the scripts' work (and `random` reseeds itself in a forked child). It inherits the environment and working
+directory the zygote started with, not the test's at the time of the spawn.
 
 Protocol, one JSON line each way on the zygote's stdin and stdout:
-    {"op": "spawn", "argv": [...], "log": path}          -> {"pid": N}
+    {"op": "spawn", "argv": [script, ...], "stdout": path, "stderr": path, "fsize_limit": bytes | null}  -> {"pid": N}
     {"op": "wait", "pid": N, "timeout": seconds | null}  -> {"returncode": code | null}   (timeout 0: a poll)
 As subprocess does, the zygote reaps a child only when asked: until its exit status is read, its pid stays its own
 (a zombie), so a signal sent to it never reaches another process. On end of input it SIGKILLs and reaps the
 children it has left, then exits.
 
-In the tests: `Zygote` starts one (conftest's session fixture `trainer_processes`) and its `spawn` returns a
-`ForkedProcess`, which has the part of Popen's interface the tests use (pid, poll, wait, send_signal, kill).
+In the tests: conftest's session fixture `zygote` starts one; `zygote.spawn([sys.executable, script, ...], stdout)`
+returns a `ForkedProcess`, which has the part of Popen's interface the tests use (pid, poll, wait, send_signal, kill).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
+SCRIPTS = {"train_child.py", "checkpoint_writer.py"}  # what the zygote has imported for; it forks only these
 
 
 # -- the zygote process ----------------------------------------------------------------------------------------
@@ -81,26 +83,34 @@ def _serve() -> dict[str, Any] | None:
 
 
 def _zygote_main() -> None:
+    import runpy
+
     sys.path.insert(0, str(HERE))
-    import datasets  # noqa: F401  (what the trainer imports on opening a dataset: most of a child's start-up)
+    import checkpoint_writer  # noqa: F401
+    import datasets  # noqa: F401  (what the trainer imports on opening a dataset: most of a trainer's start-up)
     import httpcore  # noqa: F401
-    import train_child
+    import train_child  # noqa: F401
 
     sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
     sys.stdout.flush()
     request = _serve()
     if request is None:
         return
-    # the child: stdin from /dev/null, stdout and stderr appended to the log, as Popen(stdout=log, stderr=STDOUT)
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # the child: stdin from /dev/null, stdout and stderr to their files (appended), as Popen(stdout=f, stderr=g)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
     os.close(null)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        out = os.open(request[name], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+    if request["fsize_limit"] is not None:  # a full disk: writes past the limit fail (EFBIG) instead of killing it
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize_limit"], request["fsize_limit"]))
     sys.argv = list(request["argv"])
-    train_child.run_as_main()
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 # -- the tests' side -------------------------------------------------------------------------------------------
@@ -135,7 +145,7 @@ class ForkedProcess:
 
 
 class Zygote:
-    """Starts `python train_zygote.py` and talks to it; `spawn(argv, log)` forks `python train_child.py ...`."""
+    """Starts `python zygote.py` and talks to it; `spawn` forks `python SCRIPT ...` for the scripts in SCRIPTS."""
 
     def __init__(self, stderr_path: Path) -> None:
         self.stderr_path = stderr_path
@@ -149,7 +159,7 @@ class Zygote:
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the trainer zygote died: {self.stderr_path.read_text()[-3000:]}")
+            raise RuntimeError(f"the zygote died: {self.stderr_path.read_text()[-3000:]}")
         return json.loads(line)
 
     def request(self, **request: Any) -> dict[str, Any]:
@@ -159,11 +169,15 @@ class Zygote:
             stdin.flush()
             return self._read()
 
-    def spawn(self, argv: list[str], log: Path) -> ForkedProcess:
-        """Like Popen(argv, stdout=open(log, "ab"), stderr=STDOUT), for argv = [python, train_child.py, ...]."""
-        assert Path(argv[1]).name == "train_child.py", argv
-        pid = self.request(op="spawn", argv=[str(a) for a in argv[1:]], log=str(log))["pid"]
-        return ForkedProcess(self, pid, [str(a) for a in argv])
+    def spawn(self, argv: list[str | Path], stdout: Path, stderr: Path | None = None,
+              fsize_limit: int | None = None) -> ForkedProcess:
+        """Like Popen([python, script, *args], stdout=open(stdout, "ab"), stderr=open(stderr, "ab") or STDOUT), in a
+        child whose RLIMIT_FSIZE is ``fsize_limit`` (SIGXFSZ ignored) when one is given."""
+        args = [str(a) for a in argv]
+        assert args[0] == sys.executable and Path(args[1]).name in SCRIPTS, args
+        pid = self.request(op="spawn", argv=args[1:], stdout=str(stdout), stderr=str(stderr or stdout),
+                           fsize_limit=fsize_limit)["pid"]
+        return ForkedProcess(self, pid, args)
 
     def close(self) -> None:
         assert self._proc.stdin is not None
