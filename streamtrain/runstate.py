@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
+from .errors import TooManyFailures
 from .journal import JournalState, SampleRecord
 
 
@@ -109,6 +110,18 @@ class RunState:
         return StreamPosition(raw_offset=mark, done_above=sorted(i for i in self.done_above if i >= mark))
 
     # -- outcomes -------------------------------------------------------------------------------------------
+
+    def check_failures(self, run_name: str, max_failures: int, last: Outcome | None = None) -> None:
+        """TooManyFailures once more than ``max_failures`` samples are failed (``last``: the failure just taken,
+        named in the message; else the ledger's last)."""
+        failed = self.counters.samples_failed
+        if failed <= max_failures:
+            return
+        where = (f"raw index {last.raw_index}: {last.error}" if last is not None else
+                 "; ".join(f"raw index {f.raw_index}: {f.error}" for f in self.failure_list()[-1:]))
+        raise TooManyFailures(
+            f"run {run_name}: {failed} samples failed, more than max_failures={max_failures}; the last: {where}. "
+            "Every failure is listed in the checkpoint (streamtrain inspect); fix the cause, or raise max_failures.")
 
     def finish(self, outcome: Outcome) -> None:
         """Take a finished sample (trained or failed) into the position and the counters."""

@@ -22,11 +22,7 @@ from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
 from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
-from .errors import (
-    DatasetError,
-    StreamtrainError,
-    TooManyFailures,
-)
+from .errors import DatasetError, StreamtrainError
 from .heap import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
@@ -38,7 +34,7 @@ from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
-from .worker import Job, Worker, WorkerContext
+from .worker import Job, Worker, WorkerContext, plan_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -214,17 +210,16 @@ class _Run:
                 raise outcome.fatal
             self._take(outcome)
             self.since_checkpoint += 1
-            if self.state.counters.samples_failed > self.config.max_failures:
-                raise TooManyFailures(
-                    f"run {self.config.run_name}: {self.state.counters.samples_failed} samples failed, more than "
-                    f"max_failures={self.config.max_failures}; the last: raw index {outcome.raw_index}: {outcome.error}. "
-                    "Every failure is listed in the checkpoint (streamtrain inspect); fix the cause, or raise max_failures."
-                )
+            self._check_failures(outcome if outcome.error else None)
             try:
                 outcome = self.outbox.get_nowait()
             except queue.Empty:
                 break
         self._after_progress()
+
+    def _check_failures(self, last: Outcome | None = None) -> None:
+        """TooManyFailures past ``max_failures`` (``last``: the failure just taken, else the ledger's newest)."""
+        self.state.check_failures(self.config.run_name, self.config.max_failures, last)
 
     def _after_progress(self) -> None:
         now = time.monotonic()
@@ -290,10 +285,11 @@ class _Run:
             if raw_index in st.done_above:
                 st.skip_to(raw_index + 1)
                 continue
+            planned = plan_ahead(text, self.tokenizer, cfg.layers)  # while the workers are busy
             if not self._wait_for_room():
                 return  # this record was read, not dispatched: the position stays below it
             st.dispatch(raw_index)
-            self.inbox.put(Job(raw_index, text, st.recovery.pop(raw_index, None)))
+            self.inbox.put(Job(raw_index, text, st.recovery.pop(raw_index, None), planned=planned))
             self._receive(block=False)
         st.skip_to(stream.position)
 
@@ -398,6 +394,7 @@ class _Run:
                 self._stop_workers(workers, finish_queued=not self.signals.stop.is_set())
                 if self.fatal is not None:
                     raise self.fatal
+                self._check_failures()  # failures of the last samples, taken while the workers finished
                 reason: Literal["end", "interrupt"] = "interrupt" if self.signals.stop.is_set() else "end"
                 self._record_point()
                 self.checkpoint(reason)

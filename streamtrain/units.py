@@ -113,16 +113,20 @@ class NodeSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def learn_unit(self, events: Sequence[Sequence[str]], key: str, on_phase: PhaseHook | None = None) -> str:
+    def learn_unit(self, events: Sequence[Sequence[str]], key: str, on_phase: PhaseHook | None = None, *,
+                   name: str | None = None) -> str:
         """Learn exactly these events as ONE pattern, exactly once; return its ``PTRN|...`` name.
 
         Args:
             events: the unit's events, at least 2 symbols in total.
-            key: deterministic and unique per unit of the run; the Idempotency-Key in keys mode.
+            key: deterministic and unique per unit of the run; the Idempotency-Key in keys mode (in the other
+                modes only messages name it).
             on_phase: called as ``on_phase(phase, session_id, counter)`` BEFORE each mutating request. The
                 phase is "keyed" in keys mode; "counted" in counter mode, with the session's observation
                 counter before the request (then "learn" if KATO's final learn failed); "observe" or "learn" in
                 verify mode. ``counter`` is None but for "counted".
+            name: the events' name when the caller has it (``hierarchy.plan_sample``'s steps: sorted and named
+                already), which saves sorting and hashing them again.
 
         Raises:
             ServerUnavailable: the retry budget of a call ran out. Whether the unit took effect is then
@@ -133,8 +137,11 @@ class NodeSession:
                 in the knowledge base.
             ProtocolError: the server learned something other than these events.
         """
-        sorted_events = [sort_event(e) for e in events]
-        expected = pattern_name(sorted_events)
+        if name is not None and isinstance(events, list):
+            sorted_events, expected = events, name
+        else:
+            sorted_events = [sort_event(e) for e in events]
+            expected = pattern_name(sorted_events)
         if not expected:
             raise ValueError(f"node {self.node_id!r}, unit {key!r}: a unit needs at least 2 symbols, got {sorted_events!r}")
         hook = on_phase or (lambda phase, sid, counter: None)

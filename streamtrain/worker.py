@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .checkpoint import FailedSample
 from .client import KatoClient
-from .config import RunConfig
+from .config import LayerConfig, RunConfig
 from .errors import ProtocolError
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord
@@ -30,12 +30,34 @@ logger = logging.getLogger(__name__)
 SESSION_TTL_SECONDS = 86400
 
 
+# A sample of at most this many characters is planned by the dispatcher, ahead (it has the time while workers wait
+# for the server, on a single worker too); a bigger one by its worker, so that queued samples hold no big plans.
+PLAN_AHEAD_MAX_CHARS = 1 << 16
+
+Planned = tuple[list[str], list[Step]]   # a sample's tokens and steps
+
+
 @dataclass(frozen=True)
 class Job:
     raw_index: int
     text: str
     recovery: SampleRecord | None  # what the journal knows of an earlier attempt that a crash cut short
     retry: FailedSample | None = None  # a failed sample of an earlier call, tried again
+    planned: Planned | str | None = None  # made ahead (plan_ahead): the plan, or why the tokenizer failed
+
+
+def plan_text(text: str, tokenizer: Callable[[str], list[str]], layers: list[LayerConfig]) -> Planned | str:
+    """The sample's tokens and steps, or why the tokenizer failed on its text."""
+    try:
+        tokens = tokenizer(text)
+    except Exception as exc:
+        return f"the tokenizer failed: {type(exc).__name__}: {exc}"
+    return tokens, plan_sample(tokens, layers)
+
+
+def plan_ahead(text: str, tokenizer: Callable[[str], list[str]], layers: list[LayerConfig]) -> Planned | str | None:
+    """``plan_text`` for a small sample; None for a big one (its worker plans it)."""
+    return plan_text(text, tokenizer, layers) if len(text) <= PLAN_AHEAD_MAX_CHARS else None
 
 
 class SampleFault(Exception):
@@ -225,13 +247,11 @@ class Worker(threading.Thread):
         planned = self._plan(job)
         return planned if isinstance(planned, Outcome) else self._send_sample(job, *planned)
 
-    def _plan(self, job: Job) -> tuple[list[str], list[Step]] | Outcome:
-        """The sample's tokens and steps, or its failure when the tokenizer rejects its text."""
-        try:
-            tokens = self.ctx.tokenizer(job.text)
-        except Exception as exc:
-            return self._failed(job, SampleFault(f"the tokenizer failed: {type(exc).__name__}: {exc}", 0))
-        return tokens, plan_sample(tokens, self.ctx.config.layers)
+    def _plan(self, job: Job) -> Planned | Outcome:
+        """The sample's tokens and steps (made ahead, or now), or its failure when the tokenizer rejects its text."""
+        planned = job.planned if job.planned is not None else plan_text(job.text, self.ctx.tokenizer,
+                                                                       self.ctx.config.layers)
+        return self._failed(job, SampleFault(planned, 0)) if isinstance(planned, str) else planned
 
     def _send_sample(self, job: Job, tokens: list[str], steps: list[Step]) -> Outcome:
         ctx = self.ctx
@@ -282,10 +302,12 @@ class Worker(threading.Thread):
         ctx, cfg = self.ctx, self.ctx.config
         for step in steps[first:]:
             session = self.sessions[step.level]
-            key = step_key(cfg.run_name, session.node_id, raw_index, step)
+            # the key is the request's Idempotency-Key in keys mode; the other modes only name the step with it
+            key = (step_key(cfg.run_name, session.node_id, raw_index, step) if session.mode == "keys"
+                   else f"sample {raw_index} step {step.index}")
             on_phase = lambda phase, sid, t, k=step.index: ctx.journal.step(raw_index, k, phase, sid, counter=t)  # noqa: E731
             try:
-                session.learn_unit(step.events, key, on_phase=on_phase)
+                session.learn_unit(step.events, key, on_phase=on_phase, name=step.name)
             except ProtocolError as exc:
                 if exc.status_code not in CONTENT_REJECTED:
                     raise
