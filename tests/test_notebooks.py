@@ -46,19 +46,17 @@ def test_unreachable_server_url_stops_at_the_connection_cell_with_one_message(no
     assert not (tmp_path / "data").exists()  # it stopped before building the corpus or training
 
 
-def test_predict_notebook_on_an_external_server_url(tmp_path, monkeypatch):
-    """ST_SERVER_URL set: the notebook trains its tiny run on that server and reads predictions from it."""
+def test_predict_notebook_on_an_external_server_url(server, tmp_path, monkeypatch):
+    """ST_SERVER_URL set (conftest's session server; run 'external' is this test's alone): the notebook trains its
+    tiny run on that server and reads predictions from it."""
     from streamtrain.client import KatoClient
-    from streamtrain.server import EmbeddedServer
 
     monkeypatch.setenv("ST_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     monkeypatch.setenv("ST_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("ST_RUN_NAME", "external")
-    (tmp_path / "server").mkdir()
-    with EmbeddedServer(tmp_path / "server" / "kb.sqlite3") as server:
-        monkeypatch.setenv("ST_SERVER_URL", server.url)
-        nb = nbformat.read(NOTEBOOKS / "predict.ipynb", as_version=4)
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-        with KatoClient(server.url) as client:
-            assert client.node_stats("external-L0").pattern_count > 0  # trained on this server
+    monkeypatch.setenv("ST_SERVER_URL", server.url)
+    nb = nbformat.read(NOTEBOOKS / "predict.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    with KatoClient(server.url) as client:
+        assert client.node_stats("external-L0").pattern_count > 0  # trained on this server
     assert not (tmp_path / "ckpt" / "external" / "kb.sqlite3").exists()  # no embedded server was started

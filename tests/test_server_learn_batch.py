@@ -57,7 +57,7 @@ def test_invalid_batch_is_422_and_applies_nothing(server):
         assert http.get("/nodes/bad-batch/stats").status_code == 404   # the node was never created
 
 
-def test_without_idempotency_the_trainer_is_not_offered_batches(tmp_path):
+def test_without_idempotency_the_trainer_is_not_offered_batches(server_without_idempotency):
     """A server playing a real KATO (no keys) is not used for batches: a batch could not be retried safely."""
-    with EmbeddedServer(tmp_path / "kb.sqlite3", idempotency=False) as srv, KatoClient(srv.url) as client:
+    with KatoClient(server_without_idempotency.url) as client:
         assert not client.supports_learn_batch
