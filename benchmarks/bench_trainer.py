@@ -1,6 +1,6 @@
 """End-to-end training throughput, against a per-token baseline client measured in the same run.
 
-    python benchmarks/bench_trainer.py [--samples 1500] [--workers 1 2 4]
+    python benchmarks/bench_trainer.py [--samples 1500] [--workers 1 2 4] [--repeat 3]
     python benchmarks/bench_trainer.py --plain [--samples 1500] [--workers 1 2] [--repeat 3]   # real-KATO protocol
     python benchmarks/bench_trainer.py --memory [--memory-samples 200000]   # RSS of a long run, every 10 s
 
@@ -9,8 +9,9 @@ server started for the benchmark:
 
 * streamtrain's ``train``: as against a real KATO (``counter``: no idempotency keys, one observe-sequence with
   learn_at_end per chunk, a lost answer decided by the session's counter), with one keyed request per chunk
-  (``keys``), and with the embedded server's learn-batch extension (one request per sample) with 1, 2 and 4
-  workers: samples/s, tokens/s, learns/s, HTTP requests per sample (counted at ``httpx.Client.send``);
+  (``keys``), and with the embedded server's learn-batches extension (several samples per request) with 1, 2 and
+  4 workers, ``--repeat`` times each (a run takes seconds: the median and the range are printed): samples/s,
+  tokens/s, learns/s, HTTP requests per sample (counted at ``httpx.Client.send``);
 * a baseline written here the way the system streamtrain replaces talks to KATO: one ``observe`` request per
   token, then one ``learn`` per chunk, same chunks, same levels, one worker;
 * ratios against that baseline.
@@ -77,7 +78,7 @@ def corpus_config(corpus: Path) -> DatasetConfig:
 
 def run_streamtrain(url: str, corpus: Path, ckpt_dir: Path, samples: int, workers: int, mode: str,
                     tag: str = "") -> dict:
-    """mode: "batch" (one learn-batch request per sample), "keys" (one keyed request per chunk) or "counter"
+    """mode: "batch" (learn-batches: several samples per request), "keys" (one keyed request per chunk) or "counter"
     (a server without idempotency, as a real KATO: one observe-sequence with learn_at_end per chunk)."""
     client = ClientConfig(learn_batch=(mode == "batch"))
     cfg = RunConfig(run_name=f"bench-{mode}-w{workers}{tag}", server_url=url, dataset=corpus_config(corpus),
@@ -170,19 +171,27 @@ def run_per_token_baseline(url: str, corpus: Path, samples: int) -> dict:
 def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> None:
     with EmbeddedServer(work / "kb.sqlite3", log_path=work / "server.log") as server, \
             EmbeddedServer(work / "kb-noidem.sqlite3", idempotency=False, log_path=work / "server2.log") as plain:
-        rows = [run_per_token_baseline(server.url, corpus, args.samples),
-                run_streamtrain(plain.url, corpus, work / "ckpt", args.samples, 1, "counter"),
-                run_streamtrain(server.url, corpus, work / "ckpt", args.samples, 1, "keys")]
-        for n in args.workers:
-            rows.append(run_streamtrain(server.url, corpus, work / "ckpt", args.samples, n, "batch"))
-    base = rows[0]["samples"] / rows[0]["seconds"]
+        rows = [[run_per_token_baseline(server.url, corpus, args.samples)],
+                [run_streamtrain(plain.url, corpus, work / "ckpt", args.samples, 1, "counter")],
+                [run_streamtrain(server.url, corpus, work / "ckpt", args.samples, 1, "keys")]]
+        batch: dict[int, list[dict]] = {n: [] for n in args.workers}
+        for r in range(args.repeat):  # learn-batches runs take seconds: repeated, alternating, new nodes each time
+            for n in (args.workers if r % 2 == 0 else args.workers[::-1]):
+                batch[n].append(run_streamtrain(server.url, corpus, work / "ckpt", args.samples, n, "batch", tag=f"-r{r}"))
+        rows += batch.values()
+    base = rows[0][0]["samples"] / rows[0][0]["seconds"]
     print(f"\nend-to-end training, {args.samples} raw records of the demo corpus, embedded server, {os.cpu_count()} cores")
-    print("(counter = the protocol used against a real KATO, which has no idempotency keys)")
-    print(f"{'client':<40} {'samples/s':>10} {'tokens/s':>10} {'learns/s':>9} {'req/sample':>11} {'vs baseline':>12}")
-    for r in rows:
+    print("(counter = the protocol used against a real KATO, which has no idempotency keys; learn-batches rows: "
+          f"median of {args.repeat} runs, with their range)")
+    print(f"{'client':<40} {'samples/s':>10} {'tokens/s':>10} {'learns/s':>9} {'req/sample':>11} {'vs baseline':>12}"
+          "  range")
+    for runs in rows:
+        sps_all = sorted(r["samples"] / r["seconds"] for r in runs)
+        r = min(runs, key=lambda x: abs(x["samples"] / x["seconds"] - statistics.median(sps_all)))  # the median run
         sps = r["samples"] / r["seconds"]
+        spread = f"  {sps_all[0]:.0f}-{sps_all[-1]:.0f}" if len(runs) > 1 else ""
         print(f"{r['name']:<40} {sps:>10.1f} {r['tokens'] / r['seconds']:>10.0f} {r['learns'] / r['seconds']:>9.0f} "
-              f"{r['requests'] / max(r['samples'], 1):>11.1f} {sps / base:>11.2f}x")
+              f"{r['requests'] / max(r['samples'], 1):>11.2f} {sps / base:>11.2f}x{spread}")
 
 
 def versus_plain(args: argparse.Namespace, corpus: Path, work: Path) -> None:
@@ -259,7 +268,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--memory", action="store_true", help="run the long memory measurement instead")
     p.add_argument("--plain", action="store_true", help="compare the real-KATO protocol with a plain client instead")
-    p.add_argument("--repeat", type=int, default=3, help="--plain: alternating runs per client (default 3)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per learn-batches row, or with --plain per client, alternating (default 3)")
     p.add_argument("--memory-samples", type=int, default=200_000)
     args = p.parse_args()
     corpus = ROOT / "data" / "demo"

@@ -285,7 +285,9 @@ class _Run:
             if raw_index in st.done_above:
                 st.skip_to(raw_index + 1)
                 continue
-            planned = plan_ahead(text, self.tokenizer, cfg.layers)  # while the workers are busy
+            # learn-batches workers mostly wait for big answers: plan for them meanwhile (a worker sending a request
+            # per chunk would wait for the GIL this takes when its answer comes: it plans its own samples)
+            planned = plan_ahead(text, self.tokenizer, cfg.layers) if self.learn_batches else None
             if not self._wait_for_room():
                 return  # this record was read, not dispatched: the position stays below it
             st.dispatch(raw_index)
