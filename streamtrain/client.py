@@ -15,9 +15,11 @@ is docs/client.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -61,6 +63,14 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """httpx's default SSL context (certifi's bundle, or $SSL_CERT_FILE / $SSL_CERT_DIR as the process started),
+    made once: httpx.Client makes a new one per client, ~50 ms each, for an http:// server too; a trainer and its
+    workers make several clients per call."""
+    return httpx.create_ssl_context()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +140,8 @@ class KatoClient(EmbeddedExtensions):
             http.headers.update(headers)
             self._http = http
         else:
-            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport,
+                                      verify=shared_ssl_context())
 
     # ---- plumbing ---------------------------------------------------------------------------------
 

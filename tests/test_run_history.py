@@ -25,7 +25,9 @@ CHILD = Path(__file__).with_name("train_child.py")
 
 
 def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tmp_path, capsys):
-    cfg = make_config(tmp_path, demo_corpus, "history", server.url, max_samples=30)
+    # a few samples per request: interval checkpoints fall mid-run (128 would send the 30 samples at once)
+    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=4)
+    cfg = make_config(tmp_path, demo_corpus, "history", server.url, max_samples=30, client=client)
     train(cfg, progress=False)
     train(cfg.with_overrides(max_samples=SAMPLES), progress=False)
     rows = read_metrics(cfg.run_dir)
