@@ -15,11 +15,9 @@ is docs/client.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
-import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -53,6 +51,7 @@ from .retry import (
     parse_retry_after,
     short,
 )
+from .tls import shared_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +63,6 @@ __all__ = [
 
 M = TypeVar("M", bound=BaseModel)
 
-
-@functools.cache
-def shared_ssl_context() -> ssl.SSLContext:
-    """httpx's default SSL context (certifi's bundle, or $SSL_CERT_FILE / $SSL_CERT_DIR as the process started),
-    made once: httpx.Client makes a new one per client, ~50 ms each, for an http:// server too; a trainer and its
-    workers make several clients per call."""
-    return httpx.create_ssl_context()
 
 
 # --------------------------------------------------------------------------------------------------
