@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 SESSION_TTL_SECONDS = 86400
 
 
-# A sample of at most this many characters is planned by the dispatcher, ahead (it has the time while workers wait
-# for the server, on a single worker too); a bigger one by its worker, so that queued samples hold no big plans.
+# In learn-batches runs a sample of at most this many characters is planned by the dispatcher, ahead (it has the
+# time while the workers wait for the server); a bigger one by its worker, so that queued samples hold no big plans.
 PLAN_AHEAD_MAX_CHARS = 1 << 16
 
 Planned = tuple[list[str], list[Step]]   # a sample's tokens and steps
