@@ -90,8 +90,10 @@ def _start_child(processes: Zygote, cfg: RunConfig, tmp_path: Path, log: Path) -
 
 
 def _journal_size(cfg: RunConfig) -> int:
-    path = cfg.run_dir / "journal.jsonl"
-    return path.stat().st_size if path.exists() else 0
+    try:
+        return (cfg.run_dir / "journal.jsonl").stat().st_size
+    except FileNotFoundError:  # not yet written, or removed this instant by a call that found nothing trained
+        return 0
 
 
 def _stop_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, bursts: list[list[signal.Signals]],
