@@ -118,36 +118,33 @@ def bench_learn(c: httpx.Client, srv: EmbeddedServer, draw, n: int) -> None:
         label = f"learn-batch, {per_request} patterns/request, keyed"
         print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
               f"= {learned / cpu:5.0f} patterns per CPU-second")
+    def learn_batches_row(label: str, bodies: list[dict], per_request: int, samples: int) -> None:
+        """POST each body to /learn-batches; `per_request` patterns and `samples` keyed batches in each."""
+        cpu0, t0 = server_cpu(srv), time.perf_counter()
+        for body in bodies:
+            c.post("/learn-batches", json=body)
+        dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
+        learned = len(bodies) * per_request
+        print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
+              f"= {learned / cpu:5.0f} patterns per CPU-second; {len(bodies) * samples / dt:5.0f} samples/s wall")
+
     # learn-batches (extension): 4 keyed batches of 6 patterns per request (4 samples of the trainer's shape).
     n_req = max(1, n // 24)
-    bodies = [{"batches": [{"key": f"lbs-{i}-{b}", "items": [{"node_id": "batches", "events": [draw(1) for _ in range(8)]}
-                                                            for _ in range(6)]} for b in range(4)]}
-              for i in range(n_req)]
-    cpu0, t0 = server_cpu(srv), time.perf_counter()
-    for body in bodies:
-        c.post("/learn-batches", json=body)
-    dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
-    learned = n_req * 24
-    label = "learn-batches, 4 x 6 patterns/request"
-    print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
-          f"= {learned / cpu:5.0f} patterns per CPU-second")
-    # learn-batches in the trainer's shape (demo corpus, samples_per_request 16): ~11 samples per request, each a
-    # keyed batch of 6 patterns of 8 single-symbol events: 5 of words on level 0, 1 of pattern names on level 1.
+    learn_batches_row("learn-batches, 4 x 6 patterns/request", [
+        {"batches": [{"key": f"lbs-{i}-{b}", "items": [{"node_id": "batches", "events": [draw(1) for _ in range(8)]}
+                                                       for _ in range(6)]} for b in range(4)]}
+        for i in range(n_req)], 24, 4)
+    # learn-batches in the trainer's shape of an earlier version (demo corpus, 16 samples per request at most):
+    # ~11 samples per request, each a keyed batch of 6 patterns of 8 single-symbol events: 5 of words on level 0,
+    # 1 of pattern names on level 1.
     n_req = max(1, n // 66)
     rng = random.Random(3)
     names = [f"PTRN|{rng.getrandbits(160):040x}" for _ in range(4000)]
-    bodies = [{"batches": [{"key": f"trainer-{i}-{b}", "items": [
-        {"node_id": "trainer-L0", "events": [draw(1) for _ in range(8)]} for _ in range(5)] + [
-        {"node_id": "trainer-L1", "events": [[w] for w in rng.choices(names, k=8)]}]} for b in range(11)]}
-        for i in range(n_req)]
-    cpu0, t0 = server_cpu(srv), time.perf_counter()
-    for body in bodies:
-        c.post("/learn-batches", json=body)
-    dt, cpu = time.perf_counter() - t0, server_cpu(srv) - cpu0
-    learned = n_req * 66
-    label = "learn-batches, 11 x 6 (trainer's shape)"
-    print(f"  {label:40s}: {learned / dt:6.0f} patterns/s wall; server CPU {cpu / learned * 1e3:.2f} ms/pattern "
-          f"= {learned / cpu:5.0f} patterns per CPU-second; {n_req * 11 / dt:5.0f} samples/s wall")
+    learn_batches_row("learn-batches, 11 x 6 (trainer's shape)", [
+        {"batches": [{"key": f"trainer-{i}-{b}", "items": [
+            {"node_id": "trainer-L0", "events": [draw(1) for _ in range(8)]} for _ in range(5)] + [
+            {"node_id": "trainer-L1", "events": [[w] for w in rng.choices(names, k=8)]}]} for b in range(11)]}
+        for i in range(n_req)], 66, 11)
     sid = new_session(c, "learn-separate")
     bodies = [{"observations": [{"strings": draw(1)} for _ in range(8)]} for _ in range(n // 2)]
     cpu0, t0 = server_cpu(srv), time.perf_counter()
