@@ -182,16 +182,17 @@ class Store:
         finally:
             self._depth = 0
 
+    def _rows_in(self, select: str, head: tuple[Any, ...], values: list[str]) -> Iterator[Any]:
+        """The rows of ``select`` (ending in ``IN``) for ``values``, in queries of at most _SQL_CHUNK of them."""
+        for i in range(0, len(values), _SQL_CHUNK):
+            part = values[i:i + _SQL_CHUNK]
+            yield from self.conn.execute(f"{select} ({','.join('?' * len(part))})", (*head, *part))
+
     # ---------------------------------------------------------------- idempotency keys
     def get_keys(self, keys: list[str]) -> dict[str, tuple[str, str, int, bytes, float]]:
         """get_key of many keys (those stored)."""
-        out: dict[str, tuple[str, str, int, bytes, float]] = {}
-        for i in range(0, len(keys), _SQL_CHUNK):
-            part = keys[i:i + _SQL_CHUNK]
-            q = ("SELECT key, fingerprint, request, status, body, created_at FROM idempotency "
-                 f"WHERE key IN ({','.join('?' * len(part))})")
-            out.update((row[0], row[1:]) for row in self.conn.execute(q, part))
-        return out
+        select = "SELECT key, fingerprint, request, status, body, created_at FROM idempotency WHERE key IN"
+        return {row[0]: row[1:] for row in self._rows_in(select, (), keys)}
 
     def get_key(self, key: str) -> tuple[str, str, int, bytes, float] | None:
         """(fingerprint, request, status, compressed body, created_at) stored under an idempotency key, or None."""
@@ -274,12 +275,7 @@ class Store:
 
     def existing_patterns(self, kb: str, names: list[str]) -> set[str]:
         """Those of `names` the knowledge base holds."""
-        out: set[str] = set()
-        for i in range(0, len(names), _SQL_CHUNK):
-            part = names[i:i + _SQL_CHUNK]
-            q = f"SELECT name FROM patterns WHERE kb_id=? AND name IN ({','.join('?' * len(part))})"
-            out.update(r[0] for r in self.conn.execute(q, (kb, *part)))
-        return out
+        return {r[0] for r in self._rows_in("SELECT name FROM patterns WHERE kb_id=? AND name IN", (kb,), names)}
 
     def write_learns(self, new: list[tuple[str, str, str, int, int]], relearned: list[tuple[int, str, str]],
                      new_symbols: list[tuple[str, str, int, int]],
@@ -354,24 +350,12 @@ class Store:
 
     def pmf(self, kb: str, symbols: set[str]) -> dict[str, int]:
         """symbol -> number of distinct patterns holding it, for those of `symbols` the knowledge base knows."""
-        out: dict[str, int] = {}
-        syms = sorted(symbols)
-        for i in range(0, len(syms), _SQL_CHUNK):
-            part = syms[i:i + _SQL_CHUNK]
-            q = f"SELECT symbol, pmf FROM symbols WHERE kb_id=? AND symbol IN ({','.join('?' * len(part))})"
-            out.update(self.conn.execute(q, (kb, *part)).fetchall())
-        return out
+        return dict(self._rows_in("SELECT symbol, pmf FROM symbols WHERE kb_id=? AND symbol IN", (kb,), sorted(symbols)))
 
     def frequencies_and_emotives(self, kb: str, names: list[str]) -> dict[str, tuple[int, list]]:
         """name -> (frequency, emotives) for those of `names` the knowledge base holds."""
-        out: dict[str, tuple[int, list]] = {}
-        for i in range(0, len(names), _SQL_CHUNK):
-            part = names[i:i + _SQL_CHUNK]
-            q = (f"SELECT name, frequency, emotives FROM patterns WHERE kb_id=? AND name IN "
-                 f"({','.join('?' * len(part))})")
-            for name, freq, emo in self.conn.execute(q, (kb, *part)):
-                out[name] = (freq, json.loads(emo))
-        return out
+        rows = self._rows_in("SELECT name, frequency, emotives FROM patterns WHERE kb_id=? AND name IN", (kb,), names)
+        return {name: (freq, json.loads(emo)) for name, freq, emo in rows}
 
     def symbol_stats(self, kb: str) -> list[tuple[str, int, int]]:
         """(symbol, frequency, pmf) of every symbol of `kb`."""
