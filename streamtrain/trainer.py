@@ -210,16 +210,12 @@ class _Run:
                 raise outcome.fatal
             self._take(outcome)
             self.since_checkpoint += 1
-            self._check_failures(outcome if outcome.error else None)
+            self.state.check_failures(self.config.run_name, self.config.max_failures, outcome if outcome.error else None)
             try:
                 outcome = self.outbox.get_nowait()
             except queue.Empty:
                 break
         self._after_progress()
-
-    def _check_failures(self, last: Outcome | None = None) -> None:
-        """TooManyFailures past ``max_failures`` (``last``: the failure just taken, else the ledger's newest)."""
-        self.state.check_failures(self.config.run_name, self.config.max_failures, last)
 
     def _after_progress(self) -> None:
         now = time.monotonic()
@@ -396,7 +392,8 @@ class _Run:
                 self._stop_workers(workers, finish_queued=not self.signals.stop.is_set())
                 if self.fatal is not None:
                     raise self.fatal
-                self._check_failures()  # failures of the last samples, taken while the workers finished
+                # failures of the last samples, taken while the workers finished
+                self.state.check_failures(cfg.run_name, cfg.max_failures)
                 reason: Literal["end", "interrupt"] = "interrupt" if self.signals.stop.is_set() else "end"
                 self._record_point()
                 self.checkpoint(reason)
