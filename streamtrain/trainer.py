@@ -273,7 +273,11 @@ class _Run:
         self._dispatch_retries()
         cfg, st = self.config, self.state
         limit = cfg.max_samples
-        if self.signals.stop.is_set() or (limit is not None and st.read_pos >= limit):
+        if self.signals.stop.is_set():
+            return
+        if limit is not None and st.read_pos >= limit:  # said: a lowered max_samples un-trains nothing
+            logger.warning("run %s is already at raw position %d, at or past max_samples=%d: no record to read (raise "
+                           "max_samples to train further)", cfg.run_name, st.read_pos, limit)
             return
         stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state, stop=limit)
         self.freeze_heap_again()  # the dataset's objects too (datasets imports much of itself on opening a stream)

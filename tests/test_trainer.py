@@ -296,12 +296,19 @@ def test_server_gone_writes_error_checkpoint_and_raises(demo_corpus, tmp_path):
     assert ckpt.reason == "error" and "ServerUnavailable" in (ckpt.error or "")
 
 
-def test_raising_max_samples_continues_where_it_ended(server, demo_corpus, tmp_path, reference):
-    """Train to 40, then to 90: the second call starts at the first one's end; same KB as one run to 90."""
+def test_raising_max_samples_continues_where_it_ended(server, demo_corpus, tmp_path, reference, caplog):
+    """Train to 40, then to 90: the second call starts at the first one's end; same KB as one run to 90. A third
+    call with max_samples lowered to 60 reads nothing, trains nothing, and says why."""
     first = train(make_config(tmp_path, demo_corpus, "extend", server.url, max_samples=40), progress=False)
     second = train(make_config(tmp_path, demo_corpus, "extend", server.url), progress=False)
     assert first.final_position == 40 and second.start_position == 40 and second.resumed
     assert second.samples_trained == first.samples_trained + second.new_samples
+    assert kb_by_level(server.url, make_config(tmp_path, demo_corpus, "extend", server.url)) == reference
+    with caplog.at_level("WARNING", logger="streamtrain"):
+        third = train(make_config(tmp_path, demo_corpus, "extend", server.url, max_samples=60), progress=False)
+    assert (third.start_position, third.final_position, third.new_samples) == (SAMPLES, SAMPLES, 0)
+    assert third.samples_trained == second.samples_trained
+    assert "at or past max_samples=60" in caplog.text
     assert kb_by_level(server.url, make_config(tmp_path, demo_corpus, "extend", server.url)) == reference
 
 
