@@ -34,6 +34,19 @@ def test_lines_read_back_per_sample(tmp_path: Path) -> None:
     assert state.samples[4].finished["learns"] == [2, 1]
 
 
+def test_any_text_of_an_error_is_written_as_ascii_and_read_back(tmp_path: Path) -> None:
+    """Error messages are the one free text of a line: non-ASCII is escaped, and a lone surrogate (which the fast
+    encoder refuses) is written all the same, as json.dumps writes it."""
+    j = _journal(tmp_path)
+    j.finished(1, trained=0, tokens=0, learns=[0], error="rejected: é \u2028")
+    j.finished(2, trained=0, tokens=0, learns=[0], error="rejected: \ud800")
+    j.close()
+    assert (tmp_path / FILENAME).read_bytes().isascii()
+    state = read_journal(tmp_path / FILENAME)
+    assert state.samples[1].finished["error"] == "rejected: é \u2028"
+    assert state.samples[2].finished["error"] == "rejected: \ud800"
+
+
 def test_a_step_after_a_fin_line_starts_a_new_attempt(tmp_path: Path) -> None:
     """A failed sample retried by a later call: its old fin line no longer holds once the retry sends a step."""
     j = _journal(tmp_path)
