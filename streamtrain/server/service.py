@@ -27,7 +27,7 @@ from streamtrain.patterns import PREFIX
 from streamtrain.server.engine import Engine
 from streamtrain.server.guardrails import render
 from streamtrain.server.model import Session
-from streamtrain.server.store import Store, events_json, json_string
+from streamtrain.server.store import Store, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Server:
                     lo, hi = applied[b.key]
                     stored[b.key] = names[lo:hi]
                     keys.append((BATCH_KEY_PREFIX + b.key, b.fingerprint, "POST /learn-batches", 200,
-                                 render({"patterns": stored[b.key]}), now))
+                                 json_bytes({"patterns": stored[b.key]}), now))
                     results.append({"key": b.key, "patterns": stored[b.key], "replayed": False})
                 else:
                     results.append({"key": b.key, "patterns": stored[b.key], "replayed": True})
@@ -411,8 +411,7 @@ class ParsedBatch:
 def batch_fingerprint(items: list[BatchItem]) -> str:
     """sha256 of a canonical JSON of a batch's items alone (not of the request carrying it): the same batch sent
     alone or among others has the same fingerprint. The JSON is ``dumps([[node_id, events], ...])``'s."""
-    canon = "[" + ",".join([f"[{json_string(item.node_id)},{events_json(item.events)}]" for item in items]) + "]"
-    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(json_bytes([[item.node_id, item.events] for item in items])).hexdigest()
 
 
 def parse_batches(body: bytes, max_items: int) -> list[ParsedBatch] | Response:
