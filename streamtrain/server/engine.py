@@ -11,7 +11,9 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 from streamtrain.patterns import PREFIX, list_hash, pattern_hash, strip_prefix
@@ -204,7 +206,7 @@ class Engine:
         todo: list[tuple[str, str, list[list[str]], int]] = []      # (kb, name, events, length)
         by_kb: dict[str, set[str]] = {}
         for node_id, events in items:
-            n = sum(len(e) for e in events)
+            n = sum(map(len, events))
             if n < 2:
                 names.append("")
                 continue
@@ -219,20 +221,18 @@ class Engine:
         known = {kb: self.store.existing_patterns(kb, sorted(ns)) for kb, ns in by_kb.items()}
         new: dict[tuple[str, str], list[Any]] = {}         # (kb, name) -> [kb, name, pattern_data, length, frequency]
         relearned: dict[tuple[str, str], int] = {}
-        sym_freq: dict[tuple[str, str], int] = {}
-        sym_pmf: dict[tuple[str, str], int] = {}
+        symbols: dict[str, list[str]] = {}                  # kb -> every symbol learned (its frequency increments)
+        firsts: dict[str, list[str]] = {}                   # kb -> each new pattern's distinct symbols (pmf)
         totals: dict[str, list[int]] = {}                   # kb -> [new patterns, symbols, learns]
         learned: list[tuple[str, str, list[list[str]]]] = []
         for kb, name, events, n in todo:
             t = totals.get(kb)
             if t is None:
                 t = totals[kb] = [0, 0, 0]
+                symbols[kb], firsts[kb] = [], []
             t[1] += n
             t[2] += 1
-            for e in events:
-                for sym in e:
-                    key = (kb, sym)
-                    sym_freq[key] = sym_freq.get(key, 0) + 1
+            symbols[kb].extend(chain.from_iterable(events))
             row = new.get((kb, name))
             if row is not None:
                 row[4] += 1
@@ -241,15 +241,21 @@ class Engine:
             else:
                 new[(kb, name)] = [kb, name, events_json(events), n, 1]
                 t[0] += 1
-                for sym in {sym for e in events for sym in e}:
-                    sym_pmf[(kb, sym)] = sym_pmf.get((kb, sym), 0) + 1
+                firsts[kb].extend(set(chain.from_iterable(events)))
                 learned.append((kb, name, events))
+        new_symbols: list[tuple[str, str, int, int]] = []
+        old_symbols: list[tuple[int, str, str]] = []
+        for kb, syms in symbols.items():  # Counter counts in C: a learn-batches request has ~50,000 symbols
+            pmf = Counter(firsts[kb])
+            for sym, k in Counter(syms).items():
+                if sym in pmf:
+                    new_symbols.append((kb, sym, k, pmf[sym]))
+                else:
+                    old_symbols.append((k, kb, sym))
         self.store.write_learns(
             [(kb, name, data, n, k) for kb, name, data, n, k in new.values()],
             [(k, kb, name) for (kb, name), k in relearned.items()],
-            [(kb, sym, k, sym_pmf[(kb, sym)]) for (kb, sym), k in sym_freq.items() if (kb, sym) in sym_pmf],
-            [(k, kb, sym) for (kb, sym), k in sym_freq.items() if (kb, sym) not in sym_pmf],
-            [(t[0], t[1], t[2], kb) for kb, t in totals.items()])
+            new_symbols, old_symbols, [(t[0], t[1], t[2], kb) for kb, t in totals.items()])
         for kb, name, events in learned:
             self.kb_index.on_learn(kb, name, events)
         for kb, t in totals.items():
