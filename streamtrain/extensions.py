@@ -82,8 +82,8 @@ class EmbeddedExtensions:
         held with other items refuses the whole request: ``ProtocolError`` with ``status_code`` 422 and
         ``error_code`` ``"KEY_REUSED"``, nothing applied; more items than the server's ``--max-batch-items`` in
         all: 413. Use only when ``supports_learn_batches``."""
-        body = {"batches": [{"key": key, "items": [{"node_id": node, "events": [list(e) for e in events]}
-                                                   for node, events in items]}
+        # events go as they are (lists or tuples of strings): copying each took 5% of the trainer's CPU
+        body = {"batches": [{"key": key, "items": [{"node_id": node, "events": events} for node, events in items]}
                             for key, items in batches]}
         answer = self._post("/learn-batches", wire.LearnBatchesResult, json=body, resend=True)
         keys = [key for key, _items in batches]
