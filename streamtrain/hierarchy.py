@@ -53,7 +53,7 @@ def learn_units(chunk: Sequence[str], layer: LayerConfig) -> list[Events]:
         return [[[symbol] for symbol in chunk]] if len(chunk) >= 2 else []
     for symbol in chunk:
         stm.append(sort_event([symbol]))
-        if mpl > 0 and len(stm) >= mpl:
+        if len(stm) >= mpl:
             if len(stm) == 1:
                 units.append(stm)
                 stm = []
