@@ -23,11 +23,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 
+from streamtrain.jsonbytes import compact_json
 from streamtrain.patterns import PREFIX
 from streamtrain.server.engine import Engine
 from streamtrain.server.guardrails import render
 from streamtrain.server.model import Session
-from streamtrain.server.store import Store, json_bytes
+from streamtrain.server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class Server:
                     lo, hi = applied[b.key]
                     stored[b.key] = names[lo:hi]
                     keys.append((BATCH_KEY_PREFIX + b.key, b.fingerprint, "POST /learn-batches", 200,
-                                 json_bytes({"patterns": stored[b.key]}), now))
+                                 compact_json({"patterns": stored[b.key]}), now))
                     results.append({"key": b.key, "patterns": stored[b.key], "replayed": False})
                 else:
                     results.append({"key": b.key, "patterns": stored[b.key], "replayed": True})
@@ -411,7 +412,7 @@ class ParsedBatch:
 def batch_fingerprint(items: list[BatchItem]) -> str:
     """sha256 of a canonical JSON of a batch's items alone (not of the request carrying it): the same batch sent
     alone or among others has the same fingerprint. The JSON is ``dumps([[node_id, events], ...])``'s."""
-    return hashlib.sha256(json_bytes([[item.node_id, item.events] for item in items])).hexdigest()
+    return hashlib.sha256(compact_json([[item.node_id, item.events] for item in items])).hexdigest()
 
 
 def parse_batches(body: bytes, max_items: int) -> list[ParsedBatch] | Response:

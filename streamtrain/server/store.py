@@ -20,9 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic_core import PydanticSerializationError, to_json
-
 from streamtrain.errors import StreamtrainError
+from streamtrain.jsonbytes import compact_json
 from streamtrain.server.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
 
 log = logging.getLogger(__name__)
@@ -93,18 +92,9 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def json_bytes(obj: Any) -> bytes:
-    """``dumps(obj)`` as UTF-8, the same bytes: pydantic_core writes them 5-7x as fast as json.dumps (thousands of
-    times per request); text it cannot encode (a lone surrogate) goes json.dumps's way."""
-    try:
-        return to_json(obj)
-    except PydanticSerializationError:
-        return dumps(obj).encode("utf-8", "surrogatepass")
-
-
 def events_json(events: list[list[str]]) -> str:
-    """``dumps(events)``: a pattern's pattern_data."""
-    return json_bytes(events).decode("utf-8", "surrogatepass")
+    """``dumps(events)``: a pattern's pattern_data (thousands per request: jsonbytes is the fast way)."""
+    return compact_json(events).decode("utf-8", "surrogatepass")
 
 
 class Store:
