@@ -6,6 +6,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 
@@ -18,7 +19,10 @@ class StopSignals:
     dispatched any more, each worker finishes the one it holds, and an 'interrupt' checkpoint is written. The
     second stops waiting for the workers (their samples stay unfinished; the next run replays them from the
     journal). The third raises KeyboardInterrupt at once and no checkpoint is written: the last checkpoint and the
-    journal still resume exactly, as after a crash.
+    journal still resume exactly, as after a crash. A third signal that lands inside a logging call is raised at
+    the dispatcher's next check (``raise_if_pending``) or when the run's signals are uninstalled: CPython's
+    ``Handler.handle`` takes the handler's lock before its ``try``, so an exception raised there leaves the lock
+    held, and the workers of the process's next run block forever on their first log line.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -27,6 +31,7 @@ class StopSignals:
         self.received = 0
         self.stop = threading.Event()
         self.abandon = threading.Event()
+        self.pending = False  # a third signal that came inside a logging call: KeyboardInterrupt owed
 
     def _handle(self, signum: int, frame: Any) -> None:
         # no logging here: the handler may run inside a logging call of the same thread
@@ -35,7 +40,15 @@ class StopSignals:
             self.stop.set()
         elif self.received == 2:
             self.abandon.set()
+        elif _in_logging(frame):
+            self.pending = True
         else:
+            raise KeyboardInterrupt
+
+    def raise_if_pending(self) -> None:
+        """The KeyboardInterrupt a third signal owes, where the caller's state allows it."""
+        if self.pending:
+            self.pending = False
             raise KeyboardInterrupt
 
     @contextmanager
@@ -49,3 +62,14 @@ class StopSignals:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        self.raise_if_pending()
+
+
+def _in_logging(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside the logging package (a handler's lock may be held)."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name == "logging" or name.startswith("logging."):
+            return True
+        frame = frame.f_back
+    return False

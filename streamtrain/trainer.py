@@ -45,10 +45,7 @@ class _Run:
     """State of one call of train(): the dispatcher side."""
 
     def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool):
-        self.config = config
-        self.server_url = server_url
-        self.embedded = embedded
-        self.progress = progress
+        self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
         self.store = self.rundir.checkpoints
@@ -200,6 +197,7 @@ class _Run:
 
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
+        self.signals.raise_if_pending()  # a third Ctrl-C that came inside a logging call
         try:
             outcome = self.outbox.get(timeout=0.2) if block else self.outbox.get_nowait()
         except queue.Empty:
@@ -315,6 +313,7 @@ class _Run:
                     logger.warning("not waiting for the in-flight samples: the next run replays them from the journal")
                     self._drain_quietly()
                     return
+                self.signals.raise_if_pending()
                 w.join(timeout=0.2)
                 self._drain_quietly()
         self._drain_quietly()
