@@ -190,3 +190,25 @@ def test_second_server_on_the_same_db_is_refused(tmp_path):
     srv.kill()
     srv.restart()                    # and with a SIGKILLed one too
     srv.stop()
+
+
+def test_a_server_waits_for_the_one_a_killed_trainer_left(tmp_path):
+    """--wait-for-db (what a trainer's EmbeddedServer passes): a second server waits for the database's holder to stop,
+    then serves; the server of a SIGKILLed trainer stops itself within a second, so its successor starts."""
+    import threading
+
+    db = tmp_path / "kb.sqlite3"
+    first = EmbeddedServer(db).start()
+    second = EmbeddedServer(db, log_path=tmp_path / "second.log")
+    started = threading.Thread(target=second.start)
+    started.start()
+    started.join(timeout=1.0)
+    assert started.is_alive(), "the second server did not wait for the first"
+    first.stop()
+    started.join(timeout=20)
+    try:
+        assert not started.is_alive() and second.pid is not None
+        assert httpx.get(second.url + "/health").status_code == 200
+        assert "waiting for it to stop" in (tmp_path / "second.log").read_text()
+    finally:
+        second.stop()

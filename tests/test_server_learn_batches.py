@@ -209,7 +209,8 @@ def test_health_answers_during_a_maximal_request(tmp_path):
         during = [(a, b) for a, b in health if a > answer["t0"] + 0.1 and b < answer["t1"]]
         # Not a speed test: /health must not wait for the request (on the event loop, every /health sent meanwhile
         # would wait until its end, so none would both start and end inside it).
-        assert took > 1.0, f"the request took {took:.2f} s: too short to show anything"
+        # /health is polled every ~20 ms: 0.4 s leaves room for a dozen answers inside the request
+        assert took > 0.4, f"the request took {took:.2f} s: too short to show anything"
         assert len(during) >= 3, f"{len(during)} /health answers during a {took:.1f} s request"
 
 

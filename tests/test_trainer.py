@@ -376,7 +376,10 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
                                                                      zygote):
     """Default mode (no server_url): the trainer and its embedded server child are killed with it; the orphaned
     server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
-    cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5)
+    # 2 samples per request: with the default 128 the whole run is one or two requests, and a kill aimed at the
+    # journal's growth can come after the end on a fast machine
+    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=2)
+    cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5, client=client)
     assert _kill_and_resume(zygote, cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "end" and ckpt.server.embedded

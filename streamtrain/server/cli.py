@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from streamtrain.server.defaults import (
@@ -72,6 +73,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                         help="shut down when process PID (the one that started this server) is gone")
+    parser.add_argument("--wait-for-db", type=float, default=0.0, metavar="SECONDS",
+                        help="when another server holds the database, wait up to this long for it to stop (default "
+                             "0: refuse at once); a trainer's server waits for the one a killed trainer left, which "
+                             "stops itself within a second")
     return parser
 
 
@@ -100,9 +105,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _lock_database(db: str):
+def _lock_database(db: str, wait_seconds: float = 0.0):
     """Hold an exclusive lock on `<db>.lock` for the life of the process (released by the kernel even on
-    SIGKILL): two servers writing one database would break its durability guarantees."""
+    SIGKILL): two servers writing one database would break its durability guarantees. Held by another process,
+    the lock is waited for up to ``wait_seconds`` (the server of a killed trainer stops itself within a second)."""
     try:
         import fcntl
     except ImportError:          # not POSIX: no protection
@@ -111,14 +117,25 @@ def _lock_database(db: str):
     if not path.parent.is_dir():
         return None              # Store reports the missing folder
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise StoreError(f"database {db} is already served by another process (pid {holder}); stop it or "
-                         "give another --db path") from None
+    deadline = time.monotonic() + wait_seconds
+    said = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            if time.monotonic() < deadline:
+                if not said:
+                    log.warning("database %s is held by process %s; waiting for it to stop", db, holder)
+                    said = True
+                time.sleep(0.05)
+                continue
+            f.close()
+            waited = f" for {wait_seconds:g} s" if wait_seconds > 0 else ""
+            raise StoreError(f"database {db} is already served by another process (pid {holder}){waited}; stop "
+                             "it or give another --db path") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -212,7 +229,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        lock = _lock_database(args.db)
+        lock = _lock_database(args.db, args.wait_for_db)
         store = Store(args.db, sync=args.sync)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)

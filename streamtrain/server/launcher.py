@@ -65,7 +65,9 @@ class EmbeddedServer:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "streamtrain.server", "--host", self.host, "--port", str(self.port),
-               "--db", str(self.db_path), "--log-level", "warning", "--exit-with-parent", str(os.getpid())]
+               "--db", str(self.db_path), "--log-level", "warning", "--exit-with-parent", str(os.getpid()),
+               # the server a killed trainer left on this database stops itself within a second: wait for it
+               "--wait-for-db", "10"]
         # The token is never on the command line (any local user can read it with `ps`): see environment().
         if not self.idempotency:
             cmd.append("--no-idempotency")
