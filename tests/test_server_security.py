@@ -324,7 +324,7 @@ def test_health_answers_while_a_maximal_batch_is_applied(tmp_path):
         slowest = max((b - a for a, b in health), default=0.0)
         # Not a speed test: while the batch is applied /health must not wait for it. On the event loop, the
         # health checks sent during the batch would all wait until its end (slowest ~ took).
-        assert took > 1.0, f"the batch took {took:.2f} s: too short to show anything"
+        assert took > 0.4, f"the batch took {took:.2f} s: too short to show anything"  # /health polls every ~20 ms
         assert len(during) >= 3, f"{len(during)} /health answers during a {took:.1f} s batch"
         assert slowest < max(3.0, took / 2), f"a /health took {slowest:.2f} s during a {took:.1f} s batch"
 
