@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -202,13 +203,17 @@ def test_a_server_waits_for_the_one_a_killed_trainer_left(tmp_path):
     second = EmbeddedServer(db, log_path=tmp_path / "second.log")
     started = threading.Thread(target=second.start)
     started.start()
-    started.join(timeout=1.0)
+    log = tmp_path / "second.log"
+    deadline = time.monotonic() + 30
+    while "waiting for it to stop" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        assert started.is_alive(), "the second server did not wait for the first"
+        time.sleep(0.05)
     assert started.is_alive(), "the second server did not wait for the first"
+    assert "waiting for it to stop" in log.read_text(), "the second server did not say it waits"
     first.stop()
     started.join(timeout=20)
     try:
         assert not started.is_alive() and second.pid is not None
         assert httpx.get(second.url + "/health").status_code == 200
-        assert "waiting for it to stop" in (tmp_path / "second.log").read_text()
     finally:
         second.stop()
