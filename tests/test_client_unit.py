@@ -28,6 +28,7 @@ from streamtrain.errors import (
     SessionLost,
     SessionNotFound,
 )
+from streamtrain.outage import OutageTracker
 from streamtrain.patterns import pattern_hash, pattern_name
 from streamtrain.retry import Transient, is_retryable, parse_retry_after
 from streamtrain.units import NodeSession, unit_took_effect
@@ -224,8 +225,9 @@ def test_unkeyed_learn_is_resent_after_a_failure_that_never_reached_the_app(fail
 @pytest.mark.parametrize(
     "failure",
     [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("Server disconnected"),
-     httpx.ReadError("reset"), httpx.Response(502, text="bad gateway"), httpx.Response(504, text="gw timeout")],
-    ids=["read-timeout", "disconnected", "read-error", "502", "504"],
+     httpx.ReadError("reset"), httpx.Response(500, text="oops"), httpx.Response(502, text="bad gateway"),
+     httpx.Response(504, text="gw timeout")],
+    ids=["read-timeout", "disconnected", "read-error", "500", "502", "504"],
 )
 def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) -> None:
     """A learn that may have been applied is surfaced as MaybeApplied after ONE attempt."""
@@ -239,8 +241,9 @@ def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) ->
     assert "1 attempt(s)" in str(info.value) and URL in str(info.value)  # the message a person reads
 
 
-@pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(502, text="bad gateway")],
-                         ids=["read-timeout", "502"])
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(500, text="oops"),
+                                     httpx.Response(502, text="bad gateway")],
+                         ids=["read-timeout", "500", "502"])
 def test_keyed_calls_and_reads_are_resent_after_an_ambiguous_failure(failure: Any) -> None:
     """With an Idempotency-Key (or for a read) the same request is simply sent again."""
     handler, seen = scripted([failure, LEARNED])
@@ -254,14 +257,16 @@ def test_keyed_calls_and_reads_are_resent_after_an_ambiguous_failure(failure: An
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize("status", [400, 404, 422, 500])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422, 501, 505, 507])
 def test_client_errors_are_never_retried(status: int) -> None:
-    """400/404/422 (and a 500) are answers: one attempt, then ProtocolError with the status and body."""
-    handler, seen = scripted([httpx.Response(status, json={"detail": "no"})])
+    """4xx are answers about the request, and 501/505/507 faults a resend will not fix: one attempt, then
+    ProtocolError with the status and the answer's reason."""
+    handler, seen = scripted([httpx.Response(status, json={"detail": "no: the reason"})])
     with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(ProtocolError, match=str(status)) as info:
             client.stm("s")
         assert info.value.status_code == status and info.value.error_code is None
+        assert "no: the reason" in str(info.value)
     assert len(seen) == 1
 
 
@@ -294,11 +299,12 @@ def test_retry_after_is_honoured() -> None:
     slept: list[float] = []
     handler, seen = scripted([httpx.Response(429, headers={"Retry-After": "2"}),
                               httpx.Response(503, headers={"Retry-After": "1.5"}), LEARNED])
-    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler), sleep=slept.append) as client:
+    outage = OutageTracker(FAST.outage_seconds, sleep=slept.append)
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler), outage=outage) as client:
         client.learn("s")
     assert len(seen) == 3
     assert slept[0] >= 2.0 and slept[1] >= 1.5
-    assert all(s <= FAST.retry_total_seconds for s in slept)
+    assert all(s <= FAST.outage_seconds for s in slept)
 
 
 def test_retry_after_http_date() -> None:
@@ -312,7 +318,8 @@ def test_retry_after_http_date() -> None:
 
 
 def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
-    """After retry_max_attempts connect errors: ServerUnavailable naming server, call, attempts, time, cause."""
+    """After retry_max_attempts connect errors (when set): ServerUnavailable naming server, call, attempts, time,
+    cause."""
     handler, seen = scripted([httpx.ConnectError("Connection refused")])
     settings = FAST.model_copy(update={"retry_max_attempts": 3})
     with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
@@ -322,23 +329,24 @@ def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
     assert info.value.attempts == 3 and "Connection refused" in (info.value.last_cause or "")
     msg = str(info.value)
     assert URL in msg and "GET /health" in msg and "3 attempt(s)" in msg and "Connection refused" in msg
-    assert re.search(r"in \d+\.\d s", msg)
+    assert re.search(r"in \d+\.\d s", msg) and "retry_max_attempts (3)" in msg
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
 def test_total_time_is_capped() -> None:
-    """A call that keeps failing stops once retry_total_seconds have passed, within one backoff step."""
-    import time
-
-    settings = ClientConfig(retry_total_seconds=0.6, retry_max_attempts=1000, backoff_initial=0.05, backoff_max=0.2)
+    """A call that keeps failing stops once the outage has lasted outage_seconds: its last wait is cut to what is
+    left, so it sends its last attempt exactly at the budget (a clock that moves only when the client waits)."""
+    now = [0.0]
+    settings = ClientConfig(outage_seconds=60, backoff_initial=0.5, backoff_max=4.0)
+    outage = OutageTracker(settings.outage_seconds, clock=lambda: now[0],
+                           sleep=lambda s: now.__setitem__(0, now[0] + s))
     handler, seen = scripted([httpx.Response(503, text="busy")])
-    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
-        t0 = time.monotonic()
-        with pytest.raises(ServerUnavailable):
+    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler), outage=outage) as client:
+        with pytest.raises(ServerUnavailable) as info:
             client.health()
-        spent = time.monotonic() - t0
-    assert 0.6 <= spent <= 0.6 + 0.2 + 0.15
-    assert 3 <= len(seen) < 100
+    assert now[0] == pytest.approx(60.0)
+    assert 15 <= len(seen) <= 22  # 0.5, 1, 2, then about 4 s apart: no attempt cap cuts it short
+    assert "answering 503" in str(info.value) and "client.outage_seconds (60 s)" in str(info.value)
 
 
 def test_malformed_answer_is_a_protocol_error() -> None:
