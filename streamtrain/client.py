@@ -43,7 +43,7 @@ from .errors import (
     SessionNotFound,
 )
 from .extensions import EmbeddedExtensions
-from .outage import OutageTracker
+from .outage import OutageTracker, duration_text
 from .patterns import strip_prefix
 from .retry import (
     AMBIGUOUS_STATUS,
@@ -179,23 +179,29 @@ class KatoClient(EmbeddedExtensions):
             log.info("server %s answering again after %.1f s (it was %s)", self.base_url, ended[0], ended[1])
         return response
 
-    def _wait(self, attempt: int, exc: BaseException | None) -> float:
+    def _wait(self, attempt: int, exc: BaseException | None, left: float) -> float:
         """The sleep after failed attempt number ``attempt``: exponential from backoff_initial up to backoff_max
-        plus up to one backoff_initial of jitter, at least Retry-After, cut to what is left of the outage budget."""
+        plus up to one backoff_initial of jitter, at least Retry-After, cut to ``left`` (of the outage budget)."""
         s = self.settings
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) + random.uniform(0, s.backoff_initial)
+        delay = min(s.backoff_max, s.backoff_initial * 2 ** min(attempt - 1, 64)) + random.uniform(0, s.backoff_initial)
         if isinstance(exc, Transient) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
-        return max(0.0, min(delay, self.outage.left()))
+        return max(0.0, min(delay, left))
 
-    def _pause(self, attempt: int, exc: BaseException | None, what: str) -> float:
+    def _pause(self, attempt: int, exc: BaseException | None, failing_since: float, what: str) -> float:
         """The wait before the next attempt; the outage is announced now and then (not at every attempt)."""
-        delay = self._wait(attempt, exc)
+        delay = self._wait(attempt, exc, self._budget_left(failing_since))
         status = self.outage.warning_due(f"server {self.base_url}")
         if status is not None:
             log.warning("%s", status)
         log.debug("%s %s: attempt %d failed (%s); retrying in %.2f s", self.base_url, what, attempt, exc, delay)
         return delay
+
+    def _budget_left(self, failing_since: float) -> float:
+        """What is left of the outage budget for a call (or a unit's resends) failing since ``failing_since`` (the
+        tracker's clock): the run's outage may end sooner, and one call never retries longer than the budget, even
+        when other requests succeed in between (a partial outage: a server that fails one route only)."""
+        return min(self.outage.left(), self.outage.budget - (self.outage.now() - failing_since))
 
     def _request(
         self,
@@ -223,51 +229,58 @@ class KatoClient(EmbeddedExtensions):
             return self._attempt(method, path, content, params, headers)
         except Transient as exc:
             failed = exc
-        attempts = 1
+        attempts, failing_since = 1, self.outage.now()
         cap = self.settings.retry_max_attempts
 
         def retryable(exc: BaseException) -> bool:
             return is_retryable(exc, resend_ambiguous=resend_ambiguous)
 
         def spent(_: object = None) -> bool:  # the stop condition
-            return self.outage.spent() or (cap is not None and attempts >= cap)
+            return self._budget_left(failing_since) <= 0 or (cap is not None and attempts >= cap)
 
         def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
             return self._attempt(method, path, content, params, headers)
 
+        def give_up(exc: Transient) -> NoReturn:
+            self._give_up(exc, f"{method} {path}", attempts, started, failing_since, resend_ambiguous)
+
         if not retryable(failed) or spent():
-            self._give_up(failed, method, path, attempts, started, resend_ambiguous)
-        self.outage.sleep(self._pause(attempts, failed, f"{method} {path}"))
+            give_up(failed)
+        self.outage.sleep(self._pause(attempts, failed, failing_since, f"{method} {path}"))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(retryable), stop=spent, sleep=self.outage.sleep, reraise=True,
             wait=lambda state: self._pause(attempts, state.outcome.exception() if state.outcome else None,
-                                           f"{method} {path}"),
+                                           failing_since, f"{method} {path}"),
         )
         try:
             return retrying(attempt)
         except Transient as exc:
-            self._give_up(exc, method, path, attempts, started, resend_ambiguous)
+            give_up(exc)
 
-    def _give_up(self, exc: Transient, method: str, path: str, attempts: int, started: float,
+    def _give_up(self, exc: Transient, call: str, attempts: int, started: float, failing_since: float,
                  resend_ambiguous: bool) -> NoReturn:
         """The call failed for good: MaybeApplied for an unkeyed write that may have been applied, else
         ServerUnavailable."""
-        where = (f"server {self.base_url}: {method} {path} failed after {attempts} attempt(s) in "
-                 f"{time.monotonic() - started:.1f} s")
+        where = f"server {self.base_url}: {call} failed after {attempts} attempt(s) in {time.monotonic() - started:.1f} s"
         if exc.ambiguous and not resend_ambiguous:
             raise MaybeApplied(
                 f"{where}; last cause: {exc.cause}. The request may or may not have been applied, so it "
                 "was not resent (no idempotency key); decide from server state before sending it again",
                 attempts=attempts, last_cause=exc.cause,
             ) from (exc.exc or exc)
-        raise ServerUnavailable(f"{where}: {self._why_given_up()}; last cause: {exc.cause}. {self._what_to_do()}",
-                                attempts=attempts, last_cause=exc.cause) from (exc.exc or exc)
+        raise ServerUnavailable(
+            f"{where}: {self._why_given_up(failing_since)}; last cause: {exc.cause}. {self._what_to_do()}",
+            attempts=attempts, last_cause=exc.cause,
+        ) from (exc.exc or exc)
 
-    def _why_given_up(self) -> str:
+    def _why_given_up(self, failing_since: float) -> str:
         if self.outage.spent():
             return self.outage.past_budget()
+        if self._budget_left(failing_since) <= 0:
+            return (f"it kept failing for {duration_text(self.outage.now() - failing_since)} while other requests "
+                    f"went through, longer than client.outage_seconds ({self.outage.budget:g} s)")
         return f"client.retry_max_attempts ({self.settings.retry_max_attempts}) reached"
 
     def _what_to_do(self) -> str:
@@ -275,18 +288,19 @@ class KatoClient(EmbeddedExtensions):
                 "again: the run resumes exactly where it stopped. To ride out longer outages, raise "
                 "client.outage_seconds")
 
-    def pause_before_resend(self, resends: int, last_cause: str) -> None:
-        """Before sending again a request that went unanswered and that server state showed was not applied
-        (``resends``: how many times it was resent so far): wait as a retry would, or raise ServerUnavailable when
-        the outage budget (or ``retry_max_attempts``) is spent. ``units.NodeSession`` calls it."""
+    def pause_before_resend(self, resends: int, last_cause: str, failing_since: float) -> None:
+        """Before sending again a request that went unanswered and that server state showed was not applied:
+        wait as a retry would, or raise ServerUnavailable once the budget is spent (the outage's, or the budget
+        counted from ``failing_since``, the tracker's ``now()`` at the first lost answer; or ``retry_max_attempts``
+        sends in all). ``resends``: how many times it was resent so far. ``units.NodeSession`` calls it."""
         cap = self.settings.retry_max_attempts
-        if self.outage.spent() or (cap is not None and resends + 1 >= cap):
+        if self._budget_left(failing_since) <= 0 or (cap is not None and resends + 1 >= cap):
             raise ServerUnavailable(
                 f"server {self.base_url}: a request kept going unanswered ({resends + 1} times; each time server "
-                f"state showed it was not applied): {self._why_given_up()}; last cause: {last_cause}. "
+                f"state showed it was not applied): {self._why_given_up(failing_since)}; last cause: {last_cause}. "
                 f"{self._what_to_do()}", attempts=resends + 1, last_cause=last_cause,
             )
-        self.outage.sleep(self._pause(resends + 1, None, "resend"))
+        self.outage.sleep(self._pause(resends + 1, None, failing_since, "resend"))
 
     def _answer(self, response: httpx.Response, model: type[M], call: str, session_id: str | None = None) -> M:
         """Turn an answer into ``model``, or raise the error the status means."""

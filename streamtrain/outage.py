@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-__all__ = ["OutageTracker"]
+__all__ = ["OutageTracker", "duration_text"]
 
 
 class OutageTracker:
@@ -82,6 +82,10 @@ class OutageTracker:
 
     # ---- what the clients ask -------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The tracker's clock (monotonic seconds)."""
+        return self._clock()
+
     @property
     def failing(self) -> bool:
         return self._since is not None
@@ -128,7 +132,7 @@ class OutageTracker:
 
     def past_budget(self) -> str:
         """Why the retries gave up, for a message: the cause, since when, for how long, and the budget."""
-        return (f"the server has been {self._cause} since {self.since()} ({_duration(self.lasted())}), longer "
+        return (f"the server has been {self._cause} since {self.since()} ({duration_text(self.lasted())}), longer "
                 f"than client.outage_seconds ({self.budget:g} s)")
 
     # ---- waiting, and stopping every wait -------------------------------------------------------------------
@@ -159,8 +163,8 @@ class OutageTracker:
             raise self._abort_exc
 
 
-def _duration(seconds: float) -> str:
-    """``8.2 s``, ``15 min 3 s``, ``2 h 5 min``."""
+def duration_text(seconds: float) -> str:
+    """A duration for people: ``8.2 s``, ``15 min 3 s``, ``2 h 5 min``."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(seconds), 60)

@@ -194,18 +194,20 @@ class NodeSession:
                 raise ProtocolError(f"node {self.node_id!r}: session {sid} on {self.client.base_url} holds {stm!r} "
                                     "right after it was created or cleared; another client may be using it")
         t, n = self._counter, len(events)
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
         for resends in itertools.count():
             hook("counted", sid, t)
             self._stm_clean, self._counter = False, None
             try:
                 result = self.client.observe_sequence(sid, events, learn_at_end=True)
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: observe-sequence answer lost (%s); reading the session's counter to decide",
                          self.node_id, exc)
                 outcome = _sequence_outcome(self.client, self.node_id, sid, events, expected, t)
                 if outcome == "not applied":
                     self._stm_clean, self._counter = True, t
-                    self.client.pause_before_resend(resends, exc.last_cause)  # past the outage budget: ServerUnavailable
+                    self.client.pause_before_resend(resends, exc.last_cause, since)  # or ServerUnavailable
                     continue  # counter unchanged: nothing of it was saved; send it again
                 name = expected if outcome == "learned" else self._learn_once(sid, events, expected, hook)
                 self._counter = t + n
@@ -261,17 +263,19 @@ class NodeSession:
     def _observe_verified(self, sid: str, events: list[list[str]], hook: PhaseHook) -> None:
         """Put exactly ``events`` into the (empty) STM; repair a lost answer by clear + resend."""
         repaired = False
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
         for resends in itertools.count():
             hook("observe", sid, None)
             self._stm_clean = False
             try:
                 self.client.observe_sequence(sid, events)
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: observe-sequence answer lost (%s); clearing the STM and resending",
                          self.node_id, exc)
                 self.client.clear_stm(sid)
                 self._stm_clean, repaired = True, True
-                self.client.pause_before_resend(resends, exc.last_cause)
+                self.client.pause_before_resend(resends, exc.last_cause, since)
                 continue
             # After a repair, check before learning: a late copy of the lost request would show here
             if not repaired or self.client.stm(sid) == events:
@@ -279,21 +283,25 @@ class NodeSession:
             log.warning("node %s: STM after a repaired observe-sequence is not the unit; clearing again", self.node_id)
             self.client.clear_stm(sid)
             self._stm_clean = True
-            self.client.pause_before_resend(resends, "the STM after a repaired observe-sequence was not the unit")
+            since = self.client.outage.now() if since is None else since
+            self.client.pause_before_resend(resends, "the STM after a repaired observe-sequence was not the unit",
+                                            since)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _learn_once(self, sid: str, events: list[list[str]], expected: str, hook: PhaseHook) -> str:
         """Send learn until it is known to have been applied exactly once."""
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
         for resends in itertools.count():
             hook("learn", sid, None)
             try:
                 name = self.client.learn(sid).pattern_name
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: learn answer lost (%s); reading the STM to decide", self.node_id, exc)
                 if _learn_applied(self.client, self.node_id, sid, events, expected):
                     self._stm_clean = True
                     return expected
-                self.client.pause_before_resend(resends, exc.last_cause)
+                self.client.pause_before_resend(resends, exc.last_cause, since)
                 continue  # STM still holds the unit: the learn did not happen; send it again
             self._stm_clean = True
             return name

@@ -53,6 +53,8 @@ class FakeKato:
     ``lost_and_expire`` applies, then the session vanishes, and the answer is lost; ``expire`` makes the
     session vanish before the request (-> 404); ``swallow`` runs an observe-sequence whose final learn fails
     (KATO logs and swallows it: the events stay in the STM) and ``lost_swallow`` does so and loses the answer.
+    ``500`` answers HTTP 500 without applying the request; ``applied_500`` applies it, then answers 500 (KATO stored
+    the pattern, then failed: the answer says nothing of what happened).
     Each session keeps KATO's observation counter ``time`` (+1 per observation, kept by a learn, 0 after a clear).
     """
 
@@ -89,6 +91,8 @@ class FakeKato:
                 break
         if action == "unsent":
             raise httpx.ReadTimeout("timed out", request=request)
+        if action == "500":
+            return httpx.Response(500, text="Internal Server Error")
         self.swallow = action in ("swallow", "lost_swallow")
         sid_match = re.match(r"^/sessions/([^/]+)", path)
         if action == "expire" and sid_match:
@@ -106,6 +110,8 @@ class FakeKato:
             response = self._route(method, path, request)
             if key and response.status_code < 300:
                 self.keys[key] = (path, request.content, response)
+        if action == "applied_500":
+            return httpx.Response(500, text="Internal Server Error")
         if action in ("lost", "lost_and_expire", "lost_swallow"):
             if action == "lost_and_expire" and sid_match:
                 self.sessions.pop(sid_match.group(1), None)
@@ -676,3 +682,76 @@ def test_token_is_sent_and_a_refusal_names_it() -> None:
         with pytest.raises(ProtocolError, match="server_token"):
             client.nodes()
     assert seen[0].headers["Authorization"] == "Bearer s3cret"
+
+
+# ---- outages: 500s ridden out within the budget, each decision still made from server state -----------------
+
+
+def ticking(budget: float) -> tuple[OutageTracker, list[float]]:
+    """A tracker on a clock that moves only when a client waits: outages of minutes in milliseconds."""
+    now = [0.0]
+    return OutageTracker(budget, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)), now
+
+
+def test_a_500_outage_of_a_keyed_call_is_ridden_out_and_said_now_and_then(caplog: pytest.LogCaptureFixture) -> None:
+    """A keyed call answered 500 for 45 s is resent until it succeeds; the log says so at once and every 30 s
+    (counting down from the budget), not at each of its attempts, and once when the server answers again."""
+    outage, now = ticking(900)
+    handler, seen = scripted([lambda r: httpx.Response(500, text="oops") if now[0] < 45 else LEARNED])
+    settings = ClientConfig(backoff_initial=0.5, backoff_max=4.0)
+    with caplog.at_level("DEBUG", logger="streamtrain.client"), \
+            KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler), outage=outage) as client:
+        assert client.learn("s", idempotency_key="k-1").pattern_name == "PTRN|x"
+    assert len(seen) > 10 and {r.headers["Idempotency-Key"] for r in seen} == {"k-1"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    lefts = [int(m) for w in warnings for m in re.findall(
+        r"^server http://kato.test answering 500 since \d\d:\d\d:\d\d, retrying \((\d+) s left\)$", w)]
+    assert len(lefts) == len(warnings) == 2 and 860 <= lefts[1] <= lefts[0] - 30 and lefts[0] < 900
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(infos) == 1 and re.search(r"answering again after 4\d\.\d s \(it was answering 500\)", infos[0])
+    assert not outage.failing
+
+
+@pytest.mark.parametrize(("actions", "sequences"), [(["500"] * 3 + ["applied_500"], 4), (["500"] * 5, 6)])
+def test_counter_mode_decides_each_500_from_the_counter(actions: list[str], sequences: int) -> None:
+    """A 500 on an unkeyed observe-sequence may have been applied: never resent blindly. The counter decides each:
+    unchanged, so it is sent again after a wait; advanced by the unit (applied, then the 500), so it is learned.
+    No attempt cap cuts the outage short (retry_max_attempts unset)."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", a) for a in actions]
+    outage, now = ticking(900)
+    with kato.client(settings=ClientConfig(), outage=outage) as client:
+        assert NodeSession(client, "n", TRAIN_CONFIG).learn_unit(UNIT, "k") == pattern_name(UNIT)
+    assert kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/observe-sequence") == sequences
+    assert kato.log.count("GET /sessions/session-1/cognition-data") == 1 + len(actions)
+    assert now[0] > 0  # it waited before each resend
+
+
+@pytest.mark.parametrize("mode", ["counter", "verify"])
+def test_past_the_budget_a_unit_stops_with_what_happened_and_what_to_do(mode: str) -> None:
+    """Every observe-sequence answered 500: after the budget the unit stops, naming the cause, how long it lasted
+    and what to do; also when other requests succeed in between (verify mode's clear-stm), never a loop forever."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", "500")] * 10_000
+    outage, now = ticking(120)
+    with kato.client(settings=ClientConfig(outage_seconds=120), outage=outage) as client:
+        with pytest.raises(ServerUnavailable) as info:
+            NodeSession(client, "n", TRAIN_CONFIG, mode=mode).learn_unit(UNIT, "k")  # type: ignore[arg-type]
+    assert kato.freq("n", UNIT) == 0 and now[0] == pytest.approx(120, abs=6)
+    msg = str(info.value)
+    assert "2 min 0 s" in msg and "HTTP 500" in msg and "client.outage_seconds (120 s)" in msg, msg
+    assert "run the same command again" in msg
+    if mode == "counter":  # only reads between the 500s: the outage itself ran out
+        assert re.search(r"has been answering 500 since \d\d:\d\d:\d\d \(2 min 0 s\)", msg), msg
+    else:  # a clear-stm succeeds between two: the unit's own resends ran out of the budget
+        assert "kept failing for 2 min 0 s while other requests went through" in msg
+
+
+@pytest.mark.parametrize("action", ["500", "applied_500"])
+def test_verify_mode_decides_a_500_on_learn_from_the_stm(action: str) -> None:
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", action)]
+    name, _ = run_unit(kato, "verify")
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/learn") == (2 if action == "500" else 1)
