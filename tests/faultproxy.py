@@ -219,6 +219,16 @@ class FaultProxy:
         with self._lock:
             self._outage = _Outage(seconds, kind, after, match)
 
+    def end_outage(self) -> None:
+        """End an outage of answers ("500", "502", "504") at once: the server is back. (A refusal ends on its own.)"""
+        with self._lock:
+            o = self._outage
+            if o is not None and o.kind != "refuse" and o.started is not None and o.ended is None:
+                o.ended = time.monotonic()
+                o.seconds = min(o.seconds, o.ended - o.started)
+            elif o is not None and o.started is None:
+                self._outage = None
+
     @property
     def outage_window(self) -> tuple[float | None, float | None]:
         """(start, end) of the armed outage in time.monotonic(); None for what has not happened yet."""
