@@ -43,7 +43,7 @@ from .errors import (
     SessionNotFound,
 )
 from .extensions import EmbeddedExtensions
-from .outage import OutageTracker, duration_text
+from .outage import OutageTracker
 from .patterns import strip_prefix
 from .retry import (
     AMBIGUOUS_STATUS,
@@ -279,8 +279,7 @@ class KatoClient(EmbeddedExtensions):
         if self.outage.spent():
             return self.outage.past_budget()
         if self._budget_left(failing_since) <= 0:
-            return (f"it kept failing for {duration_text(self.outage.now() - failing_since)} while other requests "
-                    f"went through, longer than client.outage_seconds ({self.outage.budget:g} s)")
+            return self.outage.past_budget(since=failing_since)
         return f"client.retry_max_attempts ({self.settings.retry_max_attempts}) reached"
 
     def _what_to_do(self) -> str:

@@ -130,10 +130,17 @@ class OutageTracker:
             self._warned_at = now
         return status
 
-    def past_budget(self) -> str:
-        """Why the retries gave up, for a message: the cause, since when, for how long, and the budget."""
-        return (f"the server has been {self._cause} since {self.since()} ({duration_text(self.lasted())}), longer "
-                f"than client.outage_seconds ({self.budget:g} s)")
+    def past_budget(self, since: float | None = None) -> str:
+        """Why the retries gave up, for a message: the last cause, since when, for how long, and the budget.
+        ``since``: a call's own first failure (on this clock), when the call ran out of budget before the outage
+        did (a success of another request, or of a read in between, ended an outage of its route's failures)."""
+        now = self._clock()
+        if since is None:
+            since, wall = (self._since if self._since is not None else now), self._since_wall
+        else:
+            wall = self._wall() - (now - since)
+        return (f"the server has been {self._cause} since {datetime.fromtimestamp(wall).strftime('%H:%M:%S')} "
+                f"({duration_text(now - since)}), longer than client.outage_seconds ({self.budget:g} s)")
 
     # ---- waiting, and stopping every wait -------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 KINDS = ("drop_before", "drop_after", "503", "429", "stall", "stall_after")  # the default: what a client rides out
-ALL_KINDS = KINDS + ("500",)  # 500 only when asked for: the client does not retry it
+ALL_KINDS = KINDS + ("500",)  # 500 only when asked for: the client rides it out only within its outage budget
 _HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection"}
 OUTAGE_KINDS = ("500", "502", "504", "refuse")
 

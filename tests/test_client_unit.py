@@ -740,12 +740,8 @@ def test_past_the_budget_a_unit_stops_with_what_happened_and_what_to_do(mode: st
             NodeSession(client, "n", TRAIN_CONFIG, mode=mode).learn_unit(UNIT, "k")  # type: ignore[arg-type]
     assert kato.freq("n", UNIT) == 0 and now[0] == pytest.approx(120, abs=6)
     msg = str(info.value)
-    assert "2 min 0 s" in msg and "HTTP 500" in msg and "client.outage_seconds (120 s)" in msg, msg
-    assert "run the same command again" in msg
-    if mode == "counter":  # only reads between the 500s: the outage itself ran out
-        assert re.search(r"has been answering 500 since \d\d:\d\d:\d\d \(2 min 0 s\)", msg), msg
-    else:  # a clear-stm succeeds between two: the unit's own resends ran out of the budget
-        assert "kept failing for 2 min 0 s while other requests went through" in msg
+    assert re.search(r"has been answering 500 since \d\d:\d\d:\d\d \(2 min 0 s\)", msg), msg
+    assert "client.outage_seconds (120 s)" in msg and "run the same command again" in msg
 
 
 @pytest.mark.parametrize("action", ["500", "applied_500"])
