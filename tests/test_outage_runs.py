@@ -19,6 +19,7 @@ from runs import SAMPLES, kb_by_level, make_config
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
 from streamtrain.config import ClientConfig
+from streamtrain.errors import CheckpointError
 from streamtrain.trainer import train
 
 # learn-batches: the embedded server's default (keyed, several samples per request); keys: one keyed request per
@@ -36,6 +37,14 @@ def _client(protocol: str, **changes) -> ClientConfig:
                   samples_per_request=4)
     fields.update(changes)
     return ClientConfig(**fields)
+
+
+def _lock_is_free(run_dir) -> bool:
+    try:
+        with CheckpointStore(run_dir).lock():
+            return True
+    except CheckpointError:
+        return False
 
 
 class Posts:
@@ -155,9 +164,10 @@ def test_two_ctrl_c_in_an_outage_leave_no_worker_waiting(server, demo_corpus, tm
         result = train(cfg, progress=False)
         assert result.reason == "interrupt" and result.final_position < SAMPLES
         deadline = time.monotonic() + 10
-        while any(t.name.startswith("streamtrain-worker-") for t in threading.enumerate()):
+        while not _lock_is_free(cfg.run_dir):  # held until the workers left behind have stopped
             assert time.monotonic() < deadline, "a worker kept waiting for the server after its call ended"
             time.sleep(0.05)
+        assert not any(t.name.startswith("streamtrain-worker-") for t in threading.enumerate())
         proxy.end_outage()
         result = train(cfg, progress=False)
     assert result.reason == "end" and result.final_position == SAMPLES and result.samples_failed == 0
