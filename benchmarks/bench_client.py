@@ -39,7 +39,7 @@ from streamtrain.server import EmbeddedServer  # noqa: E402
 from streamtrain.units import NodeSession  # noqa: E402
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
-SETTINGS = ClientConfig(connect_timeout=1.0, read_timeout=0.5, retry_total_seconds=60, retry_max_attempts=500,
+SETTINGS = ClientConfig(connect_timeout=1.0, read_timeout=0.5, outage_seconds=60, retry_max_attempts=500,
                         backoff_initial=0.02, backoff_max=0.5)
 
 

@@ -399,7 +399,7 @@ class CheckpointStore:
                     raise CheckpointError(
                         f"this process is still training run {self.run_dir.name}: a call in another thread, or the "
                         "workers of a call stopped with a second Ctrl-C, which finish their last request first (at "
-                        "most client.retry_total_seconds); try again in a moment"
+                        "most one client.read_timeout); try again in a moment"
                     ) from None
                 raise CheckpointError(
                     f"another streamtrain process is training run {self.run_dir.name} (pid {holder}); wait for it "

@@ -1,11 +1,13 @@
-"""The HTTP client of a KATO server: typed calls and bounded retries (tenacity), one request at a time.
+"""The HTTP client of a KATO server: typed calls and retries (tenacity) bounded by an outage budget.
 
 ``KatoClient`` sends one call and retries it when that is safe. A failure is one of three kinds: the
 request surely did not reach the application (connect errors, 429, 503: resent); it may have been applied
-(read/write timeouts, dropped connections, 502/504: resent only for reads, idempotent writes and keyed
+(read/write timeouts, dropped connections, 500/502/504: resent only for reads, idempotent writes and keyed
 calls; an unkeyed observe, observe-sequence or learn raises :class:`~streamtrain.errors.MaybeApplied`); or
 an answer (2xx parsed into a model of ``wire.py``; anything else a :class:`~streamtrain.errors.ProtocolError`
 carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors.
+Every failure and success is reported to an :class:`~streamtrain.outage.OutageTracker` (the run's, shared by its
+clients, or the client's own): retries go on until the server has been failing for ``client.outage_seconds``.
 
 The network is one constructor argument: ``http=`` takes any ``httpx.Client`` (e.g. starlette's
 ``TestClient(create_app(...))`` for an in-process server), ``transport=`` an httpx transport. Nothing is sent
@@ -19,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
@@ -41,6 +43,7 @@ from .errors import (
     SessionNotFound,
 )
 from .extensions import EmbeddedExtensions
+from .outage import OutageTracker
 from .patterns import strip_prefix
 from .retry import (
     AMBIGUOUS_STATUS,
@@ -51,6 +54,7 @@ from .retry import (
     is_retryable,
     parse_retry_after,
     short,
+    transport_outage,
 )
 from .tls import shared_ssl_context
 
@@ -87,17 +91,18 @@ def config_differences(asked: Mapping[str, Any], effective: Mapping[str, Any]) -
 
 
 class KatoClient(EmbeddedExtensions):
-    """A sync KATO client: one keep-alive ``httpx.Client``, typed answers, bounded retries.
+    """A sync KATO client: one keep-alive ``httpx.Client``, typed answers, retries within an outage budget.
 
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
         token: sent as ``Authorization: Bearer <token>`` when given.
-        settings: timeouts and the retry budget (``ClientConfig``).
+        settings: timeouts and the outage budget (``ClientConfig``).
         transport: an httpx transport (tests pass ``httpx.MockTransport``).
         http: an ``httpx.Client`` to send through instead of building one (e.g. starlette's
             ``TestClient(create_app(...))``: an in-process server, no port). Its own base URL, headers and timeouts
             are kept; the token is added to its headers. ``close()`` closes it. Not together with ``transport``.
-        sleep: how the retry loop waits (tests may record instead).
+        outage: the tracker of the server's outages, shared by a run's clients (None: one of this client's own,
+            with ``settings.outage_seconds``). Retries wait through its ``sleep``, so its ``abort`` stops them.
 
     The constructor sends nothing.
     """
@@ -110,13 +115,13 @@ class KatoClient(EmbeddedExtensions):
         settings: ClientConfig = ClientConfig(),
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        outage: OutageTracker | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"server URL {base_url!r} must start with http:// or https://, e.g. http://127.0.0.1:8000")
         self.base_url = base_url.rstrip("/")
         self.settings = settings
-        self._sleep = sleep
+        self.outage = outage if outage is not None else OutageTracker(settings.outage_seconds)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout,
@@ -147,34 +152,56 @@ class KatoClient(EmbeddedExtensions):
 
     def _attempt(self, method: str, path: str, content: bytes | None, params: Any,
                  headers: dict[str, str] | None) -> httpx.Response:
-        """One HTTP exchange. Transport errors and 429/502/503/504 become ``Transient``."""
+        """One HTTP exchange, reported to the outage tracker. Transport errors and 429/500/502/503/504 become
+        ``Transient``."""
+        write = method != "GET"
         try:
             response = self._http.request(method, path, content=content, params=params, headers=headers)
         except SAFE_TRANSPORT as exc:
+            self.outage.failed(transport_outage(exc), write=write)
             raise Transient(f"{type(exc).__name__}: {exc}", ambiguous=False, exc=exc) from exc
         except httpx.UnsupportedProtocol as exc:  # a wrong URL is not transient
             raise ConfigError(f"server URL {self.base_url!r} is not usable: {exc}") from exc
         except httpx.TransportError as exc:  # read/write timeouts, dropped connections: maybe applied
+            self.outage.failed(transport_outage(exc), write=write)
             raise Transient(f"{type(exc).__name__}: {exc or 'no detail'}", ambiguous=True, exc=exc) from exc
         status = response.status_code
         if status in SAFE_STATUS or status in AMBIGUOUS_STATUS:
+            self.outage.failed(f"answering {status}", write=write)
             retry_after = parse_retry_after(response.headers.get("Retry-After")) if status in SAFE_STATUS else None
             raise Transient(
                 f"HTTP {status} {short(response.text, 100)!r}"
                 + (f" (Retry-After {response.headers.get('Retry-After')})" if retry_after is not None else ""),
                 ambiguous=status in AMBIGUOUS_STATUS, retry_after=retry_after,
             )
+        ended = self.outage.succeeded(write=write)
+        if ended is not None:
+            log.info("server %s answering again after %.1f s (it was %s)", self.base_url, ended[0], ended[1])
         return response
 
-    def _wait(self, attempt: int, exc: BaseException | None, started: float) -> float:
-        """The sleep after failed attempt number ``attempt`` of a call first sent at ``started``: exponential from
-        backoff_initial up to backoff_max plus up to one backoff_initial of jitter, at least Retry-After, cut to
-        what is left of the budget."""
+    def _wait(self, attempt: int, exc: BaseException | None, left: float) -> float:
+        """The sleep after failed attempt number ``attempt``: exponential from backoff_initial up to backoff_max
+        plus up to one backoff_initial of jitter, at least Retry-After, cut to ``left`` (of the outage budget)."""
         s = self.settings
-        delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) + random.uniform(0, s.backoff_initial)
+        delay = min(s.backoff_max, s.backoff_initial * 2 ** min(attempt - 1, 64)) + random.uniform(0, s.backoff_initial)
         if isinstance(exc, Transient) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
-        return max(0.0, min(delay, s.retry_total_seconds - (time.monotonic() - started)))
+        return max(0.0, min(delay, left))
+
+    def _pause(self, attempt: int, exc: BaseException | None, failing_since: float, what: str) -> float:
+        """The wait before the next attempt; the outage is announced now and then (not at every attempt)."""
+        delay = self._wait(attempt, exc, self._budget_left(failing_since))
+        status = self.outage.warning_due(f"server {self.base_url}")
+        if status is not None:
+            log.warning("%s", status)
+        log.debug("%s %s: attempt %d failed (%s); retrying in %.2f s", self.base_url, what, attempt, exc, delay)
+        return delay
+
+    def _budget_left(self, failing_since: float) -> float:
+        """What is left of the outage budget for a call (or a unit's resends) failing since ``failing_since`` (the
+        tracker's clock): the run's outage may end sooner, and one call never retries longer than the budget, even
+        when other requests succeed in between (a partial outage: a server that fails one route only)."""
+        return min(self.outage.left(), self.outage.budget - (self.outage.now() - failing_since))
 
     def _request(
         self,
@@ -189,8 +216,8 @@ class KatoClient(EmbeddedExtensions):
         """Send with retries; ``resend``: the call is a read or idempotent write (ambiguity is harmless).
 
         The first attempt goes out directly, so the common case costs no retry machinery. After a failure worth
-        another, tenacity sends the rest: at most ``retry_max_attempts`` attempts in all, within
-        ``retry_total_seconds`` of the first."""
+        another, tenacity sends the rest until the outage budget is spent (and at most ``retry_max_attempts``
+        attempts in all, when set)."""
         # httpx's json= bytes, encoded once for every attempt, 4x as fast (a NaN becomes null: the server refuses it)
         content = None if json is None else to_json(json, inf_nan_mode="null")
         headers = {"Content-Type": "application/json"} if content is not None else {}
@@ -202,44 +229,41 @@ class KatoClient(EmbeddedExtensions):
             return self._attempt(method, path, content, params, headers)
         except Transient as exc:
             failed = exc
-        attempts = 1
+        attempts, failing_since = 1, self.outage.now()
+        cap = self.settings.retry_max_attempts
 
         def retryable(exc: BaseException) -> bool:
             return is_retryable(exc, resend_ambiguous=resend_ambiguous)
 
         def spent(_: object = None) -> bool:  # the stop condition
-            return (attempts >= self.settings.retry_max_attempts
-                    or time.monotonic() - started >= self.settings.retry_total_seconds)
-
-        def pause(exc: BaseException | None) -> float:
-            delay = self._wait(attempts, exc, started)
-            log.info("%s %s %s: attempt %d failed (%s); retrying in %.2f s",
-                     self.base_url, method, path, attempts, exc, delay)
-            return delay
+            return self._budget_left(failing_since) <= 0 or (cap is not None and attempts >= cap)
 
         def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
             return self._attempt(method, path, content, params, headers)
 
+        def give_up(exc: Transient) -> NoReturn:
+            self._give_up(exc, f"{method} {path}", attempts, started, failing_since, resend_ambiguous)
+
         if not retryable(failed) or spent():
-            self._give_up(failed, method, path, attempts, started, resend_ambiguous)
-        self._sleep(pause(failed))
+            give_up(failed)
+        self.outage.sleep(self._pause(attempts, failed, failing_since, f"{method} {path}"))
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(retryable), stop=spent, sleep=self._sleep, reraise=True,
-            wait=lambda state: pause(state.outcome.exception() if state.outcome else None),
+            retry=tenacity.retry_if_exception(retryable), stop=spent, sleep=self.outage.sleep, reraise=True,
+            wait=lambda state: self._pause(attempts, state.outcome.exception() if state.outcome else None,
+                                           failing_since, f"{method} {path}"),
         )
         try:
             return retrying(attempt)
         except Transient as exc:
-            self._give_up(exc, method, path, attempts, started, resend_ambiguous)
+            give_up(exc)
 
-    def _give_up(self, exc: Transient, method: str, path: str, attempts: int, started: float,
+    def _give_up(self, exc: Transient, call: str, attempts: int, started: float, failing_since: float,
                  resend_ambiguous: bool) -> NoReturn:
         """The call failed for good: MaybeApplied for an unkeyed write that may have been applied, else
         ServerUnavailable."""
-        where = (f"server {self.base_url}: {method} {path} failed after {attempts} attempt(s) in "
-                 f"{time.monotonic() - started:.1f} s")
+        where = f"server {self.base_url}: {call} failed after {attempts} attempt(s) in {time.monotonic() - started:.1f} s"
         if exc.ambiguous and not resend_ambiguous:
             raise MaybeApplied(
                 f"{where}; last cause: {exc.cause}. The request may or may not have been applied, so it "
@@ -247,11 +271,35 @@ class KatoClient(EmbeddedExtensions):
                 attempts=attempts, last_cause=exc.cause,
             ) from (exc.exc or exc)
         raise ServerUnavailable(
-            f"{where} (budget: {self.settings.retry_max_attempts} attempts, "
-            f"{self.settings.retry_total_seconds:g} s); last cause: {exc.cause}. "
-            "Check that the server is running and reachable, or raise client.retry_total_seconds",
+            f"{where}: {self._why_given_up(failing_since)}; last cause: {exc.cause}. {self._what_to_do()}",
             attempts=attempts, last_cause=exc.cause,
         ) from (exc.exc or exc)
+
+    def _why_given_up(self, failing_since: float) -> str:
+        if self.outage.spent():
+            return self.outage.past_budget()
+        if self._budget_left(failing_since) <= 0:
+            return self.outage.past_budget(since=failing_since)
+        return f"client.retry_max_attempts ({self.settings.retry_max_attempts}) reached"
+
+    def _what_to_do(self) -> str:
+        return ("Check the server (is it running and reachable? its log, its disk), then run the same command "
+                "again: the run resumes exactly where it stopped. To ride out longer outages, raise "
+                "client.outage_seconds")
+
+    def pause_before_resend(self, resends: int, last_cause: str, failing_since: float) -> None:
+        """Before sending again a request that went unanswered and that server state showed was not applied:
+        wait as a retry would, or raise ServerUnavailable once the budget is spent (the outage's, or the budget
+        counted from ``failing_since``, the tracker's ``now()`` at the first lost answer; or ``retry_max_attempts``
+        sends in all). ``resends``: how many times it was resent so far. ``units.NodeSession`` calls it."""
+        cap = self.settings.retry_max_attempts
+        if self._budget_left(failing_since) <= 0 or (cap is not None and resends + 1 >= cap):
+            raise ServerUnavailable(
+                f"server {self.base_url}: a request kept going unanswered ({resends + 1} times; each time server "
+                f"state showed it was not applied): {self._why_given_up(failing_since)}; last cause: {last_cause}. "
+                f"{self._what_to_do()}", attempts=resends + 1, last_cause=last_cause,
+            )
+        self.outage.sleep(self._pause(resends + 1, None, failing_since, "resend"))
 
     def _answer(self, response: httpx.Response, model: type[M], call: str, session_id: str | None = None) -> M:
         """Turn an answer into ``model``, or raise the error the status means."""
@@ -270,7 +318,9 @@ class KatoClient(EmbeddedExtensions):
                 f"server {self.base_url}: {call}: session {session_id} not found or expired (404)", session_id
             )
         hint = ("; check the bearer token (server_token in the run config, or $STREAMTRAIN_SERVER_TOKEN)"
-                if status in (401, 403) else "")
+                if status in (401, 403) else
+                "; the server's storage is full: free space there, then run the same command again" if status == 507
+                else "; a resend would not help: check the server" if status >= 500 else "")
         raise ProtocolError(
             f"server {self.base_url}: {call} answered HTTP {status}: {short(response.text)}{hint}",
             status_code=status, error_code=code,

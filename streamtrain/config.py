@@ -15,7 +15,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, ResumeMismatch
 
@@ -104,14 +113,22 @@ class LayerConfig(StrictModel):
 
 
 class ClientConfig(StrictModel):
-    """Timeouts and the retry budget of every server call."""
+    """Timeouts and the outage budget of every server call."""
 
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
-    retry_total_seconds: float = Field(
-        120.0, gt=0, description="Give up on a call after this long; rides out a server restart."
+    outage_seconds: float = Field(
+        900.0, gt=0,
+        description="How long the server may keep failing (5xx answers 500/502/503/504, 429, refused connections, "
+        "time-outs), counted from the outage's first failure and shared by all the run's calls, before the run "
+        "stops with an 'error' checkpoint. 15 minutes ride out a server, container or KATO restart and a rolling "
+        "deploy; a server dead for good stops an unattended run within them. Former name: retry_total_seconds.",
     )
-    retry_max_attempts: int = Field(50, ge=1)
+    retry_max_attempts: int | None = Field(
+        None, ge=1,
+        description="At most this many attempts of one call (and resends of one unit after lost answers), even "
+        "within outage_seconds; absent: no cap, outage_seconds alone bounds the retries.",
+    )
     backoff_initial: float = Field(0.1, gt=0)
     backoff_max: float = Field(5.0, gt=0)
     learn_batch: bool = Field(
@@ -125,6 +142,17 @@ class ClientConfig(StrictModel):
         description="With learn_batch on a server that offers several samples per request: at most this many "
         "whole samples in one request (a worker sends those already waiting; it never waits for more).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, data: Any) -> Any:
+        """``retry_total_seconds`` (in config files and the checkpoints of earlier versions) is read as
+        ``outage_seconds``: a time after which failing calls give up, now counted per outage rather than per call."""
+        if isinstance(data, dict) and "retry_total_seconds" in data:
+            if "outage_seconds" in data:
+                raise ValueError("retry_total_seconds is the former name of outage_seconds: give only outage_seconds")
+            data = {("outage_seconds" if k == "retry_total_seconds" else k): v for k, v in data.items()}
+        return data
 
 
 class HFTokenizer(StrictModel):

@@ -8,7 +8,6 @@ import itertools
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 from .client import KatoClient
 from .config import ClientConfig, RunConfig
 from .errors import ServerError, ServerUnavailable
+from .outage import OutageTracker
 from .wire import ServiceInfo
 
 logger = logging.getLogger(__name__)
@@ -53,30 +53,33 @@ def run_server(config: RunConfig) -> Iterator[tuple[str, bool]]:
         yield server.url, True
 
 
-def wait_for_server(url: str, token: str | None, settings: ClientConfig,
-                    stop: threading.Event | None = None) -> ServiceInfo:
-    """``GET /`` until the server answers; meanwhile say what the run waits for every 2 s. Gives up after
-    ``settings.retry_total_seconds`` (ServerUnavailable); a set ``stop`` event (one Ctrl-C) raises
-    KeyboardInterrupt at once."""
-    budget = settings.retry_total_seconds
+def wait_for_server(url: str, token: str | None, settings: ClientConfig, stop: threading.Event | None = None,
+                    outage: OutageTracker | None = None) -> ServiceInfo:
+    """``GET /`` until the server answers; meanwhile say what the run waits for every 2 s. Gives up once the
+    server has failed for ``settings.outage_seconds`` (ServerUnavailable), counted by ``outage`` (the run's tracker,
+    shared with its later calls; None: one of its own); a set ``stop`` event (one Ctrl-C) raises KeyboardInterrupt
+    at once."""
+    outage = outage if outage is not None else OutageTracker(settings.outage_seconds)
     one_try = settings.model_copy(update={"retry_max_attempts": 1, "connect_timeout": min(2.0, settings.connect_timeout)})
-    deadline = time.monotonic() + budget
-    with KatoClient(url, token=token, settings=one_try) as client:
+    with KatoClient(url, token=token, settings=one_try, outage=outage) as client:
         for attempt in itertools.count(1):
             try:
                 return client.info()
             except ServerUnavailable as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if outage.spent():
                     raise ServerUnavailable(
-                        f"the server at {url} did not answer within {budget:g} s ({attempt} attempts; last: {exc}). "
-                        "Check that it is running and reachable, or raise client.retry_total_seconds") from None
-                logger.warning("waiting for the server at %s (attempt %d, %.0f s left; Ctrl-C to stop)", url, attempt, left)
-            pause = min(2.0, max(0.0, deadline - time.monotonic()))
-            if stop is not None and stop.wait(pause):
-                raise KeyboardInterrupt  # nothing trained yet: nothing to checkpoint
+                        f"the server at {url} did not answer within {outage.budget:g} s: {outage.past_budget()} "
+                        f"({attempt} attempts; last cause: {exc.last_cause}). Check that it is running and reachable "
+                        "(the URL, its log), or raise client.outage_seconds", attempts=attempt,
+                        last_cause=exc.last_cause) from None
+                logger.warning("waiting for the server at %s: %s (Ctrl-C to stop)", url,
+                               outage.status(blips=True) or exc.last_cause)
+            pause = min(2.0, outage.left())
             if stop is None:
-                time.sleep(pause)
+                outage.sleep(pause)
+            elif stop.wait(pause):
+                raise KeyboardInterrupt  # nothing trained yet: nothing to checkpoint
+            outage.check()  # the run was aborted
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -156,7 +159,7 @@ def connect(
         token = token_for(url)
     quick = ClientConfig(
         connect_timeout=min(2.0, wait_seconds), read_timeout=min(5.0, max(wait_seconds, 0.5)),
-        retry_total_seconds=wait_seconds, retry_max_attempts=50, backoff_initial=0.1, backoff_max=1.0,
+        outage_seconds=wait_seconds, backoff_initial=0.1, backoff_max=1.0,
     )
     probe = KatoClient(url, token=token, settings=quick)
     try:

@@ -22,11 +22,12 @@ from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
 from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
-from .errors import DatasetError, StreamtrainError
+from .errors import DatasetError, ServerUnavailable, StreamtrainError
 from .heap import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
 from .metrics import Event, MetricsLog
+from .outage import OutageTracker
 from .results import ProgressPoint, TrainResult
 from .rundir import RunDir
 from .runstate import Outcome, RunState
@@ -39,6 +40,7 @@ from .worker import Job, Worker, WorkerContext, plan_ahead
 logger = logging.getLogger(__name__)
 
 MAX_HISTORY_POINTS = 4000  # TrainResult.history (throughput plots) stays this small however long the run
+KB_READ_ATTEMPTS = 5  # a checkpoint's reads of the knowledge base: about 2 s of retries, then the last record holds
 
 
 class _Run:
@@ -51,6 +53,8 @@ class _Run:
         self.store = self.rundir.checkpoints
         self.stop = threading.Event()  # tells the workers to take no more samples
         self.signals = StopSignals()
+        self.outage = OutageTracker(config.client.outage_seconds)  # the server's health, for every client of the run
+        self.outage_shown: str | None = None  # what the bar says of it
         self.capacity = 2 * config.num_workers + 2  # raised when requests carry several samples (_execute)
         self.learn_batch = self.learn_batches = False
         self.batch_endpoint = "batch"
@@ -201,6 +205,7 @@ class _Run:
         try:
             outcome = self.outbox.get(timeout=0.2) if block else self.outbox.get_nowait()
         except queue.Empty:
+            self._show_outage()
             return
         while True:
             if outcome.fatal is not None:
@@ -228,6 +233,15 @@ class _Run:
             self._metrics_row("progress")
         if self._checkpoint_due():
             self.checkpoint("interval")
+
+    def _show_outage(self) -> None:
+        """While the server fails, the bar says so in its description, counting down the outage budget."""
+        if self.bar is None:
+            return
+        status = self.outage.status()
+        if status != self.outage_shown:
+            self.outage_shown = status
+            self.bar.set_description(f"{self.config.run_name}: {status}" if status else self.config.run_name)
 
     def _record_point(self) -> None:
         self.last_point = time.monotonic()
@@ -316,7 +330,14 @@ class _Run:
                 self.signals.raise_if_pending()
                 w.join(timeout=0.2)
                 self._drain_quietly()
+                self._show_outage()
         self._drain_quietly()
+
+    def abort_retries(self, why: str) -> None:
+        """The call is ending: no client of it waits for the server any more (a sample left in a retry stays
+        unfinished; the next call replays it from the journal)."""
+        self.outage.abort(ServerUnavailable(f"run {self.config.run_name} is stopping ({why}): not waiting for the "
+                                            f"server at {self.server_url} any more"))
 
     def _release_workers(self, workers: list[Worker], finish_queued: bool) -> None:
         """No more samples come: each worker ends after the sample it holds (after the queued ones too, if asked)."""
@@ -343,12 +364,13 @@ class _Run:
     def _execute(self) -> TrainResult:
         cfg = self.config
         token = token_for(self.server_url, cfg)
-        # checkpoint-time reads of the KB get a short budget: a checkpoint must not wait minutes for a dead server
-        quick = cfg.client.model_copy(update={"retry_total_seconds": min(10.0, cfg.client.retry_total_seconds)})
-        self.kb_client = KatoClient(self.server_url, token=token, settings=quick)
+        # checkpoint-time reads of the KB try a few times only: the dispatcher must not wait out an outage there
+        attempts = min(KB_READ_ATTEMPTS, cfg.client.retry_max_attempts or KB_READ_ATTEMPTS)
+        quick = cfg.client.model_copy(update={"retry_max_attempts": attempts})
+        self.kb_client = KatoClient(self.server_url, token=token, settings=quick, outage=self.outage)
         try:
-            wait_for_server(self.server_url, token, cfg.client, self.signals.stop)
-            with KatoClient(self.server_url, token=token, settings=cfg.client) as probe:
+            wait_for_server(self.server_url, token, cfg.client, self.signals.stop, self.outage)
+            with KatoClient(self.server_url, token=token, settings=cfg.client, outage=self.outage) as probe:
                 self.idempotency = probe.supports_idempotency
                 self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
                 # several samples per request where the server offers it: its keys differ from /learn-batch's, so
@@ -385,7 +407,7 @@ class _Run:
                 ctx = WorkerContext(config=cfg, server_url=self.server_url, token=token_for(self.server_url, cfg),
                                      tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.learn_batch,
                                      learn_batches=self.learn_batches, batch_endpoint=self.batch_endpoint,
-                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop)
+                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop, outage=self.outage)
                 workers.extend(Worker(ctx, i) for i in range(cfg.num_workers))
                 for w in workers:
                     w.start()
@@ -407,6 +429,7 @@ class _Run:
                                "the last checkpoint and the journal", cfg.run_name)
                 raise
             except BaseException as exc:
+                self.abort_retries(f"{type(exc).__name__}")
                 self._stop_workers(workers, finish_queued=False)
                 try:
                     self.checkpoint("error", error=f"{type(exc).__name__}: {exc}")
@@ -468,6 +491,8 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
             run = _Run(config, url, embedded, progress)
             return run.execute()
     finally:
+        if run is not None:
+            run.abort_retries("its call ended")  # workers left behind by a second Ctrl-C stop waiting for the server
         _release_lock(held, run)
 
 

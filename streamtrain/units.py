@@ -10,6 +10,7 @@ journal what ``unit_took_effect`` needs. Why each decision is right, and the lim
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -20,7 +21,6 @@ from .errors import (
     KeyAlreadyUsed,
     MaybeApplied,
     ProtocolError,
-    ServerUnavailable,
     SessionLost,
     SessionNotFound,
 )
@@ -129,9 +129,10 @@ class NodeSession:
                 already), which saves sorting and hashing them again.
 
         Raises:
-            ServerUnavailable: the retry budget of a call ran out. Whether the unit took effect is then
-                unknown. In keys mode, resending the unit with the same key is safe. In counter and verify
-                mode, use the journaled phase (and counter) and :func:`unit_took_effect`.
+            ServerUnavailable: the server kept failing for ``client.outage_seconds`` (or a call reached
+                ``client.retry_max_attempts``). Whether the unit took effect is then unknown. In keys mode,
+                resending the unit with the same key is safe. In counter and verify mode, use the journaled
+                phase (and counter) and :func:`unit_took_effect`.
             SessionLost: the session vanished more than ``max_session_losses`` times during the unit.
             AmbiguousEffect: a learn's answer was lost and its session vanished, and the pattern exists
                 in the knowledge base.
@@ -193,17 +194,20 @@ class NodeSession:
                 raise ProtocolError(f"node {self.node_id!r}: session {sid} on {self.client.base_url} holds {stm!r} "
                                     "right after it was created or cleared; another client may be using it")
         t, n = self._counter, len(events)
-        for _ in range(self.client.settings.retry_max_attempts):
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
+        for resends in itertools.count():
             hook("counted", sid, t)
             self._stm_clean, self._counter = False, None
             try:
                 result = self.client.observe_sequence(sid, events, learn_at_end=True)
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: observe-sequence answer lost (%s); reading the session's counter to decide",
                          self.node_id, exc)
                 outcome = _sequence_outcome(self.client, self.node_id, sid, events, expected, t)
                 if outcome == "not applied":
                     self._stm_clean, self._counter = True, t
+                    self.client.pause_before_resend(resends, exc.last_cause, since)  # or ServerUnavailable
                     continue  # counter unchanged: nothing of it was saved; send it again
                 name = expected if outcome == "learned" else self._learn_once(sid, events, expected, hook)
                 self._counter = t + n
@@ -228,10 +232,7 @@ class NodeSession:
                 f"node {self.node_id!r}: observe-sequence with learn_at_end on session {sid} ({self.client.base_url}) "
                 f"learned {result.final_learned_pattern!r} and left {result.final_stm_length} events in the STM"
             )
-        raise ServerUnavailable(
-            f"node {self.node_id!r}: observe-sequence on {self.client.base_url} kept losing its answer "
-            f"({self.client.settings.retry_max_attempts} tries); the connection to the server is unreliable"
-        )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _learn_keyed(self, events: list[list[str]], key: str, hook: PhaseHook) -> str:
         sid = self._ensure_clean()
@@ -262,16 +263,19 @@ class NodeSession:
     def _observe_verified(self, sid: str, events: list[list[str]], hook: PhaseHook) -> None:
         """Put exactly ``events`` into the (empty) STM; repair a lost answer by clear + resend."""
         repaired = False
-        for _ in range(self.client.settings.retry_max_attempts):
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
+        for resends in itertools.count():
             hook("observe", sid, None)
             self._stm_clean = False
             try:
                 self.client.observe_sequence(sid, events)
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: observe-sequence answer lost (%s); clearing the STM and resending",
                          self.node_id, exc)
                 self.client.clear_stm(sid)
                 self._stm_clean, repaired = True, True
+                self.client.pause_before_resend(resends, exc.last_cause, since)
                 continue
             # After a repair, check before learning: a late copy of the lost request would show here
             if not repaired or self.client.stm(sid) == events:
@@ -279,29 +283,29 @@ class NodeSession:
             log.warning("node %s: STM after a repaired observe-sequence is not the unit; clearing again", self.node_id)
             self.client.clear_stm(sid)
             self._stm_clean = True
-        raise ServerUnavailable(
-            f"node {self.node_id!r}: observe-sequence on {self.client.base_url} kept losing its answer "
-            f"({self.client.settings.retry_max_attempts} tries); the connection to the server is unreliable"
-        )
+            since = self.client.outage.now() if since is None else since
+            self.client.pause_before_resend(resends, "the STM after a repaired observe-sequence was not the unit",
+                                            since)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _learn_once(self, sid: str, events: list[list[str]], expected: str, hook: PhaseHook) -> str:
         """Send learn until it is known to have been applied exactly once."""
-        for _ in range(self.client.settings.retry_max_attempts):
+        since: float | None = None  # the first lost answer, on the outage tracker's clock
+        for resends in itertools.count():
             hook("learn", sid, None)
             try:
                 name = self.client.learn(sid).pattern_name
             except MaybeApplied as exc:
+                since = self.client.outage.now() if since is None else since
                 log.info("node %s: learn answer lost (%s); reading the STM to decide", self.node_id, exc)
                 if _learn_applied(self.client, self.node_id, sid, events, expected):
                     self._stm_clean = True
                     return expected
+                self.client.pause_before_resend(resends, exc.last_cause, since)
                 continue  # STM still holds the unit: the learn did not happen; send it again
             self._stm_clean = True
             return name
-        raise ServerUnavailable(
-            f"node {self.node_id!r}: learn on {self.client.base_url} kept losing its answer "
-            f"({self.client.settings.retry_max_attempts} tries); the connection to the server is unreliable"
-        )
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _learn_applied(client: KatoClient, node_id: str, session_id: str, events: list[list[str]], expected: str) -> bool:

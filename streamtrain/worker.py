@@ -20,6 +20,7 @@ from .config import LayerConfig, RunConfig
 from .errors import ProtocolError
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord
+from .outage import OutageTracker
 from .runstate import Outcome
 from .units import NodeSession, unit_took_effect
 
@@ -131,6 +132,7 @@ class WorkerContext:
     inbox: queue.Queue[Job | None]
     outbox: queue.Queue[Outcome]
     stop: threading.Event  # take no more samples
+    outage: OutageTracker  # the server's health, shared by every client of the run
 
 
 class Worker(threading.Thread):
@@ -139,7 +141,7 @@ class Worker(threading.Thread):
     def __init__(self, ctx: WorkerContext, number: int):
         super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
         self.ctx = ctx
-        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client)
+        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client, outage=ctx.outage)
         self.sessions = self._new_sessions()
 
     def _new_sessions(self) -> list[NodeSession]:

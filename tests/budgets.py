@@ -7,10 +7,10 @@ would pick whichever was imported last.
 from streamtrain.config import ClientConfig
 
 # Short timeouts and a tiny backoff: a failing call gives up within seconds, and retry loops cost milliseconds.
-FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=5, retry_max_attempts=6,
+FAST = ClientConfig(connect_timeout=0.5, read_timeout=0.5, outage_seconds=5, retry_max_attempts=6,
                     backoff_initial=0.001, backoff_max=0.01)
 
 # The same short timeouts (stall faults stay cheap) with a budget that rides out a SIGKILL and a restart of the
 # server (about 1 s down, then a start of 1-2 s) and a run of injected faults: FAST would give up after 6 attempts.
-FAST_WITH_ROOM = ClientConfig(connect_timeout=0.5, read_timeout=0.5, retry_total_seconds=30.0, retry_max_attempts=200,
+FAST_WITH_ROOM = ClientConfig(connect_timeout=0.5, read_timeout=0.5, outage_seconds=30.0, retry_max_attempts=200,
                               backoff_initial=0.02, backoff_max=0.3)

@@ -18,6 +18,12 @@ from ``kinds``:
 * ``stall_after``: forward the request, then hold the answer for ``stall_seconds`` and close. Applied,
   and the client sees a read timeout.
 
+Besides these random faults, ``outage(seconds, kind, after=N, match=...)`` arms a timed outage: from the N-th next
+request that ``match`` accepts, for ``seconds``, every request it accepts is answered ``kind`` ("500", "502" or
+"504"; not forwarded, so NOT applied); or, with ``kind="refuse"``, the proxy stops listening (new connections are
+refused), drops every open connection (a request being forwarded may be applied, unanswered) and listens on the
+same port again when the time is up: a server restarting.
+
 The proxy is HTTP-aware: it parses each request (Content-Length or chunked) so that it can fault single
 requests on a keep-alive connection. Each forwarded request uses a fresh upstream connection with
 ``Connection: close``, so an idle upstream connection closing cannot add faults of its own. The random
@@ -31,13 +37,32 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 KINDS = ("drop_before", "drop_after", "503", "429", "stall", "stall_after")  # the default: what a client rides out
-ALL_KINDS = KINDS + ("500",)  # 500 only when asked for: the client does not retry it
+ALL_KINDS = KINDS + ("500",)  # 500 only when asked for: the client rides it out only within its outage budget
 _HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection"}
+OUTAGE_KINDS = ("500", "502", "504", "refuse")
+
+
+@dataclass
+class _Outage:
+    """An armed outage (FaultProxy.outage): begins at the ``after``-th next request ``match`` accepts."""
+
+    seconds: float
+    kind: str
+    after: int
+    match: Callable[[str, str], bool] | None
+    seen: int = 0
+    started: float | None = None  # time.monotonic() of its first faulted request
+    ended: float | None = None  # when the proxy answered (or listened) again; set lazily for status outages
+
+    def active(self, now: float) -> bool:
+        return self.started is not None and now - self.started < self.seconds
 
 
 class _BadMessage(Exception):
@@ -167,6 +192,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._outage: _Outage | None = None
         self.port: int | None = None
 
     # ---- public API -------------------------------------------------------------------------------
@@ -182,6 +208,37 @@ class FaultProxy:
         """requests seen, forwarded, and the number of each fault kind injected so far."""
         with self._lock:
             return dict(self._counts)
+
+    def outage(self, seconds: float, kind: str = "500", *, after: int = 0,
+               match: Callable[[str, str], bool] | None = None) -> None:
+        """Arm a timed outage (module docstring): it begins at the ``after``-th next request that ``match`` accepts
+        (None: any; ``after=0``: the next one) and lasts ``seconds``. ``counts["outage"]`` counts the requests it
+        answered (or dropped); ``outage_window`` tells when it began and ended."""
+        if kind not in OUTAGE_KINDS:
+            raise ValueError(f"outage kind must be one of {OUTAGE_KINDS}, got {kind!r}")
+        with self._lock:
+            self._outage = _Outage(seconds, kind, after, match)
+
+    def end_outage(self) -> None:
+        """End an outage of answers ("500", "502", "504") at once: the server is back. (A refusal ends on its own.)"""
+        with self._lock:
+            o = self._outage
+            if o is not None and o.kind != "refuse" and o.started is not None and o.ended is None:
+                o.ended = time.monotonic()
+                o.seconds = min(o.seconds, o.ended - o.started)
+            elif o is not None and o.started is None:
+                self._outage = None
+
+    @property
+    def outage_window(self) -> tuple[float | None, float | None]:
+        """(start, end) of the armed outage in time.monotonic(); None for what has not happened yet."""
+        with self._lock:
+            o = self._outage
+            if o is None or o.started is None:
+                return None, None
+            end = o.ended if o.ended is not None else (o.started + o.seconds if not o.active(time.monotonic())
+                                                        else None)
+            return o.started, end
 
     @property
     def faults(self) -> int:
@@ -219,7 +276,7 @@ class FaultProxy:
         self._stopped = asyncio.Event()
         try:
             loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
+        except BaseException as exc:
             self._error = exc
             self._ready.set()
         finally:
@@ -227,6 +284,7 @@ class FaultProxy:
 
     async def _serve(self) -> None:
         self._slots = asyncio.Semaphore(self._max_connections)
+        self._refusing: asyncio.Future[None] | None = None
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=64 * 1024)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -260,6 +318,16 @@ class FaultProxy:
     def _decide(self, method: str, path: str) -> str | None:
         with self._lock:
             self._counts["requests"] += 1
+            o = self._outage
+            if o is not None and (o.match is None or o.match(method, path)):
+                now = time.monotonic()
+                if o.started is None:
+                    o.seen += 1
+                    if o.seen > o.after:
+                        o.started = now
+                if o.active(now):
+                    self._counts["outage"] += 1
+                    return "outage"
             roll, pick = self._rng.random(), self._rng.choice(self.kinds)  # always draw both: reproducible
             allowed = self.match is None or self.match(method, path)
             under_cap = self.max_faults is None or sum(self._counts[k] for k in ALL_KINDS) < self.max_faults
@@ -277,6 +345,14 @@ class FaultProxy:
             parts = start.split(b" ")
             method, path = parts[0].decode("latin-1"), (parts[1].decode("latin-1") if len(parts) > 1 else "")
             kind = self._decide(method, path)
+            if kind == "outage":
+                assert self._outage is not None
+                if self._outage.kind == "refuse":
+                    if self._refusing is None or self._refusing.done():
+                        self._refusing = asyncio.ensure_future(self._refuse(self._outage))
+                    return  # this connection is dropped with the others
+                await self._answer_status(writer, int(self._outage.kind), b'{"detail": "Internal Server Error"}')
+                continue
             if kind == "drop_before":
                 return
             if kind in ("503", "429"):
@@ -288,12 +364,7 @@ class FaultProxy:
                 await writer.drain()
                 continue
             if kind == "500":
-                text = b'{"detail": "database or disk is full"}'
-                writer.write(
-                    f"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(text)}\r\n\r\n".encode() + text
-                )
-                await writer.drain()
+                await self._answer_status(writer, 500, b'{"detail": "database or disk is full"}')
                 continue
             if kind == "stall":
                 await asyncio.sleep(self.stall_seconds)
@@ -308,6 +379,29 @@ class FaultProxy:
             await writer.drain()
             if close_after:
                 return
+
+    @staticmethod
+    async def _answer_status(writer: asyncio.StreamWriter, status: int, text: bytes) -> None:
+        writer.write(f"HTTP/1.1 {status} Server Error\r\ncontent-type: application/json\r\n"
+                     f"content-length: {len(text)}\r\n\r\n".encode() + text)
+        await writer.drain()
+
+    async def _refuse(self, outage: _Outage) -> None:
+        """Stop listening and drop every connection for the outage's time, then listen on the same port again."""
+        task = asyncio.current_task()
+        assert task is not None and self._server is not None and outage.started is not None
+        self._tasks.add(task)
+        try:
+            self._server.close()
+            for other in list(self._tasks):
+                if other is not task:
+                    other.cancel()
+            await asyncio.sleep(max(0.0, outage.started + outage.seconds - time.monotonic()))
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, limit=64 * 1024)
+            with self._lock:
+                outage.ended = time.monotonic()
+        finally:
+            self._tasks.discard(task)
 
     async def _forward(self, method: str, start: bytes, headers: list[tuple[bytes, bytes]],
                        body: bytes) -> tuple[bytes | None, bool]:

@@ -22,7 +22,7 @@ def make_config(tmp_path: Path, corpus: Path, run_name: str, url: str | None, **
         checkpoint_dir=tmp_path / "ckpt",
         checkpoint_every=7,
         checkpoint_every_seconds=None,
-        client=ClientConfig(retry_total_seconds=30, read_timeout=10),
+        client=ClientConfig(outage_seconds=30, read_timeout=10),
     )
     fields.update(overrides)
     return RunConfig(**fields)

@@ -173,9 +173,9 @@ def test_server_sigkilled_and_restarted_mid_workload(
 
 
 def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[..., EmbeddedServer]) -> None:
-    """No server: ServerUnavailable after retry_total_seconds (within one backoff step), never a hang."""
+    """No server: ServerUnavailable after outage_seconds (within one backoff step), never a hang."""
     srv = server_factory()
-    settings = FAST_WITH_ROOM.model_copy(update={"retry_total_seconds": 1.5, "backoff_max": 0.3})
+    settings = FAST_WITH_ROOM.model_copy(update={"outage_seconds": 1.5, "backoff_max": 0.3})
     with KatoClient(srv.url, settings=settings) as client:
         node = NodeSession(client, "n", TRAIN_CONFIG)
         node.learn_unit([["a"], ["b"]], "k0")

@@ -28,6 +28,7 @@ from streamtrain.errors import (
     SessionLost,
     SessionNotFound,
 )
+from streamtrain.outage import OutageTracker
 from streamtrain.patterns import pattern_hash, pattern_name
 from streamtrain.retry import Transient, is_retryable, parse_retry_after
 from streamtrain.units import NodeSession, unit_took_effect
@@ -52,6 +53,8 @@ class FakeKato:
     ``lost_and_expire`` applies, then the session vanishes, and the answer is lost; ``expire`` makes the
     session vanish before the request (-> 404); ``swallow`` runs an observe-sequence whose final learn fails
     (KATO logs and swallows it: the events stay in the STM) and ``lost_swallow`` does so and loses the answer.
+    ``500`` answers HTTP 500 without applying the request; ``applied_500`` applies it, then answers 500 (KATO stored
+    the pattern, then failed: the answer says nothing of what happened).
     Each session keeps KATO's observation counter ``time`` (+1 per observation, kept by a learn, 0 after a clear).
     """
 
@@ -88,6 +91,8 @@ class FakeKato:
                 break
         if action == "unsent":
             raise httpx.ReadTimeout("timed out", request=request)
+        if action == "500":
+            return httpx.Response(500, text="Internal Server Error")
         self.swallow = action in ("swallow", "lost_swallow")
         sid_match = re.match(r"^/sessions/([^/]+)", path)
         if action == "expire" and sid_match:
@@ -105,6 +110,8 @@ class FakeKato:
             response = self._route(method, path, request)
             if key and response.status_code < 300:
                 self.keys[key] = (path, request.content, response)
+        if action == "applied_500":
+            return httpx.Response(500, text="Internal Server Error")
         if action in ("lost", "lost_and_expire", "lost_swallow"):
             if action == "lost_and_expire" and sid_match:
                 self.sessions.pop(sid_match.group(1), None)
@@ -224,8 +231,9 @@ def test_unkeyed_learn_is_resent_after_a_failure_that_never_reached_the_app(fail
 @pytest.mark.parametrize(
     "failure",
     [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("Server disconnected"),
-     httpx.ReadError("reset"), httpx.Response(502, text="bad gateway"), httpx.Response(504, text="gw timeout")],
-    ids=["read-timeout", "disconnected", "read-error", "502", "504"],
+     httpx.ReadError("reset"), httpx.Response(500, text="oops"), httpx.Response(502, text="bad gateway"),
+     httpx.Response(504, text="gw timeout")],
+    ids=["read-timeout", "disconnected", "read-error", "500", "502", "504"],
 )
 def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) -> None:
     """A learn that may have been applied is surfaced as MaybeApplied after ONE attempt."""
@@ -239,8 +247,9 @@ def test_unkeyed_learn_is_not_resent_after_an_ambiguous_failure(failure: Any) ->
     assert "1 attempt(s)" in str(info.value) and URL in str(info.value)  # the message a person reads
 
 
-@pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(502, text="bad gateway")],
-                         ids=["read-timeout", "502"])
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("timed out"), httpx.Response(500, text="oops"),
+                                     httpx.Response(502, text="bad gateway")],
+                         ids=["read-timeout", "500", "502"])
 def test_keyed_calls_and_reads_are_resent_after_an_ambiguous_failure(failure: Any) -> None:
     """With an Idempotency-Key (or for a read) the same request is simply sent again."""
     handler, seen = scripted([failure, LEARNED])
@@ -254,14 +263,16 @@ def test_keyed_calls_and_reads_are_resent_after_an_ambiguous_failure(failure: An
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize("status", [400, 404, 422, 500])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422, 501, 505, 507])
 def test_client_errors_are_never_retried(status: int) -> None:
-    """400/404/422 (and a 500) are answers: one attempt, then ProtocolError with the status and body."""
-    handler, seen = scripted([httpx.Response(status, json={"detail": "no"})])
+    """4xx are answers about the request, and 501/505/507 faults a resend will not fix: one attempt, then
+    ProtocolError with the status and the answer's reason."""
+    handler, seen = scripted([httpx.Response(status, json={"detail": "no: the reason"})])
     with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(ProtocolError, match=str(status)) as info:
             client.stm("s")
         assert info.value.status_code == status and info.value.error_code is None
+        assert "no: the reason" in str(info.value)
     assert len(seen) == 1
 
 
@@ -294,11 +305,12 @@ def test_retry_after_is_honoured() -> None:
     slept: list[float] = []
     handler, seen = scripted([httpx.Response(429, headers={"Retry-After": "2"}),
                               httpx.Response(503, headers={"Retry-After": "1.5"}), LEARNED])
-    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler), sleep=slept.append) as client:
+    outage = OutageTracker(FAST.outage_seconds, sleep=slept.append)
+    with KatoClient(URL, settings=FAST, transport=httpx.MockTransport(handler), outage=outage) as client:
         client.learn("s")
     assert len(seen) == 3
     assert slept[0] >= 2.0 and slept[1] >= 1.5
-    assert all(s <= FAST.retry_total_seconds for s in slept)
+    assert all(s <= FAST.outage_seconds for s in slept)
 
 
 def test_retry_after_http_date() -> None:
@@ -312,7 +324,8 @@ def test_retry_after_http_date() -> None:
 
 
 def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
-    """After retry_max_attempts connect errors: ServerUnavailable naming server, call, attempts, time, cause."""
+    """After retry_max_attempts connect errors (when set): ServerUnavailable naming server, call, attempts, time,
+    cause."""
     handler, seen = scripted([httpx.ConnectError("Connection refused")])
     settings = FAST.model_copy(update={"retry_max_attempts": 3})
     with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
@@ -322,23 +335,24 @@ def test_attempts_are_capped_and_the_error_says_what_happened() -> None:
     assert info.value.attempts == 3 and "Connection refused" in (info.value.last_cause or "")
     msg = str(info.value)
     assert URL in msg and "GET /health" in msg and "3 attempt(s)" in msg and "Connection refused" in msg
-    assert re.search(r"in \d+\.\d s", msg)
+    assert re.search(r"in \d+\.\d s", msg) and "retry_max_attempts (3)" in msg
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
 def test_total_time_is_capped() -> None:
-    """A call that keeps failing stops once retry_total_seconds have passed, within one backoff step."""
-    import time
-
-    settings = ClientConfig(retry_total_seconds=0.6, retry_max_attempts=1000, backoff_initial=0.05, backoff_max=0.2)
+    """A call that keeps failing stops once the outage has lasted outage_seconds: its last wait is cut to what is
+    left, so it sends its last attempt exactly at the budget (a clock that moves only when the client waits)."""
+    now = [0.0]
+    settings = ClientConfig(outage_seconds=60, backoff_initial=0.5, backoff_max=4.0)
+    outage = OutageTracker(settings.outage_seconds, clock=lambda: now[0],
+                           sleep=lambda s: now.__setitem__(0, now[0] + s))
     handler, seen = scripted([httpx.Response(503, text="busy")])
-    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler)) as client:
-        t0 = time.monotonic()
-        with pytest.raises(ServerUnavailable):
+    with KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler), outage=outage) as client:
+        with pytest.raises(ServerUnavailable) as info:
             client.health()
-        spent = time.monotonic() - t0
-    assert 0.6 <= spent <= 0.6 + 0.2 + 0.15
-    assert 3 <= len(seen) < 100
+    assert now[0] == pytest.approx(60.0)
+    assert 15 <= len(seen) <= 22  # 0.5, 1, 2, then about 4 s apart: no attempt cap cuts it short
+    assert "answering 503" in str(info.value) and "client.outage_seconds (60 s)" in str(info.value)
 
 
 def test_malformed_answer_is_a_protocol_error() -> None:
@@ -668,3 +682,72 @@ def test_token_is_sent_and_a_refusal_names_it() -> None:
         with pytest.raises(ProtocolError, match="server_token"):
             client.nodes()
     assert seen[0].headers["Authorization"] == "Bearer s3cret"
+
+
+# ---- outages: 500s ridden out within the budget, each decision still made from server state -----------------
+
+
+def ticking(budget: float) -> tuple[OutageTracker, list[float]]:
+    """A tracker on a clock that moves only when a client waits: outages of minutes in milliseconds."""
+    now = [0.0]
+    return OutageTracker(budget, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)), now
+
+
+def test_a_500_outage_of_a_keyed_call_is_ridden_out_and_said_now_and_then(caplog: pytest.LogCaptureFixture) -> None:
+    """A keyed call answered 500 for 45 s is resent until it succeeds; the log says so at once and every 30 s
+    (counting down from the budget), not at each of its attempts, and once when the server answers again."""
+    outage, now = ticking(900)
+    handler, seen = scripted([lambda r: httpx.Response(500, text="oops") if now[0] < 45 else LEARNED])
+    settings = ClientConfig(backoff_initial=0.5, backoff_max=4.0)
+    with caplog.at_level("DEBUG", logger="streamtrain.client"), \
+            KatoClient(URL, settings=settings, transport=httpx.MockTransport(handler), outage=outage) as client:
+        assert client.learn("s", idempotency_key="k-1").pattern_name == "PTRN|x"
+    assert len(seen) > 10 and {r.headers["Idempotency-Key"] for r in seen} == {"k-1"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    lefts = [int(m) for w in warnings for m in re.findall(
+        r"^server http://kato.test answering 500 since \d\d:\d\d:\d\d, retrying \((\d+) s left\)$", w)]
+    assert len(lefts) == len(warnings) == 2 and 860 <= lefts[1] <= lefts[0] - 30 and lefts[0] < 900
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(infos) == 1 and re.search(r"answering again after 4\d\.\d s \(it was answering 500\)", infos[0])
+    assert not outage.failing
+
+
+@pytest.mark.parametrize(("actions", "sequences"), [(["500"] * 3 + ["applied_500"], 4), (["500"] * 5, 6)])
+def test_counter_mode_decides_each_500_from_the_counter(actions: list[str], sequences: int) -> None:
+    """A 500 on an unkeyed observe-sequence may have been applied: never resent blindly. The counter decides each:
+    unchanged, so it is sent again after a wait; advanced by the unit (applied, then the 500), so it is learned.
+    No attempt cap cuts the outage short (retry_max_attempts unset)."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", a) for a in actions]
+    outage, now = ticking(900)
+    with kato.client(settings=ClientConfig(), outage=outage) as client:
+        assert NodeSession(client, "n", TRAIN_CONFIG).learn_unit(UNIT, "k") == pattern_name(UNIT)
+    assert kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/observe-sequence") == sequences
+    assert kato.log.count("GET /sessions/session-1/cognition-data") == 1 + len(actions)
+    assert now[0] > 0  # it waited before each resend
+
+
+@pytest.mark.parametrize("mode", ["counter", "verify"])
+def test_past_the_budget_a_unit_stops_with_what_happened_and_what_to_do(mode: str) -> None:
+    """Every observe-sequence answered 500: after the budget the unit stops, naming the cause, how long it lasted
+    and what to do; also when other requests succeed in between (verify mode's clear-stm), never a loop forever."""
+    kato = FakeKato()
+    kato.faults = [("POST", "/observe-sequence", "500")] * 10_000
+    outage, now = ticking(120)
+    with kato.client(settings=ClientConfig(outage_seconds=120), outage=outage) as client:
+        with pytest.raises(ServerUnavailable) as info:
+            NodeSession(client, "n", TRAIN_CONFIG, mode=mode).learn_unit(UNIT, "k")  # type: ignore[arg-type]
+    assert kato.freq("n", UNIT) == 0 and now[0] == pytest.approx(120, abs=6)
+    msg = str(info.value)
+    assert re.search(r"has been answering 500 since \d\d:\d\d:\d\d \(2 min 0 s\)", msg), msg
+    assert "client.outage_seconds (120 s)" in msg and "run the same command again" in msg
+
+
+@pytest.mark.parametrize("action", ["500", "applied_500"])
+def test_verify_mode_decides_a_500_on_learn_from_the_stm(action: str) -> None:
+    kato = FakeKato()
+    kato.faults = [("POST", "/learn", action)]
+    name, _ = run_unit(kato, "verify")
+    assert name == pattern_name(UNIT) and kato.freq("n", UNIT) == 1
+    assert kato.log.count("POST /sessions/session-1/learn") == (2 if action == "500" else 1)

@@ -210,7 +210,7 @@ MAY_CHANGE = {
     "keep_checkpoints": 9,
     "num_workers": 4,
     "max_failures": 0,
-    "client": ClientConfig(read_timeout=3.0, retry_max_attempts=2),
+    "client": ClientConfig(read_timeout=3.0, outage_seconds=60.0, retry_max_attempts=2),
 }
 
 
@@ -398,3 +398,21 @@ def test_a_run_whose_folder_moved_with_the_rule_is_refused(tmp_path: Path, monke
     (tmp_path / "c" / "ck" / "r").mkdir(parents=True)
     (tmp_path / "c" / "ck" / "r" / "ckpt-00000001.json").write_text("{}")
     assert load_config(config).run_dir == tmp_path / "c" / "ck" / "r"
+
+
+# -- the outage budget and the former retry fields ----------------------------------------------------------
+
+
+def test_the_outage_budget_and_the_fields_it_replaced() -> None:
+    """outage_seconds is 15 minutes and no attempt cap cuts it short by default. The config files and stored
+    checkpoints of earlier versions hold retry_total_seconds and retry_max_attempts: they still load, the first
+    read as outage_seconds, the second as the cap it always was; both names at once is refused."""
+    assert (ClientConfig().outage_seconds, ClientConfig().retry_max_attempts) == (900.0, None)
+    old = parse_config(with_(GOOD, client__retry_total_seconds=120.0, client__retry_max_attempts=50))
+    assert (old.client.outage_seconds, old.client.retry_max_attempts) == (120.0, 50)
+    assert "retry_total_seconds" not in old.model_dump()["client"]
+    assert RunConfig.model_validate(json.loads(old.model_dump_json())) == old  # as a checkpoint stores it
+    with pytest.raises(ConfigError, match=r"client.*former name of outage_seconds"):
+        parse_config(with_(GOOD, client__retry_total_seconds=120.0, client__outage_seconds=60.0))
+    with pytest.raises(ConfigError, match="outage_seconds"):
+        parse_config(with_(GOOD, client__outage_seconds=0))

@@ -26,7 +26,7 @@ CHILD = Path(__file__).with_name("train_child.py")
 
 def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tmp_path, capsys):
     # a few samples per request: interval checkpoints fall mid-run (128 would send the 30 samples at once)
-    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=4)
+    client = ClientConfig(outage_seconds=30, read_timeout=10, samples_per_request=4)
     cfg = make_config(tmp_path, demo_corpus, "history", server.url, max_samples=30, client=client)
     train(cfg, progress=False)
     train(cfg.with_overrides(max_samples=SAMPLES), progress=False)
@@ -79,7 +79,7 @@ def test_a_finished_runs_bar_reaches_100_percent_and_shows_the_size(server, demo
 def test_an_error_exit_does_not_talk_of_ctrl_c(demo_corpus, tmp_path, caplog):
     with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:
         cfg = make_config(tmp_path, demo_corpus, "no-ctrl-c", srv.url, max_samples=None, num_workers=2,
-                          client=ClientConfig(retry_total_seconds=2, read_timeout=2, backoff_max=0.5))
+                          client=ClientConfig(outage_seconds=2, read_timeout=2, backoff_max=0.5))
         import threading
 
         threading.Timer(1.5, srv.kill).start()
@@ -90,7 +90,7 @@ def test_an_error_exit_does_not_talk_of_ctrl_c(demo_corpus, tmp_path, caplog):
 
 def test_an_unreachable_server_is_announced_and_gives_up_in_its_budget(demo_corpus, tmp_path, caplog):
     url = f"http://127.0.0.1:{free_port()}"
-    cfg = make_config(tmp_path, demo_corpus, "unreachable", url, client=ClientConfig(retry_total_seconds=3))
+    cfg = make_config(tmp_path, demo_corpus, "unreachable", url, client=ClientConfig(outage_seconds=3))
     started = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(ServerUnavailable, match="did not answer within 3 s"):
         train(cfg, progress=False)
@@ -102,7 +102,7 @@ def test_an_unreachable_server_is_announced_and_gives_up_in_its_budget(demo_corp
 
 def test_one_ctrl_c_stops_a_run_waiting_for_its_server(demo_corpus, tmp_path, zygote):
     url = f"http://127.0.0.1:{free_port()}"
-    cfg = make_config(tmp_path, demo_corpus, "waiting", url, client=ClientConfig(retry_total_seconds=120))
+    cfg = make_config(tmp_path, demo_corpus, "waiting", url, client=ClientConfig(outage_seconds=120))
     path = tmp_path / "run.json"
     path.write_text(cfg.model_dump_json())
     log = tmp_path / "child.log"

@@ -148,7 +148,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
     the session's observation counter and STM (units.py, counter mode).
     """
     srv = server if mode != "verify" else server_without_idempotency
-    client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
+    client = ClientConfig(outage_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
     cfg = make_config(tmp_path, demo_corpus, f"crash-{mode}", srv.url, checkpoint_every=5, client=client)
     kills = 50 if SOAK else 10
     killed = _kill_and_resume(zygote, cfg, tmp_path, kills, seed={"batch": 5, "keys": 7, "verify": 11}[mode])
@@ -193,7 +193,7 @@ def test_stopped_by_signals_at_random_moments_resumes_exactly(workers, server, d
     writes its 'interrupt' checkpoint, and the resumed run still ends with exactly the uninterrupted knowledge base."""
     # checkpoints (which compact the journal) are rare here, so the journal-growth trigger keeps firing mid-run
     # two samples a request at most: 90 samples must last for all the rounds of signals
-    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=2)
+    client = ClientConfig(outage_seconds=30, read_timeout=10, samples_per_request=2)
     cfg = make_config(tmp_path, demo_corpus, f"signals-{workers}", server.url, num_workers=workers, checkpoint_every=30,
                       client=client)
     rounds = 24 if SOAK else 8
@@ -286,7 +286,7 @@ def test_server_gone_writes_error_checkpoint_and_raises(demo_corpus, tmp_path):
     """The server dies for good mid-run: an 'error' checkpoint is written and the error is raised."""
     with EmbeddedServer(tmp_path / "kb.sqlite3") as srv:
         cfg = make_config(tmp_path, demo_corpus, "server-gone", srv.url, max_samples=None,
-                          client=ClientConfig(retry_total_seconds=2, read_timeout=2, backoff_max=0.5))
+                          client=ClientConfig(outage_seconds=2, read_timeout=2, backoff_max=0.5))
         import threading
 
         threading.Timer(1.5, srv.kill).start()
@@ -378,7 +378,7 @@ def test_killed_trainer_with_its_own_embedded_server_resumes_exactly(demo_corpus
     server shuts itself down, and the resumed trainer's server reopens the same knowledge base: still exact."""
     # 2 samples per request: with the default 128 the whole run is one or two requests, and a kill aimed at the
     # journal's growth can come after the end on a fast machine
-    client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=2)
+    client = ClientConfig(outage_seconds=30, read_timeout=10, samples_per_request=2)
     cfg = make_config(tmp_path, demo_corpus, "embedded-crash", None, checkpoint_every=5, client=client)
     assert _kill_and_resume(zygote, cfg, tmp_path, kills=3, seed=5) == 3, "a kill came after the end"
     ckpt = CheckpointStore(cfg.run_dir).latest()
@@ -397,7 +397,7 @@ def test_training_through_faults_is_exact(mode, server, server_without_idempoten
     from faultproxy import FaultProxy
 
     srv = server if mode == "batch" else server_without_idempotency
-    client = ClientConfig(read_timeout=0.3, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1,
+    client = ClientConfig(read_timeout=0.3, outage_seconds=30, backoff_initial=0.01, backoff_max=0.1,
                           samples_per_request=1)
     kinds = ("drop_before", "drop_after", "503", "429", "stall")
     with FaultProxy(srv.url, fault_rate=0.1, seed=3, kinds=kinds, retry_after="0", stall_seconds=0.6) as proxy:
@@ -415,7 +415,7 @@ def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_
     learned exactly once."""
     from faultproxy import FaultProxy
 
-    client = ClientConfig(read_timeout=2, retry_total_seconds=30, backoff_initial=0.01, backoff_max=0.1)
+    client = ClientConfig(read_timeout=2, outage_seconds=30, backoff_initial=0.01, backoff_max=0.1)
     with FaultProxy(server.url, fault_rate=0.5, seed=5, kinds=("drop_after",),
                     match=lambda method, path: path == "/learn-batches") as proxy:
         cfg = make_config(tmp_path, demo_corpus, "faults-batches", proxy.url, client=client, num_workers=2)
