@@ -1,165 +1,204 @@
 """Where a dataset read failed: the file and the record a ``datasets`` error belongs to, and what to do.
 
-``datasets`` reads a file in blocks (a Parquet row group, about 10 MB of JSON Lines or text) and a bad record
-fails its whole block before any record of it is yielded, so the stream's position at the error is the raw
-index of the block's first record, not of the bad one. The dataset's state names the file and the block's first
-record in it: the innermost examples iterable holds ``shard_idx`` (one shard per data file for the file
-builders) and ``shard_example_idx``. For JSON Lines (``path = "json"``) and line-by-line text files
-(``path = "text"``) the bad record itself is then found by reading that block's lines again: the first JSON line
-pyarrow (the parser ``datasets`` uses) cannot read alone, or the first text line that does not decode.
+``datasets`` reads a file in blocks (a Parquet row group, about 10 MB of JSON Lines or text) and reads ahead, so a
+bad record fails a block before the records ahead of it are yielded: the stream's position at the error (every
+record before it was read) is a lower bound of the bad record, not the bad record. Its own state cannot tell more
+(its counters count whole blocks, and not across a resume from a state).
 
-Every step is best effort: what cannot be known (a hub file, another builder, a state of another shape) is left
-out of the message, never guessed.
+So the files themselves are read again, for the builders whose records can be counted without ``datasets``:
+JSON Lines (``path = "json"``: one record per non-blank line), line-by-line text (``path = "text"``: one record
+per line) and Parquet (its metadata). The records are counted file by file up to the position; from there the
+first bad record is searched: the first JSON line that pyarrow (the parser ``datasets`` uses) cannot read alone,
+the first text line that does not decode, the first Parquet file whose metadata cannot be read. Every step is
+best effort and bounded (``_SCAN_BYTES``): what cannot be known is left out of the message, never guessed.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .config import DatasetConfig
 
 logger = logging.getLogger(__name__)
 
-# A block is about datasets' chunk size (10 MB) plus a line; lines past this many bytes from the block's start
-# are not searched.
-_SEARCH_BYTES = 64 << 20
+# Bytes read to count records and to search for the bad one: past this, the message gives the position only.
+_SCAN_BYTES = 1 << 30
+# Bytes searched from the position on (a block or two of datasets' 10 MB, and a margin).
+_SEARCH_BYTES = 32 << 20
+
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes surrogateescape kept: they did not decode
 
 
-def shard_position(state: Any) -> tuple[int, int] | None:
-    """(shard index, record index in the shard) of the innermost examples iterable of a datasets state."""
-    while isinstance(state, Mapping):
-        if isinstance(state.get("shard_idx"), int) and isinstance(state.get("shard_example_idx"), int):
-            return state["shard_idx"], state["shard_example_idx"]
-        state = state.get("examples_iterable", state.get("ex_iterable"))
-    return None
+@dataclass(frozen=True)
+class BadRecord:
+    """Where the bad record is: its raw index, its file, its record index in the file and its line (1-based)
+    when the format has lines."""
+
+    raw_index: int
+    path: str
+    record: int
+    line: int | None
 
 
-def _files(cfg: DatasetConfig, num_shards: int | None) -> list[str] | None:
-    """The split's files in stream order, when each is one shard of the stream."""
-    from .datafiles import _split_files
-
-    try:
-        files = _split_files(cfg)
-    except Exception:  # diagnosis only: a failure here must not hide the read error
-        return None
-    return files if files and num_shards == len(files) else None
+@dataclass(frozen=True)
+class _Record:
+    index: int  # in the file
+    line: int
+    payload: Any
 
 
-def bad_json_line(path: str, first: int, encoding: str = "utf-8") -> tuple[int, int] | None:
-    """(record index in the file, line number) of the first JSON line from record ``first`` on that pyarrow cannot
-    read by itself (a lone surrogate escape, bytes that are not UTF-8, a line that is not JSON); None if every line
-    of the block reads."""
-    import pyarrow as pa
-    import pyarrow.json as paj
-
-    def fails(line: bytes) -> bool:
-        try:
-            paj.read_json(io.BytesIO(line), read_options=paj.ReadOptions(use_threads=False))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return True
-        return False
-
-    lines: list[tuple[int, int, bytes]] = []
+def _json_records(path: str, encoding: str) -> Iterator[_Record]:
+    utf8 = encoding.replace("_", "-").lower() in ("utf-8", "utf8")
     with open(path, "rb") as fh:
-        record, size = -1, 0
+        index = 0
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue  # pyarrow skips blank lines: they are no records
-            record += 1
-            if record < first:
-                continue
-            if encoding.replace("_", "-").lower() not in ("utf-8", "utf8"):
+            if not utf8:
                 try:
                     line = line.decode(encoding).encode("utf-8")
                 except UnicodeError:
-                    return record, number
-            lines.append((record, number, line if line.endswith(b"\n") else line + b"\n"))
-            size += len(line)
-            if size > _SEARCH_BYTES:
-                break
-    if not lines:
-        return None
-    # the shortest failing prefix, by bisection (a prefix fails once it holds the bad line); then that line alone
-    # must fail too, or the problem is not one line's (a type that changes between records)
-    joined = b"".join(line for _, _, line in lines)
+                    line = b""  # a line that does not decode: bad (find_bad_record)
+            yield _Record(index, number, line if line.endswith(b"\n") else line + b"\n")
+            index += 1
+
+
+def _text_records(path: str, encoding: str) -> Iterator[_Record]:
+    # as the text builder reads: universal newlines, every line a record
+    with open(path, encoding=encoding, errors="surrogateescape", newline=None) as fh:
+        for index, line in enumerate(fh):
+            yield _Record(index, index + 1, line)
+
+
+def _json_fails(data: bytes) -> bool:
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    try:
+        paj.read_json(io.BytesIO(data), read_options=paj.ReadOptions(use_threads=False, block_size=len(data) + 1))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return True
+    return False
+
+
+def _first_bad_json(candidates: list[tuple[str, _Record, int]]) -> tuple[str, _Record, int] | None:
+    """The first candidate line that pyarrow cannot read by itself: the shortest failing prefix, by bisection
+    (a prefix fails once it holds the bad line), then that line alone (else the problem is not one line's: a type
+    that changes between records, which datasets reads)."""
     ends = [0]
-    for _, _, line in lines:
-        ends.append(ends[-1] + len(line))
-    if not fails(joined):
+    for _, rec, _ in candidates:
+        ends.append(ends[-1] + len(rec.payload))
+    joined = b"".join(rec.payload for _, rec, _ in candidates)
+    if not candidates or not _json_fails(joined):
         return None
-    lo, hi = 0, len(lines)  # lines[:lo] reads, lines[:hi] fails
+    lo, hi = 0, len(candidates)  # candidates[:lo] read, candidates[:hi] fail
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fails(joined[: ends[mid]]):
+        if _json_fails(joined[: ends[mid]]):
             hi = mid
         else:
             lo = mid
-    record, number, line = lines[hi - 1]
-    return (record, number) if fails(line) else None
+    found = candidates[hi - 1]
+    return found if _json_fails(found[1].payload) else None
 
 
-def bad_text_line(path: str, first: int, encoding: str = "utf-8") -> tuple[int, int] | None:
-    """(record index, line number) of the first line from record ``first`` on that does not decode in
-    ``encoding``, reading as the text builder does (universal newlines: every line is a record)."""
-    size = 0
-    with open(path, encoding=encoding, errors="surrogateescape", newline=None) as fh:
-        for index, line in enumerate(fh):
-            if index < first:
-                continue
-            if any("\udc80" <= ch <= "\udcff" for ch in line):
-                return index, index + 1
-            size += len(line)
-            if size > _SEARCH_BYTES:
-                break
-    return None
-
-
-def _locate(cfg: DatasetConfig, path: str, first: int) -> tuple[int, int] | None:
-    if "://" in path:
+def find_bad_record(cfg: DatasetConfig, files: list[str], position: int) -> BadRecord | None:
+    """The first record at raw ``position`` or after it that ``cfg``'s builder cannot read, in the split's
+    ``files`` (stream order); None when the format is not one counted here or nothing bad is found."""
+    if not files or any("://" in f for f in files):
         return None
+    if cfg.path == "parquet":
+        return _bad_parquet_file(files, position)
     encoding = str(cfg.load_kwargs.get("encoding") or "utf-8")
-    try:
-        if cfg.path == "json" and not cfg.load_kwargs.get("field"):
-            return bad_json_line(path, first, encoding)
-        if cfg.path == "text" and cfg.load_kwargs.get("sample_by", "line") == "line":
-            return bad_text_line(path, first, encoding)
-    except (OSError, LookupError, ImportError) as exc:
-        logger.debug("could not search %s for the bad record: %s", path, exc)
+    if cfg.path == "json" and not cfg.load_kwargs.get("field"):
+        records, is_text = _json_records, False
+    elif cfg.path == "text" and cfg.load_kwargs.get("sample_by", "line") == "line":
+        records, is_text = _text_records, True
+    else:
+        return None
+    base, scanned, searched = 0, 0, 0
+    candidates: list[tuple[str, _Record, int]] = []  # (file, record, raw index) from the position on
+    for path in files:
+        if cfg.path == "json" and _is_json_array(path):
+            return None  # a JSON array file: records are not lines
+        count = 0
+        for rec in records(path, encoding):
+            count += 1
+            scanned += len(rec.payload)
+            raw = base + rec.index
+            if raw >= position:
+                if is_text and _ESCAPED.search(rec.payload) or not is_text and not rec.payload.strip():
+                    return BadRecord(raw, path, rec.index, rec.line)  # a line that does not decode
+                if not is_text:
+                    candidates.append((path, rec, raw))
+                searched += len(rec.payload)
+                if searched > _SEARCH_BYTES:
+                    break
+            if scanned > _SCAN_BYTES:
+                return None
+        if searched > _SEARCH_BYTES:
+            break
+        base += count
+    found = _first_bad_json(candidates) if not is_text else None
+    if found is None:
+        return None
+    path, rec, raw = found
+    return BadRecord(raw, path, rec.index, rec.line)
+
+
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _bad_parquet_file(files: list[str], position: int) -> BadRecord | None:
+    """The first file from the one holding ``position`` whose metadata cannot be read (a damaged file); a
+    row group's damage shows only when it is read, so a readable file is passed over."""
+    import pyarrow.parquet as pq
+
+    base = 0
+    for path in files:
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except Exception:  # pyarrow's many error types: this file cannot be read, whatever the cause
+            return BadRecord(max(base, position), path, max(0, position - base), None)
+        base += rows
     return None
 
 
-def describe_read_error(cfg: DatasetConfig, exc: BaseException, position: int, dataset: Any,
-                        resumed: tuple[int, int, int] | None) -> str:
-    """The message of a read that failed at raw ``position`` (the failing block's first record).
+def _split_files(cfg: DatasetConfig) -> list[str] | None:
+    from .datafiles import _split_files as resolve
 
-    ``dataset``: the IterableDataset read (its state and shard count); ``resumed``: (raw offset, shard, record in
-    the shard) where a stream resumed from a datasets state began, since in that shard the state's record count
-    can run ahead of the records really read.
-    """
-    cause = f"{type(exc).__name__}: {exc}"
     try:
-        where = shard_position(dataset.state_dict())
-    except Exception:
-        where = None
-    files = _files(cfg, getattr(dataset, "num_shards", None)) if where is not None else None
-    if where is None or files is None or where[0] >= len(files):
-        return (f"reading dataset {cfg.path!r} failed at raw record {position} (or a record after it, read with "
-                f"it): {cause}\nWhat to do: check that the data files are complete and readable; the run can "
-                "resume from its last checkpoint once they are.")
-    shard, first = where
-    if resumed is not None and resumed[1] == shard:
-        first = position - resumed[0] + resumed[2]  # raw offset -> record of the shard, from where it resumed
-    path = files[shard]
-    found = _locate(cfg, path, first)
-    if found is None:
-        return (f"reading dataset {cfg.path!r} failed at raw record {position} or a record after it, read "
-                f"with it (from record {first} of file {path}): {cause}\nWhat to do: check that {path} is complete and "
-                "readable; the run can resume from its last checkpoint once it is.")
-    record, line = found
-    raw = position + record - first
+        return resolve(cfg)
+    except Exception:  # diagnosis only: a failure here must not hide the read error
+        return None
+
+
+def describe_read_error(cfg: DatasetConfig, exc: BaseException, position: int) -> str:
+    """The message of a read that failed with every raw record before ``position`` read."""
+    cause = f"{type(exc).__name__}: {exc}"
+    files = _split_files(cfg)
+    try:
+        bad = find_bad_record(cfg, files or [], position)
+    except (OSError, LookupError, ImportError) as err:
+        logger.debug("could not search the data files for the bad record: %s", err)
+        bad = None
+    if bad is None:
+        return (f"reading dataset {cfg.path!r} failed at raw record {position} (or a record read with it, after it): "
+                f"{cause}\nWhat to do: check that the data files are complete and readable; the run can resume "
+                "from its last checkpoint once they are.")
+    name = os.path.basename(bad.path)
+    if bad.line is None:
+        return (f"reading dataset {cfg.path!r} failed at raw record {bad.raw_index}: {cause}\nThe file that cannot "
+                f"be read is {bad.path} (from its record {bad.record} on).\nWhat to do: check that {name} is "
+                "complete and readable (copy it again); the run can resume from its last checkpoint once it is.")
     if cfg.path == "text":
         todo = (f"that line is not valid {cfg.load_kwargs.get('encoding') or 'utf-8'}: if the file is in another "
                 "encoding, set dataset.load_kwargs = { encoding = \"...\" } (e.g. \"latin-1\"; a change refused "
@@ -167,8 +206,9 @@ def describe_read_error(cfg: DatasetConfig, exc: BaseException, position: int, d
     else:
         todo = ("repair that line in place (a lone surrogate escape such as \\ud800 is no valid text: an escape "
                 "of the same length such as \\ufffd keeps the file's size)")
-    return (f"reading dataset {cfg.path!r} failed at raw record {raw}: {cause}\nThat record is line {line} of "
-            f"{path} (the file's record {record}).\nWhat to do: {todo}, keeping every other record where it is, "
-            "then run the same command again: the run resumes from its last checkpoint. A repair that changes "
-            "the file's size is refused on resume as a changed dataset when the run has progress: then start it "
-            "over (streamtrain train --fresh --move-aside), or train the repaired data under another run_name.")
+    return (f"reading dataset {cfg.path!r} failed at raw record {bad.raw_index}: {cause}\nThat record is line "
+            f"{bad.line} of {bad.path} (the file's record {bad.record}).\nWhat to do: {todo}, keeping every other "
+            "record where it is, then run the same command again: the run resumes from its last checkpoint. A "
+            "repair that changes the file's size is refused on resume as a changed dataset when the run has "
+            "progress: then start it over (streamtrain train --fresh --move-aside), or train the repaired data "
+            "under another run_name.")

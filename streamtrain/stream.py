@@ -25,7 +25,7 @@ from typing import Any
 
 from .config import DatasetConfig
 from .errors import DatasetError
-from .readerror import describe_read_error, shard_position
+from .readerror import describe_read_error
 from .textfilter import FirstRecords, Reason, TextFilter
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,6 @@ class DatasetStream:
         self.first_records = FirstRecords(dataset) if first_records_check and start == 0 else None
         self.ends_at_start = ends_at_start
         self._initial_state: dict[str, Any] | None = None
-        self._resumed_at: tuple[int, int, int] | None = None  # (raw offset, shard, record in it) of a loaded state
         self._source: Iterator[dict[str, Any]] | None = None  # the raw records from `position`, once opened
         self._ds, self._skip, self.resumed_by = self._prepare(start, state_dict)
         self._it: Generator[tuple[int, str], None, None] | None = None
@@ -150,8 +149,6 @@ class DatasetStream:
                 try:
                     ds.load_state_dict(copy.deepcopy(state["datasets_state"]))
                     self._initial_state = copy.deepcopy(state)
-                    where = shard_position(state["datasets_state"])
-                    self._resumed_at = (start, *where) if where is not None else None
                     return ds, state["skip"], "state_dict"
                 except Exception as exc:  # a state that does not fit this dataset: .skip is always correct
                     reason = f"load_state_dict failed: {exc}"
@@ -245,7 +242,6 @@ class DatasetStream:
                 logger.warning("stored stream state failed (%s); skipping %d raw records instead", exc, self.start)
                 _close(source)
                 self._ds, self._skip, self.resumed_by = self._skipping(_open(self.config), self.start)
-                self._resumed_at = None
                 source = iter(self._ds)
         if self.resumed_by == "skip":
             self._ended_before_start(source)
@@ -265,7 +261,7 @@ class DatasetStream:
                 f"position {self.start}, where reading was to start",
                 position=self.start, end=end) from None
         except Exception as exc:
-            raise DatasetError(describe_read_error(self.config, exc, self.start - 1, self._ds, None)) from exc
+            raise DatasetError(describe_read_error(self.config, exc, self.start - 1)) from exc
         if it is not source:
             _close(it)
 
@@ -286,7 +282,7 @@ class DatasetStream:
                 break
             except Exception as exc:
                 raise DatasetError(
-                    describe_read_error(self.config, exc, self.position, self._ds, self._resumed_at)) from exc
+                    describe_read_error(self.config, exc, self.position)) from exc
             index = self.position
             self.position += 1
             text, reason = text_of(example)
