@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .config import DatasetConfig
-from .errors import DatasetError
+from .errors import DataEndsEarly, DatasetError
 from .readerror import describe_read_error
 from .textfilter import FirstRecords, Reason, TextFilter
 
@@ -78,16 +78,6 @@ def _close(source: Iterator[Any]) -> None:
     close = getattr(source, "close", None)
     if close is not None:
         close()
-
-
-class DataEndsEarly(DatasetError):
-    """The data ends before the raw position a stream was to start at. ``position``: that position; ``end``: the
-    number of raw records the data holds."""
-
-    def __init__(self, message: str, *, position: int, end: int) -> None:
-        super().__init__(message)
-        self.position = position
-        self.end = end
 
 
 def count_records(cfg: DatasetConfig, limit: int) -> int:

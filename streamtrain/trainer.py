@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
 from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
-from .errors import DatasetError, StreamtrainError
+from .errors import DataEndsEarly, DatasetError, StreamtrainError
 from .heap import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
@@ -32,7 +32,7 @@ from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
-from .stream import DataEndsEarly, DatasetStream
+from .stream import DatasetStream
 from .tokenize import get_tokenizer
 from .worker import Job, Worker, WorkerContext, plan_ahead
 
