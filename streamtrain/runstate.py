@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
 from .errors import TooManyFailures
@@ -55,7 +56,7 @@ class RunState:
         self.recovery: dict[int, SampleRecord] = {}  # in-flight steps the journal knows of, by raw index
         # filtered records the mark has not passed yet, in raw order, as runs [first, end, reason]: a stream of
         # mostly filtered records read ahead of a slow sample stays a few entries
-        self.filtered_ahead: deque[list] = deque()
+        self.filtered_ahead: deque[list[Any]] = deque()
 
     @classmethod
     def resume(cls, levels: int, checkpoint: Checkpoint | None, journal: JournalState) -> RunState:
@@ -112,8 +113,8 @@ class RunState:
         self.read_pos = max(self.read_pos, position)
 
     def filtered(self, raw_index: int, reason: str) -> None:
-        """The stream read ``raw_index`` and filtered it for ``reason`` (a FilterReasons field); counted once the
-        mark passes it (``snapshot_counters``)."""
+        """The stream read ``raw_index`` and filtered it for ``reason`` (a FilterReasons field: textfilter.Reason);
+        counted once the mark passes it (``snapshot_counters``)."""
         last = self.filtered_ahead[-1] if self.filtered_ahead else None
         if last is not None and last[1] == raw_index and last[2] == reason:
             last[1] = raw_index + 1

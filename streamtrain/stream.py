@@ -227,24 +227,25 @@ class DatasetStream:
             except StopIteration:
                 if not self.ends_at_start:  # nothing at `start`: prove the data reaches it at least
                     _close(source)
-                    self._ended_before_start(*self._skipping(_open(self.config), self.start)[:1])
+                    before = iter(self._skipping(_open(self.config), self.start)[0])
+                    self._read_record_before_start(before)
+                    _close(before)
             except Exception as exc:
                 logger.warning("stored stream state failed (%s); skipping %d raw records instead", exc, self.start)
                 _close(source)
                 self._ds, self._skip, self.resumed_by = self._skipping(_open(self.config), self.start)
                 source = iter(self._ds)
         if self.resumed_by == "skip":
-            self._ended_before_start(source)
+            self._read_record_before_start(source)
         self._source = itertools.chain(head, source)
 
-    def _ended_before_start(self, source: Any) -> None:
-        """Read the record just before ``start`` from ``source`` (a stream standing there); raise DataEndsEarly,
-        naming where the data ends, when there is none."""
-        it = source if isinstance(source, Iterator) else iter(source)
+    def _read_record_before_start(self, source: Iterator[dict[str, Any]]) -> None:
+        """Read the record just before ``start`` from ``source`` (standing there); when there is none, raise
+        DataEndsEarly, naming where the data ends."""
         try:
-            next(it)
+            next(source)
         except StopIteration:
-            _close(it)
+            _close(source)
             end = count_records(self.config, self.start)
             raise DataEndsEarly(
                 f"dataset {self.config.path!r} ends at raw position {end} (it holds {end} records), before raw "
@@ -252,8 +253,6 @@ class DatasetStream:
                 position=self.start, end=end) from None
         except Exception as exc:
             raise DatasetError(describe_read_error(self.config, exc, self.start - 1)) from exc
-        if it is not source:
-            _close(it)
 
     def _records(self) -> Generator[tuple[int, str], None, None]:
         self.open()
@@ -276,8 +275,11 @@ class DatasetStream:
             index = self.position
             self.position += 1
             text, reason = text_of(example)
-            if first is not None and first.watching:
-                first.take(example, reason)
+            if first is not None:
+                if first.watching:
+                    first.take(example, reason)
+                else:
+                    first = None  # decided: the rest of the stream is not watched
             if reason is not None:
                 self.filtered += 1
                 self.reasons[reason] += 1
@@ -286,5 +288,5 @@ class DatasetStream:
                 continue
             assert text is not None
             yield index, text
-        if first is not None and first.watching:
-            first.check()  # a stream shorter than the records watched
+        if self.first_records is not None and self.first_records.watching:
+            self.first_records.check()  # a stream shorter than the records watched

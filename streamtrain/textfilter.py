@@ -82,7 +82,9 @@ class TextFilter:
 
     def text(self, record: Mapping[str, Any]) -> tuple[str, None] | tuple[None, Reason]:
         """``(text, None)`` for a record that passes, ``(None, reason)`` for one that is filtered."""
-        value = field_value(record, self.field)
+        value = record.get(self.field)
+        if value is None and "." in self.field:
+            value = field_value(record, self.field)
         if isinstance(value, str):
             text = value
         elif value is None:
