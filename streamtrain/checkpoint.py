@@ -75,9 +75,37 @@ class StreamPosition(_Record):
     )
 
 
+class FilterReasons(_Record):
+    """Why records were filtered, one count per reason (``stream.py`` decides the reason). Added to schema 2
+    later: a checkpoint without them reads as all zero, and its earlier filtered records stay unitemized."""
+
+    missing: int = Field(0, ge=0, description="The text field is absent from the record, or null.")
+    wrong_type: int = Field(0, ge=0, description="The text field holds no text: a dict, a list, a number...")
+    too_short: int = Field(0, ge=0, description="The text, stripped, is shorter than dataset.min_chars.")
+    undecodable: int = Field(0, ge=0, description="The text field holds bytes that dataset.binary_encoding "
+                                                  "cannot decode.")
+
+    @property
+    def total(self) -> int:
+        return self.missing + self.wrong_type + self.too_short + self.undecodable
+
+    def describe(self, filtered: int) -> str:
+        """The nonzero reasons of ``filtered`` records, e.g. "598 wrong type, 2 missing the field"; those counted
+        before reasons were (an older checkpoint) as "not itemized"."""
+        parts = [f"{n} {label}" for n, label in ((self.missing, "missing the field"),
+                                                 (self.wrong_type, "wrong type"), (self.too_short, "too short"),
+                                                 (self.undecodable, "undecodable")) if n]
+        if filtered > self.total:
+            parts.append(f"{filtered - self.total} not itemized (filtered before reasons were counted)")
+        return ", ".join(parts)
+
+
 class Counters(_Record):
     samples_trained: int = 0
     samples_filtered: int = 0
+    filter_reasons: FilterReasons = Field(
+        default_factory=FilterReasons,
+        description="samples_filtered by reason: the records below the position, each counted once.")
     samples_failed: int = 0
     tokens: int = 0
     patterns_learned: list[int] = Field(default_factory=list, description="Learns per level.")

@@ -198,7 +198,7 @@ def _describe_result(result: Any) -> str:
         f"  this call: {result.new_samples} samples, {result.new_tokens} tokens in {result.elapsed_seconds:.1f} s "
         f"({result.samples_per_second:.1f} samples/s, {result.tokens_per_second:.0f} tokens/s, "
         f"{result.num_workers} worker(s))",
-        f"  whole run: {result.samples_trained} trained, {result.samples_filtered} filtered, "
+        f"  whole run: {result.samples_trained} trained, {_filtered(result.samples_filtered, result.filter_reasons)}, "
         f"{result.samples_failed} failed; patterns learned per level {result.patterns_learned}",
         f"  server: {result.server_url}; last checkpoint: {result.last_checkpoint}",
     ]
@@ -211,6 +211,20 @@ def _describe_result(result: Any) -> str:
                      f"{EXIT_FAILED_SAMPLES}): run the same command again to retry them; every one is listed by "
                      "streamtrain inspect")
     return "\n".join(lines)
+
+
+def _filtered(count: int, reasons: Any) -> str:
+    """"600 filtered (598 wrong type, 2 missing the field)"."""
+    why = reasons.describe(count) if count else ""
+    return f"{count} filtered" + (f" ({why})" if why else "")
+
+
+def _reasons_line(count: int, reasons: Any) -> str:
+    """Every reason's count, e.g. "missing=2 wrong_type=598 too_short=0 undecodable=0"."""
+    line = " ".join(f"{k}={v}" for k, v in reasons.model_dump().items())
+    if count > reasons.total:
+        line += f" (and {count - reasons.total} not itemized: filtered before reasons were counted)"
+    return line
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -336,6 +350,7 @@ def _describe_checkpoint(ck: Any, path: Path) -> str:
         + f"; stream state: {exact}",
         f"  counters:    trained={c.samples_trained} filtered={c.samples_filtered} failed={c.samples_failed} "
         f"tokens={c.tokens} patterns_learned={c.patterns_learned}",
+        f"  filtered:    {_reasons_line(c.samples_filtered, c.filter_reasons)}",
         f"  time:        started {ck.started_at.isoformat(timespec='seconds')}, written "
         f"{ck.created_at.isoformat(timespec='seconds')}, {ck.elapsed_seconds:.1f} s of training",
     ]

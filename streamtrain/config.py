@@ -7,6 +7,7 @@ Every top-level field is marked for resume (``json_schema_extra={"resume": ...}`
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -59,8 +60,18 @@ class DatasetConfig(StrictModel):
         None, description="Local files (or globs) for builders such as 'parquet', 'json', 'text'."
     )
     split: str = Field("train", description="The split to stream.")
-    text_field: str = Field("text", min_length=1, description="The record field holding the text.")
+    text_field: str = Field(
+        "text", min_length=1,
+        description="The record field holding the text; a dotted path ('meta.body') reaches a nested field. A "
+        "record key that holds the dots itself (a column 'meta.body', as datasets' flatten() names them) is used "
+        "first, when the record has it and it is not null.",
+    )
     min_chars: int = Field(1, ge=0, description="Records whose text is shorter are counted as filtered.")
+    binary_encoding: str = Field(
+        "utf-8", min_length=1,
+        description="How a text field holding bytes (a Parquet or Arrow binary column) is decoded; a record whose "
+        "bytes do not decode is filtered as undecodable.",
+    )
     revision: str | None = Field(
         None, min_length=1, description="Hub dataset revision (a branch, tag or commit) passed to load_dataset."
     )
@@ -69,6 +80,17 @@ class DatasetConfig(StrictModel):
         description="More keyword arguments of datasets.load_dataset (e.g. {encoding = 'latin-1'} for the text "
         "builder); not those streamtrain sets itself: " + ", ".join(LOAD_DATASET_OWN_ARGS) + ".",
     )
+
+    @field_validator("binary_encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        try:
+            info = codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"{v!r} is not an encoding Python knows (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
+        if not getattr(info, "_is_text_encoding", True):
+            raise ValueError(f"{v!r} is not a text encoding (e.g. 'utf-8', 'latin-1', 'cp1252')")
+        return v
 
     @field_validator("load_kwargs")
     @classmethod

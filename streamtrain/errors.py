@@ -7,7 +7,8 @@
         + JournalDamaged             a journal line is damaged, not just torn
      + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds
      + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
-     + DatasetError                  the dataset cannot be opened or has no usable text field
+     + DatasetError                  the dataset cannot be opened or read, or has no usable text field
+        + DataEndsEarly              the data ends before the raw position a run resumes at
      + TokenizerUnavailable          the asked-for tokenizer's files are not on this machine
      + ServerError                   anything between the client and a KATO server
         + ServerUnavailable          the server did not answer within the retry budget
@@ -56,7 +57,19 @@ class DatasetChanged(StreamtrainError):
 
 
 class DatasetError(StreamtrainError):
-    """The dataset cannot be opened, or no record carries the text field."""
+    """The dataset cannot be opened or read, or the run's first records hold no usable text in the text field."""
+
+
+class DataEndsEarly(DatasetError):
+    """The data ends before the raw position a stream was to start at (a resume past the end of the data).
+
+    ``position``: that position; ``end``: the number of raw records the data holds.
+    """
+
+    def __init__(self, message: str, *, position: int, end: int) -> None:
+        super().__init__(message)
+        self.position = position
+        self.end = end
 
 
 class TokenizerUnavailable(StreamtrainError):

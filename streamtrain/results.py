@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .checkpoint import FailedSample
+from .checkpoint import FailedSample, FilterReasons
 
 
 class ProgressPoint(BaseModel):
@@ -27,6 +27,8 @@ class TrainResult(BaseModel):
     final_position: int = Field(description="Raw stream position of the last checkpoint (first unfinished record).")
     samples_trained: int = Field(description="Whole run, all calls.")
     samples_filtered: int
+    filter_reasons: FilterReasons = Field(default_factory=FilterReasons,
+                                          description="samples_filtered by reason (whole run).")
     samples_failed: int
     tokens: int
     patterns_learned: list[int] = Field(description="Learns per level, whole run.")

@@ -4,7 +4,9 @@
   samples above it are listed (``done_above``), so a resume neither skips an unfinished sample nor re-trains a
   finished one. A sample is marked in flight *before* the read position moves past it.
 * **Counters.** A sample's counts are added once, when it finishes (or from its journal ``fin`` line after a
-  crash); ``samples_filtered`` is derived from the position, so no count is lost or doubled.
+  crash); ``samples_filtered`` is derived from the position, so no count is lost or doubled. A filtered record's
+  reason is held apart until the mark passes it, then counted: the checkpoint's reason counts are those of the
+  records below its position, and a resume reads (and counts) the ones above it again.
 * **Failures.** A sample rejected for its own content is finished as *failed* and kept in the ledger with the
   number of its steps that took effect. A later call retries it; success moves it from failed to trained.
 
@@ -14,7 +16,9 @@ from a checkpoint and the journal.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
 from .errors import TooManyFailures
@@ -50,6 +54,9 @@ class RunState:
         self.failures: dict[int, FailedSample] = {f.raw_index: f for f in failures or []}
         self.retrying: set[int] = set()
         self.recovery: dict[int, SampleRecord] = {}  # in-flight steps the journal knows of, by raw index
+        # filtered records the mark has not passed yet, in raw order, as runs [first, end, reason]: a stream of
+        # mostly filtered records read ahead of a slow sample stays a few entries
+        self.filtered_ahead: deque[list[Any]] = deque()
 
     @classmethod
     def resume(cls, levels: int, checkpoint: Checkpoint | None, journal: JournalState) -> RunState:
@@ -104,6 +111,26 @@ class RunState:
     def skip_to(self, position: int) -> None:
         """Records below ``position`` were read and need no work (filtered, or finished before)."""
         self.read_pos = max(self.read_pos, position)
+
+    def filtered(self, raw_index: int, reason: str) -> None:
+        """The stream read ``raw_index`` and filtered it for ``reason`` (a FilterReasons field: textfilter.Reason);
+        counted once the mark passes it (``snapshot_counters``)."""
+        last = self.filtered_ahead[-1] if self.filtered_ahead else None
+        if last is not None and last[1] == raw_index and last[2] == reason:
+            last[1] = raw_index + 1
+        else:
+            self.filtered_ahead.append([raw_index, raw_index + 1, reason])
+
+    def _count_filtered_below(self, mark: int) -> None:
+        reasons, ahead = self.counters.filter_reasons, self.filtered_ahead
+        while ahead and ahead[0][0] < mark:
+            first, end, reason = ahead[0]
+            counted = min(end, mark)
+            setattr(reasons, reason, getattr(reasons, reason) + counted - first)
+            if counted == end:
+                ahead.popleft()
+            else:
+                ahead[0][0] = counted
 
     def position(self) -> StreamPosition:
         mark = self.mark
@@ -162,6 +189,7 @@ class RunState:
         mark = self.mark
         above = sum(1 for i in self.done_above if i >= mark)
         c.samples_filtered = max(0, mark - (c.samples_trained + c.samples_failed - above))
+        self._count_filtered_below(mark)
         return c.model_copy(deep=True)
 
     def failure_list(self) -> list[FailedSample]:

@@ -19,16 +19,16 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Generator, Iterator
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .config import DatasetConfig
-from .errors import DatasetError
+from .errors import DataEndsEarly, DatasetError
+from .readerror import describe_read_error
+from .textfilter import FirstRecords, Reason, TextFilter
 
 logger = logging.getLogger(__name__)
-
-#: When the text field is absent from every one of this many first records, the config is wrong.
-PROBE_RECORDS = 100
 
 _STATE_FORMAT = "streamtrain.stream/1"
 _BUILDERS = {"parquet", "json", "csv", "text", "arrow", "webdataset", "imagefolder", "audiofolder"}
@@ -80,28 +80,53 @@ def _close(source: Iterator[Any]) -> None:
         close()
 
 
+def count_records(cfg: DatasetConfig, limit: int) -> int:
+    """The number of raw records of the dataset, counted up to ``limit`` (the Parquet metadata, when that tells)."""
+    from .datafiles import dataset_size, describe_dataset
+
+    size = dataset_size(describe_dataset(cfg))
+    if size is not None:
+        return min(size, limit)
+    n = 0
+    for batch in _open(cfg).iter(batch_size=1024):
+        n += len(next(iter(batch.values()), []))
+        if n >= limit:
+            return limit
+    return n
+
+
 class DatasetStream:
     """Iterate ``(raw_index, text)`` of the records that pass the filter, from raw offset ``start``.
 
+    A stream from a raw offset above 0 proves that the data reaches it: resumed by ``.skip``, it skips one record
+    less and reads that one; resumed from a state, an empty stream is checked the same way, unless the caller knows
+    the data ended there (``ends_at_start``). Data that ends before ``start`` raises ``DataEndsEarly``.
+
     Attributes:
         position: raw index of the next raw record to read (== number of raw records before it).
-        filtered: records read but not yielded (no text field, not a string, or too short).
+        filtered: records read but not yielded; ``reasons``: how many for each reason (``textfilter.py``).
         resumed_by: how the start offset was reached: "start" (offset 0), "skip" or "state_dict".
     """
 
     def __init__(self, dataset: DatasetConfig, start: int = 0, state_dict: dict[str, Any] | None = None,
-                 stop: int | None = None) -> None:
+                 stop: int | None = None, *, on_filtered: Callable[[int, Reason], None] | None = None,
+                 first_records_check: bool = True, ends_at_start: bool = False) -> None:
         if start < 0:
             raise ValueError("start must be >= 0")
         # Reading stops before raw index `stop`, so a run that ends at its max_samples stands exactly there.
         self.stop = stop
         self.config = dataset
+        self.text_filter = TextFilter.of(dataset)
         self.start = start
         self.position = start
         self.filtered = 0
-        self._missing = 0  # records of this stream so far without the text field (probe)
-        self._seen = 0
+        self.reasons: Counter[Reason] = Counter()
+        self.on_filtered = on_filtered  # told of each filtered record, in raw order: (raw index, reason)
+        # the run's first records decide whether its text field is usable: only a stream from raw 0 sees them
+        self.first_records = FirstRecords(dataset) if first_records_check and start == 0 else None
+        self.ends_at_start = ends_at_start
         self._initial_state: dict[str, Any] | None = None
+        self._source: Iterator[dict[str, Any]] | None = None  # the raw records from `position`, once opened
         self._ds, self._skip, self.resumed_by = self._prepare(start, state_dict)
         self._it: Generator[tuple[int, str], None, None] | None = None
 
@@ -119,9 +144,14 @@ class DatasetStream:
                     reason = f"load_state_dict failed: {exc}"
                     raw = _open(self.config)
             logger.warning("stored stream state not used (%s); skipping %d raw records instead", reason, start)
+        return self._skipping(raw, start)
+
+    @staticmethod
+    def _skipping(raw: Any, start: int) -> tuple[Any, int, str]:
+        """The raw stream one record before ``start`` (read, then, to prove the data reaches ``start``)."""
         if start == 0:
             return raw, 0, "start"
-        return raw.skip(start), start, "skip"
+        return (raw.skip(start - 1) if start > 1 else raw), start - 1, "skip"
 
     @staticmethod
     def _state_problem(state: dict[str, Any], start: int) -> str | None:
@@ -144,9 +174,9 @@ class DatasetStream:
         ``start=position``), or None when there is nothing better than ``.skip``."""
         import datasets
 
-        if self._it is None:
-            # datasets only tracks its state once iteration began; before that the exact state is the one we
-            # were resumed from (if any).
+        if self._source is None or self.position == self.start:
+            # datasets only tracks its state once iteration began, and a state-resumed stream may have read its
+            # first record ahead: at the start the exact state is the one it was resumed from (if any)
             return copy.deepcopy(self._initial_state) if self.resumed_by == "state_dict" else None
         return {
             "format": _STATE_FORMAT,
@@ -174,6 +204,8 @@ class DatasetStream:
         """Stop reading: closes the dataset's file readers now rather than at garbage collection."""
         if self._it is not None:
             self._it.close()
+        elif self._source is not None:
+            _close(self._source)
 
     def __enter__(self) -> DatasetStream:
         return self
@@ -181,7 +213,11 @@ class DatasetStream:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _records(self) -> Generator[tuple[int, str], None, None]:
+    def open(self) -> None:
+        """Open the raw records at ``start`` now (iteration does it otherwise): a stored state that does not fit
+        falls back to ``.skip``, and data that ends before ``start`` raises ``DataEndsEarly``."""
+        if self._source is not None:
+            return
         source = iter(self._ds)
         head: list[dict[str, Any]] = []
         if self.resumed_by == "state_dict":
@@ -189,20 +225,45 @@ class DatasetStream:
             try:
                 head = [next(source)]
             except StopIteration:
-                pass
+                if not self.ends_at_start:  # nothing at `start`: prove the data reaches it at least
+                    _close(source)
+                    before = iter(self._skipping(_open(self.config), self.start)[0])
+                    self._read_record_before_start(before)
+                    _close(before)
             except Exception as exc:
                 logger.warning("stored stream state failed (%s); skipping %d raw records instead", exc, self.start)
                 _close(source)
-                raw = _open(self.config)
-                self._ds, self._skip, self.resumed_by = (raw.skip(self.start), self.start, "skip") if self.start else (raw, 0, "start")
+                self._ds, self._skip, self.resumed_by = self._skipping(_open(self.config), self.start)
                 source = iter(self._ds)
+        if self.resumed_by == "skip":
+            self._read_record_before_start(source)
+        self._source = itertools.chain(head, source)
+
+    def _read_record_before_start(self, source: Iterator[dict[str, Any]]) -> None:
+        """Read the record just before ``start`` from ``source`` (standing there); when there is none, raise
+        DataEndsEarly, naming where the data ends."""
         try:
-            yield from self._filter(itertools.chain(head, source))
-        finally:
+            next(source)
+        except StopIteration:
             _close(source)
+            end = count_records(self.config, self.start)
+            raise DataEndsEarly(
+                f"dataset {self.config.path!r} ends at raw position {end} (it holds {end} records), before raw "
+                f"position {self.start}, where reading was to start",
+                position=self.start, end=end) from None
+        except Exception as exc:
+            raise DatasetError(describe_read_error(self.config, exc, self.start - 1)) from exc
+
+    def _records(self) -> Generator[tuple[int, str], None, None]:
+        self.open()
+        assert self._source is not None
+        try:
+            yield from self._filter(self._source)
+        finally:
+            _close(self._source)
 
     def _filter(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[int, str]]:
-        field, min_chars = self.config.text_field, self.config.min_chars
+        text_of, first, told = self.text_filter.text, self.first_records, self.on_filtered
         while self.stop is None or self.position < self.stop:
             try:
                 example = next(source)
@@ -210,32 +271,22 @@ class DatasetStream:
                 break
             except Exception as exc:
                 raise DatasetError(
-                    f"reading dataset {self.config.path!r} failed at raw record {self.position}: "
-                    f"{type(exc).__name__}: {exc}\nWhat to do: check that the data files are complete and "
-                    "readable; the run can resume from its last checkpoint once they are."
-                ) from exc
+                    describe_read_error(self.config, exc, self.position)) from exc
             index = self.position
             self.position += 1
-            text = example.get(field)
-            if self._seen < PROBE_RECORDS:
-                self._probe(example, field not in example)
-            if not isinstance(text, str) or len(text.strip()) < min_chars:
+            text, reason = text_of(example)
+            if first is not None:
+                if first.watching:
+                    first.take(example, reason)
+                else:
+                    first = None  # decided: the rest of the stream is not watched
+            if reason is not None:
                 self.filtered += 1
+                self.reasons[reason] += 1
+                if told is not None:
+                    told(index, reason)
                 continue
+            assert text is not None
             yield index, text
-        if 0 < self._seen < PROBE_RECORDS and self._missing == self._seen:
-            self._raise_missing_field(example)
-
-    def _probe(self, example: dict[str, Any], missing: bool) -> None:
-        self._seen += 1
-        self._missing += missing
-        if self._seen == PROBE_RECORDS and self._missing == PROBE_RECORDS:
-            self._raise_missing_field(example)
-
-    def _raise_missing_field(self, example: dict[str, Any]) -> None:
-        fields = sorted(example)
-        raise DatasetError(
-            f"dataset {self.config.path!r} has no text field {self.config.text_field!r}: it is absent "
-            f"from all of the first {self._seen} records read. The records have the fields {fields}; set "
-            "dataset.text_field to the one holding the text."
-        )
+        if self.first_records is not None and self.first_records.watching:
+            self.first_records.check()  # a stream shorter than the records watched

@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
 from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
-from .errors import DatasetError, ServerUnavailable, StreamtrainError
+from .errors import DataEndsEarly, DatasetError, ServerUnavailable, StreamtrainError
 from .heap import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
@@ -120,6 +120,32 @@ class _Run:
         c = self.state.counters
         self.done_at_start = c.samples_trained + c.samples_failed
         self.tokens_at_start = c.tokens
+        if pinned and ckpt is not None and path is not None:
+            self._open_stream_at(ckpt, path)
+
+    def _open_stream_at(self, ckpt: Checkpoint, path: Path) -> None:
+        """Open the stream where the checkpoint resumes, before anything is trained: data that ends before that
+        position (truncated files, a checkpoint edited or not of this data) is refused, the checkpoint untouched."""
+        cfg, start = self.config, self.state.read_pos
+        if start == 0 or (cfg.max_samples is not None and start >= cfg.max_samples):
+            return  # nothing to prove, or nothing to read (_dispatch_all says so)
+        # the run ended at the end of its data there (not at its max_samples): an empty stream is no surprise
+        ended = ckpt.reason == "end" and (ckpt.config.max_samples is None or start < ckpt.config.max_samples)
+        self.stream = DatasetStream(cfg.dataset, start=start, state_dict=self.stream_state, stop=cfg.max_samples,
+                                    on_filtered=self.state.filtered, ends_at_start=ended)
+        try:
+            self.stream.open()
+        except DataEndsEarly as exc:
+            self.stream.close()
+            self.stream = None
+            raise DataEndsEarly(
+                f"cannot resume run '{cfg.run_name}': {path} resumes at raw position {exc.position}, but dataset "
+                f"{cfg.dataset.path!r} ends at raw position {exc.end} (it holds {exc.end} records). The data is "
+                "shorter than the data the run read (files truncated or replaced), or the checkpoint is not this "
+                "data's (edited, or copied from another run). Nothing was trained and the checkpoint is as it "
+                "was.\nWhat to do: restore the data the run was reading and train again; or start the run over on "
+                "this data (streamtrain train --fresh --move-aside); or train this data under another run_name.",
+                position=exc.position, end=exc.end) from None
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def checkpoint(self, reason: str, error: str | None = None) -> Path:
@@ -273,7 +299,8 @@ class _Run:
             self._receive(block=False)
 
     def _read_record(self, raw_index: int) -> str:
-        with DatasetStream(self.config.dataset, start=raw_index, stop=raw_index + 1) as stream:
+        with DatasetStream(self.config.dataset, start=raw_index, stop=raw_index + 1,
+                           first_records_check=False) as stream:
             for _, text in stream:
                 return text
         raise DatasetError(
@@ -291,7 +318,10 @@ class _Run:
             logger.warning("run %s is already at raw position %d, at or past max_samples=%d: no record to read (raise "
                            "max_samples to train further)", cfg.run_name, st.read_pos, limit)
             return
-        stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state, stop=limit)
+        stream = self.stream
+        if stream is None:  # else opened by load_state, at the checkpoint's position
+            stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state,
+                                                 stop=limit, on_filtered=st.filtered)
         self.freeze_heap_again()  # the dataset's objects too (datasets imports much of itself on opening a stream)
         for raw_index, text in stream:
             if raw_index in st.done_above:
@@ -462,6 +492,7 @@ class _Run:
             run_name=self.config.run_name, reason=reason, resumed=self.resumed,
             start_position=self.start_position, final_position=self.state.mark,
             samples_trained=c.samples_trained, samples_filtered=c.samples_filtered, samples_failed=c.samples_failed,
+            filter_reasons=c.filter_reasons.model_copy(),
             tokens=c.tokens, patterns_learned=list(c.patterns_learned), new_samples=new_samples, new_tokens=new_tokens,
             elapsed_seconds=elapsed, samples_per_second=new_samples / elapsed if elapsed else 0.0,
             tokens_per_second=new_tokens / elapsed if elapsed else 0.0, num_workers=self.config.num_workers,

@@ -165,6 +165,8 @@ MUST_MATCH = [
     ("dataset.split", {"dataset": BASE.dataset.model_copy(update={"split": "test"})}, 'dataset.split: checkpoint="train" current="test"'),
     ("dataset.text_field", {"dataset": BASE.dataset.model_copy(update={"text_field": "body"})}, "dataset.text_field:"),
     ("dataset.min_chars", {"dataset": BASE.dataset.model_copy(update={"min_chars": 5})}, "dataset.min_chars: checkpoint=1 current=5"),
+    ("dataset.binary_encoding", {"dataset": BASE.dataset.model_copy(update={"binary_encoding": "latin-1"})},
+     'dataset.binary_encoding: checkpoint="utf-8" current="latin-1"'),
     ("dataset.revision", {"dataset": BASE.dataset.model_copy(update={"revision": "v2"})}, 'dataset.revision: checkpoint=null current="v2"'),
     ("dataset.load_kwargs", {"dataset": BASE.dataset.model_copy(update={"load_kwargs": {"encoding": "latin-1"}})},
      'dataset.load_kwargs.encoding: checkpoint="<absent>" current="latin-1"'),

@@ -21,7 +21,8 @@ from soak import SOAK
 
 from streamtrain.config import DatasetConfig
 from streamtrain.errors import DatasetError
-from streamtrain.stream import PROBE_RECORDS, DatasetStream
+from streamtrain.stream import DatasetStream
+from streamtrain.textfilter import FIRST_RECORDS
 
 # -- writing small local datasets in the three formats -----------------------------------------------------
 
@@ -138,13 +139,16 @@ def test_bad_records_are_filtered_not_fatal(tmp_path: Path) -> None:
     with DatasetStream(DatasetConfig(path="json", data_files=str(path), min_chars=2)) as s:
         assert list(s) == [(0, "hello there"), (4, "fine text")]
         assert (s.filtered, s.position) == (3, 5)
+        assert s.reasons == {"missing": 2, "too_short": 1}
     table = pa.table({"text": ["word"] * 5, "n": list(range(5))})
     pq.write_table(table, tmp_path / "ints.parquet")
-    with DatasetStream(DatasetConfig(path="parquet", data_files=str(tmp_path / "ints.parquet"), text_field="n")) as s:
-        assert list(s) == [] and s.filtered == 5
+    # past a run's first records (the check that stops a run on them is tested in test_dataset_inputs.py)
+    cfg = DatasetConfig(path="parquet", data_files=str(tmp_path / "ints.parquet"), text_field="n")
+    with DatasetStream(cfg, first_records_check=False) as s:
+        assert list(s) == [] and s.filtered == 5 and s.reasons == {"wrong_type": 5}
 
 
-@pytest.mark.parametrize("rows", [PROBE_RECORDS + 50, 7])
+@pytest.mark.parametrize("rows", [FIRST_RECORDS + 50, 7])
 def test_absent_text_field_names_the_fields_that_exist(tmp_path: Path, rows: int) -> None:
     """A text_field absent from every one of the first records is a config error naming the real fields."""
     pq.write_table(pa.table({"body": ["some words"] * rows, "title": ["t"] * rows}), tmp_path / "d.parquet")
