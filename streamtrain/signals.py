@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during a run: requests the dispatcher answers where its bookkeeping is whole."""
+"""What stops a run from outside its own work: Ctrl-C and SIGTERM (or a caller's stop event), requests the dispatcher
+answers where its bookkeeping is whole; and an abort, which makes every retry of the run's clients give up at once."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ class StopSignals:
     the dispatcher's next check (``raise_if_pending``) or when the run's signals are uninstalled: CPython's
     ``Handler.handle`` takes the handler's lock before its ``try``, so an exception raised there leaves the lock
     held, and the workers of the process's next run block forever on their first log line.
+
+    ``stop`` is the caller's event when given (``train(..., stop=event)``): setting it is one Ctrl-C, from any thread,
+    also where no signal handler can be installed (a call in a background thread); a first signal sets it too.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event | None = None) -> None:
         self.received = 0
-        self.stop = threading.Event()
+        self.stop = stop if stop is not None else threading.Event()
         self.abandon = threading.Event()
         self.pending = False  # a third signal that came inside a logging call: KeyboardInterrupt owed
 
@@ -63,6 +67,31 @@ class StopSignals:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.raise_if_pending()
+
+
+class Abort:
+    """A run stopped for good by something outside its threads (its embedded server lost): ``abort(exc)`` makes every
+    retry sleep of the run's clients (``sleep``, given to ``KatoClient(sleep=...)``) raise ``exc`` at once, and the
+    dispatcher raise it at its next check, instead of each request waiting out its retry budget against a server
+    that will not come back. The first abort's exception is the one raised."""
+
+    def __init__(self) -> None:
+        self._aborted = threading.Event()
+        self.exc: BaseException | None = None
+
+    def abort(self, exc: BaseException) -> None:
+        if self.exc is None:
+            self.exc = exc
+        self._aborted.set()
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep``, cut short by an abort, which it raises."""
+        if self._aborted.wait(max(0.0, seconds)):
+            self.raise_if_aborted()
+
+    def raise_if_aborted(self) -> None:
+        if self.exc is not None:
+            raise self.exc
 
 
 def _in_logging(frame: FrameType | None) -> bool:

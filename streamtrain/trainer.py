@@ -31,7 +31,7 @@ from .results import ProgressPoint, TrainResult
 from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
-from .signals import StopSignals
+from .signals import Abort, StopSignals
 from .stream import DatasetStream
 from .tokenize import get_tokenizer
 from .worker import Job, Worker, WorkerContext, plan_ahead
@@ -44,13 +44,15 @@ MAX_HISTORY_POINTS = 4000  # TrainResult.history (throughput plots) stays this s
 class _Run:
     """State of one call of train(): the dispatcher side."""
 
-    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool):
+    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool,
+                 stop: threading.Event | None = None, abort: Abort | None = None):
         self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
         self.store = self.rundir.checkpoints
         self.stop = threading.Event()  # tells the workers to take no more samples
-        self.signals = StopSignals()
+        self.signals = StopSignals(stop)  # Ctrl-C, SIGTERM, or the caller's stop event
+        self.abort = abort or Abort()  # the run's server is lost for good: every retry gives up at once
         self.capacity = 2 * config.num_workers + 2  # raised when requests carry several samples (_execute)
         self.learn_batch = self.learn_batches = False
         self.batch_endpoint = "batch"
@@ -198,14 +200,15 @@ class _Run:
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
         self.signals.raise_if_pending()  # a third Ctrl-C that came inside a logging call
+        self.abort.raise_if_aborted()
         try:
             outcome = self.outbox.get(timeout=0.2) if block else self.outbox.get_nowait()
         except queue.Empty:
             return
         while True:
             if outcome.fatal is not None:
-                self.fatal = outcome.fatal
-                raise outcome.fatal
+                self.fatal = self.abort.exc or outcome.fatal  # a worker's error after an abort is the abort's
+                raise self.fatal
             self._take(outcome)
             self.since_checkpoint += 1
             self.state.check_failures(self.config.run_name, self.config.max_failures, outcome if outcome.error else None)
@@ -345,10 +348,10 @@ class _Run:
         token = token_for(self.server_url, cfg)
         # checkpoint-time reads of the KB get a short budget: a checkpoint must not wait minutes for a dead server
         quick = cfg.client.model_copy(update={"retry_total_seconds": min(10.0, cfg.client.retry_total_seconds)})
-        self.kb_client = KatoClient(self.server_url, token=token, settings=quick)
+        self.kb_client = KatoClient(self.server_url, token=token, settings=quick, sleep=self.abort.sleep)
         try:
-            wait_for_server(self.server_url, token, cfg.client, self.signals.stop)
-            with KatoClient(self.server_url, token=token, settings=cfg.client) as probe:
+            wait_for_server(self.server_url, token, cfg.client, self.signals.stop, self.abort)
+            with KatoClient(self.server_url, token=token, settings=cfg.client, sleep=self.abort.sleep) as probe:
                 self.idempotency = probe.supports_idempotency
                 self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
                 # several samples per request where the server offers it: its keys differ from /learn-batch's, so
@@ -385,7 +388,7 @@ class _Run:
                 ctx = WorkerContext(config=cfg, server_url=self.server_url, token=token_for(self.server_url, cfg),
                                      tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.learn_batch,
                                      learn_batches=self.learn_batches, batch_endpoint=self.batch_endpoint,
-                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop)
+                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop, sleep=self.abort.sleep)
                 workers.extend(Worker(ctx, i) for i in range(cfg.num_workers))
                 for w in workers:
                     w.start()
@@ -393,6 +396,7 @@ class _Run:
                 if self.signals.stop.is_set():
                     logger.warning("run %s interrupted: finishing in-flight samples, then checkpointing", cfg.run_name)
                 self._stop_workers(workers, finish_queued=not self.signals.stop.is_set())
+                self.abort.raise_if_aborted()
                 if self.fatal is not None:
                     raise self.fatal
                 # failures of the last samples, taken while the workers finished
@@ -448,7 +452,8 @@ class _Run:
         )
 
 
-def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True,
+          stop: threading.Event | None = None) -> TrainResult:
     """Train ``config``'s run: resume from its newest valid checkpoint (and journal), or start it.
 
     ``fresh=True`` refuses to start over existing checkpoints unless ``move_aside=True`` moves the run's folder
@@ -456,6 +461,13 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     finished run from where it ended; samples that failed (rejected for their content) are retried first. Returns
     a TrainResult; on Ctrl-C or SIGTERM it finishes in-flight samples, writes an ``interrupt`` checkpoint and
     returns; on an error (the server's faults included) it writes an ``error`` checkpoint and re-raises.
+
+    ``stop``: setting this event (from any thread) is one Ctrl-C: the way to stop a call running in a background
+    thread, where no signal reaches it. A Ctrl-C in the main thread sets it too. Set before the server answers at
+    start-up, it raises KeyboardInterrupt (nothing was trained).
+
+    The embedded server (no ``server_url``) runs in a process group of its own, so a Ctrl-C or SIGTERM sent to the
+    whole group reaches only this process; it is restarted when it dies (docs/trainer.md).
     """
     config = config.with_overrides()  # a config changed with model_copy(update=...) was never validated
     if fresh:
@@ -463,9 +475,10 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     held = ExitStack()
     held.enter_context(CheckpointStore(config.run_dir, keep=config.keep_checkpoints).lock())
     run: _Run | None = None
+    abort = Abort()
     try:
-        with run_server(config) as (url, embedded):
-            run = _Run(config, url, embedded, progress)
+        with run_server(config, on_lost=abort.abort) as (url, embedded):
+            run = _Run(config, url, embedded, progress, stop, abort)
             return run.execute()
     finally:
         _release_lock(held, run)

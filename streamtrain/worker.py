@@ -131,6 +131,7 @@ class WorkerContext:
     inbox: queue.Queue[Job | None]
     outbox: queue.Queue[Outcome]
     stop: threading.Event  # take no more samples
+    sleep: Callable[[float], None]  # the clients' retry pause; raises once the run is aborted (signals.Abort)
 
 
 class Worker(threading.Thread):
@@ -139,7 +140,7 @@ class Worker(threading.Thread):
     def __init__(self, ctx: WorkerContext, number: int):
         super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
         self.ctx = ctx
-        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client)
+        self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client, sleep=ctx.sleep)
         self.sessions = self._new_sessions()
 
     def _new_sessions(self) -> list[NodeSession]:
