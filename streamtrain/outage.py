@@ -164,6 +164,11 @@ class OutageTracker:
     def aborted(self) -> bool:
         return self._aborted.is_set()
 
+    @property
+    def abort_cause(self) -> BaseException | None:
+        """The exception the first ``abort`` gave, or None."""
+        return self._abort_exc
+
     def check(self) -> None:
         """Raise the abort exception, if ``abort`` was called."""
         if self._abort_exc is not None:

@@ -1,6 +1,6 @@
-"""Which server, and is it there: the one a config names or the embedded server started on a run's knowledge base,
-its bearer token, and waiting, out loud, until it answers (``train``); a quick check and a connection for the
-notebooks (``connect``)."""
+"""Which server, and is it there: the one a config names or the embedded server started on a run's knowledge base
+(watched, and restarted when it dies), its bearer token, and waiting, out loud, until it answers (``train``); a quick
+check and a connection for the notebooks (``connect``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 from .client import KatoClient
 from .config import ClientConfig, RunConfig
-from .errors import ServerError, ServerUnavailable
+from .errors import ServerError, ServerUnavailable, StreamtrainError
 from .outage import OutageTracker
 from .wire import ServiceInfo
 
@@ -32,12 +32,14 @@ def token_for(url: str, config: RunConfig) -> str | None:
 
 
 @contextmanager
-def run_server(config: RunConfig) -> Iterator[tuple[str, bool]]:
+def run_server(config: RunConfig,
+               on_lost: Callable[[StreamtrainError], None] = lambda exc: None) -> Iterator[tuple[str, bool]]:
     """(URL, embedded): the config's ``server_url``, or the embedded server started on the run's knowledge base
-    (``<run folder>/kb.sqlite3``) for as long as the block runs.
+    (``<run folder>/kb.sqlite3``) for as long as the block runs, kept alive by a ``ServerKeeper``; ``on_lost`` is
+    called (from the keeper's thread) with the cause when it died and cannot be restarted.
 
-    The embedded server gets a fresh random bearer token at each start, so no other local process can read or
-    change the run's knowledge base while it trains; the run's clients find it with ``token_for``.
+    The embedded server gets a fresh random bearer token (kept across its restarts), so no other local process can
+    read or change the run's knowledge base while it trains; the run's clients find it with ``token_for``.
     """
     if config.server_url:
         yield config.server_url, False
@@ -48,9 +50,82 @@ def run_server(config: RunConfig) -> Iterator[tuple[str, bool]]:
     rundir = RunDir(config.run_dir)
     rundir.path.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    with EmbeddedServer(rundir.kb_path, log_path=rundir.server_log_path, token=token) as server:
+    server = EmbeddedServer(rundir.kb_path, log_path=rundir.server_log_path, token=token).start()
+    keeper = ServerKeeper(server, on_lost)
+    try:
         logger.info("embedded server for run %s at %s (bearer token required)", config.run_name, server.url)
         yield server.url, True
+    finally:
+        keeper.close()
+
+
+# A call restarts its embedded server at most this often: a server that keeps dying (a full disk, a bad build) stops
+# the run with its cause instead of flapping.
+MAX_SERVER_RESTARTS = 5
+
+
+class ServerKeeper:
+    """The trainer owns its embedded server's life: a thread waits on the child, and an exit that ``close`` did not
+    ask for is said at once (ERROR: how it ended, the path of its log) and answered with a restart on the same
+    database and port (same token), at most ``max_restarts`` times. The run goes on exactly: the workers' clients
+    resend what the dead server refused or left unanswered (keys, or the counter protocol decide), and the knowledge
+    base is the same file. A server that cannot be restarted, or that died once too often, is reported to
+    ``on_lost`` with the cause (how it ended, the end of its log), which stops the run at once.
+    """
+
+    def __init__(self, server: Any, on_lost: Callable[[StreamtrainError], None],
+                 max_restarts: int = MAX_SERVER_RESTARTS) -> None:
+        self.server, self.on_lost, self.max_restarts = server, on_lost, max_restarts
+        self.restarts = 0
+        self._closed = False
+        self._lock = threading.Lock()  # a restart and close() never overlap: close() stops the server restarted last
+        self._thread = threading.Thread(target=self._watch, name="streamtrain-server-keeper", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                proc = self.server.process
+                if self._closed or proc is None:
+                    return
+            code = proc.wait()
+            with self._lock:
+                if self._closed:
+                    return  # close() stopped it
+                lost = self._restart(proc.pid, code)
+            if lost is not None:
+                self.on_lost(lost)
+                return
+
+    def _restart(self, pid: int, code: int) -> ServerUnavailable | None:
+        """Start the server again after its unexpected exit; the error that ends the run when that fails."""
+        from .server.launcher import describe_exit
+
+        server, how = self.server, describe_exit(code)
+        logger.error("the run's embedded server (pid %d, %s) exited unexpectedly (%s); its log: %s",
+                     pid, server.url, how, server.log_path)
+        if self.restarts >= self.max_restarts:
+            return ServerUnavailable(
+                f"the run's embedded server exited unexpectedly ({how}) after {self.restarts} restart(s) in this "
+                f"call: not restarting it again. Its log {server.log_path} ends with:\n{server.log_tail()}")
+        self.restarts += 1
+        logger.warning("restarting the embedded server on %s, port %d (restart %d of at most %d in this call)",
+                       server.db_path, server.port, self.restarts, self.max_restarts)
+        try:
+            server.start()
+        except ServerUnavailable as exc:  # the run stops with this message: not logged twice
+            return ServerUnavailable(
+                f"the run's embedded server exited unexpectedly ({how}) and could not be restarted on "
+                f"{server.db_path}: {exc}")
+        logger.warning("embedded server restarted at %s (pid %s); the run goes on", server.url, server.pid)
+        return None
+
+    def close(self) -> None:
+        """Stop watching, then stop the server (after a restart in progress, if any)."""
+        with self._lock:
+            self._closed = True
+        self.server.stop()
+        self._thread.join(timeout=5)
 
 
 def wait_for_server(url: str, token: str | None, settings: ClientConfig, stop: threading.Event | None = None,
@@ -66,6 +141,7 @@ def wait_for_server(url: str, token: str | None, settings: ClientConfig, stop: t
             try:
                 return client.info()
             except ServerUnavailable as exc:
+                outage.check()  # the run was aborted (its embedded server lost for good): its cause
                 if outage.spent():
                     raise ServerUnavailable(
                         f"the server at {url} did not answer within {outage.budget:g} s: {outage.past_budget()} "

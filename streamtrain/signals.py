@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during a run: requests the dispatcher answers where its bookkeeping is whole."""
+"""What stops a run from outside its own work: Ctrl-C and SIGTERM (or a caller's stop event), requests the dispatcher
+answers where its bookkeeping is whole. (Stopping the run's clients' retries at once is ``outage.OutageTracker.abort``.)"""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ class StopSignals:
     the dispatcher's next check (``raise_if_pending``) or when the run's signals are uninstalled: CPython's
     ``Handler.handle`` takes the handler's lock before its ``try``, so an exception raised there leaves the lock
     held, and the workers of the process's next run block forever on their first log line.
+
+    ``stop`` is the caller's event when given (``train(..., stop=event)``): setting it is one Ctrl-C, from any thread,
+    also where no signal handler can be installed (a call in a background thread); a first signal sets it too.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event | None = None) -> None:
         self.received = 0
-        self.stop = threading.Event()
+        self.stop = stop if stop is not None else threading.Event()
         self.abandon = threading.Event()
         self.pending = False  # a third signal that came inside a logging call: KeyboardInterrupt owed
 

@@ -46,14 +46,17 @@ KB_READ_ATTEMPTS = 5  # a checkpoint's reads of the knowledge base: about 2 s of
 class _Run:
     """State of one call of train(): the dispatcher side."""
 
-    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool):
+    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool,
+                 stop: threading.Event | None = None, outage: OutageTracker | None = None):
         self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
         self.store = self.rundir.checkpoints
         self.stop = threading.Event()  # tells the workers to take no more samples
-        self.signals = StopSignals()
-        self.outage = OutageTracker(config.client.outage_seconds)  # the server's health, for every client of the run
+        self.signals = StopSignals(stop)  # Ctrl-C, SIGTERM, or the caller's stop event
+        # the server's health, for every client of the run; abort() (its server lost for good, the call ending)
+        # makes every retry of the run's clients give up at once
+        self.outage = outage if outage is not None else OutageTracker(config.client.outage_seconds)
         self.outage_shown: str | None = None  # what the bar says of it
         self.capacity = 2 * config.num_workers + 2  # raised when requests carry several samples (_execute)
         self.learn_batch = self.learn_batches = False
@@ -228,6 +231,7 @@ class _Run:
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
         self.signals.raise_if_pending()  # a third Ctrl-C that came inside a logging call
+        self.outage.check()  # aborted: the run's embedded server is lost for good
         try:
             outcome = self.outbox.get(timeout=0.2) if block else self.outbox.get_nowait()
         except queue.Empty:
@@ -235,8 +239,8 @@ class _Run:
             return
         while True:
             if outcome.fatal is not None:
-                self.fatal = outcome.fatal
-                raise outcome.fatal
+                self.fatal = self.outage.abort_cause or outcome.fatal  # a worker's error after an abort is the abort's
+                raise self.fatal
             self._take(outcome)
             self.since_checkpoint += 1
             self.state.check_failures(self.config.run_name, self.config.max_failures, outcome if outcome.error else None)
@@ -445,6 +449,7 @@ class _Run:
                 if self.signals.stop.is_set():
                     logger.warning("run %s interrupted: finishing in-flight samples, then checkpointing", cfg.run_name)
                 self._stop_workers(workers, finish_queued=not self.signals.stop.is_set())
+                self.outage.check()
                 if self.fatal is not None:
                     raise self.fatal
                 # failures of the last samples, taken while the workers finished
@@ -502,7 +507,8 @@ class _Run:
         )
 
 
-def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True,
+          stop: threading.Event | None = None) -> TrainResult:
     """Train ``config``'s run: resume from its newest valid checkpoint (and journal), or start it.
 
     ``fresh=True`` refuses to start over existing checkpoints unless ``move_aside=True`` moves the run's folder
@@ -510,6 +516,13 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     finished run from where it ended; samples that failed (rejected for their content) are retried first. Returns
     a TrainResult; on Ctrl-C or SIGTERM it finishes in-flight samples, writes an ``interrupt`` checkpoint and
     returns; on an error (the server's faults included) it writes an ``error`` checkpoint and re-raises.
+
+    ``stop``: setting this event (from any thread) is one Ctrl-C: the way to stop a call running in a background
+    thread, where no signal reaches it. A Ctrl-C in the main thread sets it too. Set before the server answers at
+    start-up, it raises KeyboardInterrupt (nothing was trained).
+
+    The embedded server (no ``server_url``) runs in a process group of its own, so a Ctrl-C or SIGTERM sent to the
+    whole group reaches only this process; it is restarted when it dies (docs/trainer.md).
     """
     config = config.with_overrides()  # a config changed with model_copy(update=...) was never validated
     if fresh:
@@ -517,9 +530,10 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     held = ExitStack()
     held.enter_context(CheckpointStore(config.run_dir, keep=config.keep_checkpoints).lock())
     run: _Run | None = None
+    outage = OutageTracker(config.client.outage_seconds)
     try:
-        with run_server(config) as (url, embedded):
-            run = _Run(config, url, embedded, progress)
+        with run_server(config, on_lost=outage.abort) as (url, embedded):
+            run = _Run(config, url, embedded, progress, stop, outage)
             return run.execute()
     finally:
         if run is not None:

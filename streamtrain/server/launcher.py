@@ -1,4 +1,10 @@
-"""Start the embedded server as a subprocess on a free port, wait for /health, stop it."""
+"""Start the embedded server as a subprocess on a free port, wait for /health, stop it.
+
+The server runs in a session (and so a process group) of its own: a Ctrl-C in a terminal, ``kill -TERM -PGID`` or a
+notebook's stop button signals the whole foreground group, and must reach the process that started the server (which
+checkpoints and then stops it), not the server under its feet. ``--exit-with-parent`` still ends a server whose
+starter was killed.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,16 @@ _tokens: dict[str, str] = {}
 def token_for(url: str) -> str | None:
     """The bearer token of a running EmbeddedServer started by this process at ``url``, else None."""
     return _tokens.get(url.rstrip("/"))
+
+
+def describe_exit(code: int) -> str:
+    """A process's end as a person reads it: "exit code 2", or "killed by signal SIGKILL" (Popen's negative codes)."""
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +79,11 @@ class EmbeddedServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The child started last (running or exited), None before start() and after stop() or kill()."""
+        return self._proc
+
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "streamtrain.server", "--host", self.host, "--port", str(self.port),
                "--db", str(self.db_path), "--log-level", "warning", "--exit-with-parent", str(os.getpid()),
@@ -82,7 +103,8 @@ class EmbeddedServer:
             env[TOKEN_ENV] = self.token
         return env
 
-    def _log_tail(self, n: int = 30) -> str:
+    def log_tail(self, n: int = 30) -> str:
+        """The last ``n`` lines of the server's log."""
         try:
             lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
@@ -94,14 +116,15 @@ class EmbeddedServer:
             return self
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.environment())
+                                          stdin=subprocess.DEVNULL, env=self.environment(),
+                                          start_new_session=True)  # group signals are its starter's to answer
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self._proc.poll()
             if code is not None:
                 raise ServerUnavailable(
-                    f"embedded server exited with code {code} during startup (db {self.db_path}, "
-                    f"port {self.port}); log {self.log_path} ends with:\n{self._log_tail()}")
+                    f"embedded server exited ({describe_exit(code)}) during startup (db {self.db_path}, "
+                    f"port {self.port}); log {self.log_path} ends with:\n{self.log_tail()}")
             if self._healthy():
                 log.debug("embedded server up at %s (pid %s)", self.url, self._proc.pid)
                 if self.token:
@@ -111,7 +134,7 @@ class EmbeddedServer:
                 self.kill()
                 raise ServerUnavailable(
                     f"embedded server did not answer /health within {self.startup_timeout} s at {self.url}; "
-                    f"log {self.log_path} ends with:\n{self._log_tail()}")
+                    f"log {self.log_path} ends with:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def _healthy(self) -> bool:
