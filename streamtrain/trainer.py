@@ -304,6 +304,8 @@ class _Run:
         try:
             self.journal.cut_back(g.journal_size)
             cut = None
+            logger.warning("run %s rolled back to %s: its journal no longer counts the samples finished since; "
+                           "stopping the workers", self.config.run_name, g.name)
         except CheckpointError as exc:
             cut = exc
         self._stop_workers(self.workers, finish_queued=False)
