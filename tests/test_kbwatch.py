@@ -323,12 +323,14 @@ def test_without_idempotency_keys_the_message_says_what_a_restore_learns_again(d
 
 
 def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_path, reference, zygote):
-    """SIGKILL after the rollback cut the journal back, while it waits for a worker stuck in a request (the proxy
-    holds every chunk sent after the swap): no error checkpoint was written yet, and the run resumes exactly from
-    its last good checkpoint on the right database."""
+    """A node is cleared mid-call (a copy made just before); the proxy then holds every request on one worker's
+    session, so the other worker trains on into the cleared node until the next checkpoint finds the change, and
+    the rollback, after cutting the journal back, waits for the held worker. SIGKILL then: no error checkpoint
+    was written, and once the node is restored from the copy the run resumes exactly (the journal's lines of the
+    samples trained into the cleared node no longer count)."""
     srv = EmbeddedServer(tmp_path / "kb.sqlite3").start()
-    other = EmbeddedServer(tmp_path / "other.sqlite3", port=srv.port)
-    swapped = threading.Event()
+    copy = tmp_path / "copy.sqlite3"
+    held: dict[str, str] = {}
     try:
         client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=False)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["stall"], stall_seconds=30) as proxy:
@@ -337,13 +339,11 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             def match(method: str, path: str) -> bool:
                 if method != "POST" or not path.endswith("/observe-sequence"):
                     return False
-                if swapped.is_set():
-                    return True  # held: the other worker never finishes its request
-                if any(cfg.run_dir.glob("ckpt-*")):
-                    srv.stop()
-                    other.start()
-                    swapped.set()  # this request goes on: it finds its session gone on the new database
-                return False
+                if not held and any(cfg.run_dir.glob("ckpt-*")):
+                    _copy_database(srv.db_path, copy)
+                    _clear_node(srv.url, cfg.node_id(0))
+                    held["session"] = path.split("/")[2]  # this worker's requests are held from now on
+                return path.split("/")[2] == held.get("session")
 
             proxy.match = match
             config = tmp_path / "run.json"
@@ -351,8 +351,9 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             log = tmp_path / "child.log"
             child = zygote.spawn([sys.executable, CHILD, config], log)
             deadline = time.monotonic() + 60
-            while "journal no longer counts the samples finished since" not in log.read_text(errors="replace"):
-                assert child.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            read = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
+            while "journal no longer counts the samples finished since" not in read():
+                assert child.poll() is None and time.monotonic() < deadline, read()[-3000:]
                 time.sleep(0.01)
             child.send_signal(signal.SIGKILL)
             child.wait(10)
@@ -360,10 +361,8 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             assert entries and all(e.checkpoint and e.checkpoint.reason == "interval" for e in entries)
             proxy.match = None
             proxy.fault_rate = 0.0
-            other.stop()
-            srv.start()
+            _restore(srv, copy)
             result = train(cfg, progress=False)
         assert result.reason == "end" and kb_by_level(srv.url, cfg) == reference
     finally:
-        other.stop()
         srv.stop()
