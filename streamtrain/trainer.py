@@ -250,19 +250,48 @@ class _Run:
         return self.kb_record
 
     def _unchecked_checkpoint(self, reason: str, error: str | None) -> Path | None:
-        """The KB could not be read: no checkpoint moves the position past what was checked. An interval one is
-        skipped (the next is due after another interval); an interrupt or error one repeats the last good point,
-        and the journal, neither compacted nor cut, keeps the samples finished since for the next call."""
+        """The KB could not be read, so the samples finished since the last good point are unchecked; no checkpoint
+        moves the position past them. An interval checkpoint is skipped (the next is due after another interval).
+        An interrupt or error one repeats the last good point: on a server with idempotency keys the run is rolled
+        back to it (the journal cut back, as ``_roll_back`` argues), which costs only replays that the server
+        answers from its record; without keys the journal, neither compacted nor cut, keeps those samples for the
+        next call (replaying them there would learn them twice)."""
         self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
+        g = self.good
         if reason == "interval":
             logger.warning("checkpoint skipped: the knowledge base could not be read to check it (the journal keeps "
-                           "the samples finished since %s)", self.good.name)
+                           "the samples finished since %s)", g.name)
             return None
+        note = f"the knowledge base could not be read to check the samples finished since {g.name}"
+        cut = self._cut_journal_back() if self.idempotency else None
+        if self.idempotency and cut is None:
+            note += (": the run is rolled back to it, and the next call trains them again under their idempotency "
+                     "keys (the server answers those it holds from its record)")
+            self._reset_state_to_good()
+        else:
+            note += f": this checkpoint repeats its position (raw {g.position.raw_offset}), and the journal keeps them"
+        logger.warning("%s checkpoint: %s", reason, note)
+        message = f"{error}\n({note})" if error else None
+        return self._save(reason, message, g.position, g.counters, g.failures, g.record)[1]
+
+    def _cut_journal_back(self) -> CheckpointError | None:
+        """Step 1 of a rollback (``_roll_back``): the journal cut back to the last good point; the error if not."""
         g = self.good
-        logger.warning("the %s checkpoint repeats %s (raw position %d): the knowledge base could not be read to "
-                       "check the samples finished since, which the journal keeps", reason, g.name,
-                       g.position.raw_offset)
-        return self._save(reason, error, g.position, g.counters, g.failures, g.record)[1]
+        try:
+            self.journal.cut_back(g.journal_size)
+        except CheckpointError as exc:
+            logger.error("%s", exc)
+            return exc
+        logger.warning("run %s rolled back to %s: its journal no longer counts the samples finished since",
+                       self.config.run_name, g.name)
+        return None
+
+    def _reset_state_to_good(self) -> None:
+        """The run's state as the last good point describes it (for the metrics row and the result); once the
+        workers are stopped, whose outcomes would otherwise land in it."""
+        g = self.good
+        levels = len(self.config.layers)
+        self.state = RunState(levels, g.position.raw_offset, set(g.position.done_above), g.counters, g.failures)
 
     def _check_after_session_loss(self, client: KatoClient, node_id: str) -> None:
         """In a worker that lost its session on ``node_id``, before it makes a new one: a server restarted on
@@ -301,13 +330,7 @@ class _Run:
         """
         g = self.good
         reached = self.state.mark
-        try:
-            self.journal.cut_back(g.journal_size)
-            cut = None
-            logger.warning("run %s rolled back to %s: its journal no longer counts the samples finished since; "
-                           "stopping the workers", self.config.run_name, g.name)
-        except CheckpointError as exc:
-            cut = exc
+        cut = self._cut_journal_back()
         self._stop_workers(self.workers, finish_queued=False)
         also = f" (found while the run stopped on {type(stopped_on).__name__}: {stopped_on})" if stopped_on else ""
         if self.embedded:
@@ -329,8 +352,7 @@ class _Run:
         message = (f"{found}{also}\n{rolled} Ways out: {restore}; then run the same command. Or start the run over "
                    "(streamtrain train --fresh --move-aside; train(config, fresh=True, move_aside=True)).")
         if cut is None:
-            levels = len(self.config.layers)
-            self.state = RunState(levels, g.position.raw_offset, set(g.position.done_above), g.counters, g.failures)
+            self._reset_state_to_good()
             try:
                 self._save("error", message, g.position, g.counters, g.failures, g.record)
             except StreamtrainError as exc:

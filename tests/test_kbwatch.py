@@ -322,6 +322,46 @@ def test_without_idempotency_keys_the_message_says_what_a_restore_learns_again(d
         srv.stop()
 
 
+def test_a_run_stopped_before_it_could_check_is_rolled_back_on_a_server_with_keys(demo_corpus, tmp_path, reference,
+                                                                                   capsys):
+    """A node is cleared mid-call (a copy made just before), a request goes on into the cleared node, then every
+    learn is answered 500 (a full disk): the run stops before a checkpoint could check the knowledge base, and its
+    error checkpoint cannot move past what was checked. With idempotency keys it is rolled back, so once the node
+    is restored from the copy the samples trained into the cleared node are trained again and the KB is exact."""
+    srv = EmbeddedServer(tmp_path / "kb.sqlite3").start()
+    copy = tmp_path / "copy.sqlite3"
+    learns = {"after": 0}
+    try:
+        client = ClientConfig(retry_total_seconds=5, read_timeout=5, samples_per_request=4)
+        with FaultProxy(srv.url, fault_rate=1.0, kinds=["500"]) as proxy:
+            cfg = make_config(tmp_path, demo_corpus, "unchecked", proxy.url, client=client)
+
+            def match(method: str, path: str) -> bool:
+                if method != "POST" or path != "/learn-batches" or not any(cfg.run_dir.glob("ckpt-*")):
+                    return False
+                if learns["after"] == 0:
+                    _copy_database(srv.db_path, copy)
+                    _clear_node(srv.url, cfg.node_id(0))
+                learns["after"] += 1
+                return learns["after"] > 1  # this request trains into the cleared node; the next ones fail
+
+            proxy.match = match
+            code, err = _cli_train(cfg, tmp_path, capsys)
+            assert code == EXIT_ERROR and "500" in err, err
+            entries = CheckpointStore(cfg.run_dir).entries()
+            error, good = entries[-1].checkpoint, entries[-2].checkpoint
+            assert error.reason == "error" and "500" in error.error and "rolled back" in error.error, error.error
+            assert (error.position, error.counters) == (good.position, good.counters)
+            proxy.match = None
+            proxy.fault_rate = 0.0
+            _restore(srv, copy)
+            code, err = _cli_train(cfg, tmp_path, capsys)
+            assert code == EXIT_OK, err
+        assert kb_by_level(srv.url, cfg) == reference
+    finally:
+        srv.stop()
+
+
 def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_path, reference, zygote):
     """A node is cleared mid-call (a copy made just before); the proxy then holds every request on one worker's
     session, so the other worker trains on into the cleared node until the next checkpoint finds the change, and
@@ -352,7 +392,7 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             child = zygote.spawn([sys.executable, CHILD, config], log)
             deadline = time.monotonic() + 60
             read = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
-            while "journal no longer counts the samples finished since" not in read():
+            while "its journal no longer counts the samples finished since" not in read():
                 assert child.poll() is None and time.monotonic() < deadline, read()[-3000:]
                 time.sleep(0.01)
             child.send_signal(signal.SIGKILL)
