@@ -176,7 +176,7 @@ class _Run:
 
         Raises KnowledgeBaseMismatch when the KB changed (the caller rolls the run back: ``_roll_back``). When the
         KB cannot be read, nothing is known of the samples finished since the last good checkpoint: an interval
-        checkpoint is skipped, an interrupt or error one repeats the last good one (the journal keeps the rest), and
+        checkpoint is skipped, an interrupt or error one repeats the last good one (``_unchecked_checkpoint``), and
         the end raises (a run never ends unchecked)."""
         upto = self.journal.size  # the lines a resume from this checkpoint may count: those written before the check
         record = self._checked_record(reason, cause)
