@@ -61,7 +61,7 @@ class _GoodPoint:
     """Where a rollback takes the run: the last checkpoint whose knowledge-base check passed (or the state this call
     started from), and the journal's size right after it (after that checkpoint's compaction)."""
 
-    name: str  # for messages: "ckpt-00000004.json", or what this call started from
+    name: str  # for messages: "ckpt-00000004.json", or "the start of this call ..."
     position: StreamPosition
     counters: Counters
     failures: list[FailedSample]
@@ -165,7 +165,7 @@ class _Run:
         """The state this call started from, as a rollback's target (the journal was just opened)."""
         if self.resumed_from is not None:
             ckpt, path = self.resumed_from
-            return _GoodPoint(f"{path.name}, where this call started", ckpt.position, ckpt.counters,
+            return _GoodPoint(f"the start of this call (resumed from {path.name})", ckpt.position, ckpt.counters,
                               list(ckpt.failures), self.kb_record, self.journal.size)
         levels = len(self.config.layers)
         return _GoodPoint("the start of this call", StreamPosition(raw_offset=0), Counters(patterns_learned=[0] * levels),

@@ -245,7 +245,7 @@ def test_a_node_cleared_during_a_call_stops_it_and_the_run_resumes_exactly_from_
                 shown = capsys.readouterr().out
                 assert "reason:      error: the knowledge base at" in shown and "rolled back" in shown, shown
             if when == "at-the-end":
-                assert "found 0 (total frequency 0)" in err and f"{good}, where this call started" in err
+                assert "found 0 (total frequency 0)" in err and f"the start of this call (resumed from {good})" in err
             _assert_rolled_back(cfg, good)
             hook.armed = False
             _restore(srv, copy)
