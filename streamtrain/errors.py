@@ -5,7 +5,8 @@
      + ResumeMismatch                a checkpoint was made with a config that differs where it matters
      + CheckpointError               a checkpoint folder or file cannot be read or written
         + JournalDamaged             a journal line is damaged, not just torn
-     + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds
+     + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds,
+                                     on resume or during a call (the run is rolled back then)
      + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
      + DatasetError                  the dataset cannot be opened or read, or has no usable text field
         + DataEndsEarly              the data ends before the raw position a run resumes at
@@ -49,7 +50,15 @@ class JournalDamaged(CheckpointError):
 
 
 class KnowledgeBaseMismatch(StreamtrainError):
-    """The server's knowledge base holds less than the run's checkpoint says it must (deleted, swapped, cleared)."""
+    """The server's knowledge base holds less than the run's checkpoint says it must (deleted, swapped, cleared),
+    found on resume or during a call.
+
+    ``problems``: one line per shortfall (the database id or the node, what was expected, what was found).
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 class DatasetChanged(StreamtrainError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,47 +255,65 @@ class Journal:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
-    def compact(self, keep_from: int, keep_also: set[int] | frozenset[int] = frozenset()) -> None:
+    def compact(self, keep_from: int, keep_also: set[int] | frozenset[int] = frozenset(),
+                upto: int | None = None) -> int:
         """Keep the lines of samples at or above ``keep_from`` (the position of the oldest checkpoint kept) and
         of the samples in ``keep_also`` (failed samples still open): all that a resume from a kept checkpoint
         can need. Streams: one pass notes where each kept sample's last step line and fin line are, a second
-        copies those lines, so memory does not grow with the journal (a run checkpoints for days)."""
-        with self._lock:
-            try:
-                where = self._kept_lines(keep_from, keep_also)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("journal compaction skipped (%s): the journal keeps growing until the next one", exc)
-                return
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            try:
-                with open(self.path, "rb") as src, open(tmp, "wb") as out:
-                    out.write(_line(self._header))
-                    for s in sorted(where):
-                        for offset in where[s]:
-                            if offset is not None:
-                                src.seek(offset)
-                                out.write(src.readline())
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-                old, self._fd = self._fd, None  # never a closed number left behind, whatever interrupts this
-                if old is not None:
-                    os.close(old)
-                self._open()
-            except OSError as exc:
-                # the old journal is still complete (os.replace is atomic): keep appending to it
-                logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
-                if self._fd is None:
-                    self._open()
+        copies those lines, so memory does not grow with the journal (a run checkpoints for days).
 
-    def _kept_lines(self, keep_from: int, keep_also: set[int] | frozenset[int]) -> dict[int, list[int | None]]:
-        """sample -> [offset of its last step line, offset of its fin line] for the samples compaction keeps."""
+        Only the lines before byte ``upto`` (the journal's ``size`` when the checkpoint's state was taken) are
+        compacted; those the workers appended since follow unchanged, so the file reads as before. Returns the size
+        of the compacted part: the journal as the checkpoint describes it, where ``cut_back`` takes it back to if
+        the knowledge base turns out to have changed after this checkpoint."""
+        with self._lock:
+            end = self._size if upto is None else min(upto, self._size)
+            return self._compact(keep_from, keep_also, end)
+
+    def _compact(self, keep_from: int, keep_also: set[int] | frozenset[int], end: int) -> int:
+        """compact() under the lock: the size of the compacted part (``end`` when the file was left as it was)."""
+        try:
+            where = self._kept_lines(keep_from, keep_also, end)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("journal compaction skipped (%s): the journal keeps growing until the next one", exc)
+            return end
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(self.path, "rb") as src, open(tmp, "wb") as out:
+                out.write(_line(self._header))
+                for s in sorted(where):
+                    for offset in where[s]:
+                        if offset is not None:
+                            src.seek(offset)
+                            out.write(src.readline())
+                compacted = out.tell()
+                src.seek(end)
+                shutil.copyfileobj(src, out)  # the lines appended since the checkpoint's state was taken
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            old, self._fd = self._fd, None  # never a closed number left behind, whatever interrupts this
+            if old is not None:
+                os.close(old)
+            self._open()
+            return compacted
+        except OSError as exc:
+            # the old journal is still complete (os.replace is atomic): keep appending to it
+            logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
+            if self._fd is None:
+                self._open()
+            return end
+
+    def _kept_lines(self, keep_from: int, keep_also: set[int] | frozenset[int],
+                    end: int) -> dict[int, list[int | None]]:
+        """sample -> [offset of its last step line, offset of its fin line] for the samples compaction keeps, from
+        the lines before byte ``end``."""
         where: dict[int, list[int | None]] = {}
         offset = 0
         with open(self.path, "rb") as fh:
             for raw in fh:
                 here, offset = offset, offset + len(raw)
-                if not raw.endswith(b"\n"):
+                if offset > end or not raw.endswith(b"\n"):
                     break
                 entry = json.loads(raw)
                 if "header" in entry:
@@ -308,6 +327,34 @@ class Journal:
                 else:  # a new attempt: an earlier fin no longer holds (as read_journal decides)
                     slot[0], slot[1] = here, None
         return where
+
+    @property
+    def size(self) -> int:
+        """Bytes of whole lines in the file now: after a checkpoint's compaction, where a rollback cuts back to."""
+        with self._lock:
+            return self._size
+
+    def cut_back(self, size: int) -> None:
+        """Cut the journal back to ``size`` bytes (its ``size`` right after the last good checkpoint) and close it:
+        the lines of the samples finished since then no longer count, and no thread can append another. Durable
+        (fsync) before it returns, so a checkpoint written after it never meets the old lines after a crash.
+        Raises CheckpointError when the file cannot be cut."""
+        with self._lock:
+            fd, self._fd = self._fd, None  # closed first: whatever happens next, no worker appends again
+            try:
+                if fd is None:
+                    fd = os.open(self.path, os.O_WRONLY)
+                if size > os.fstat(fd).st_size:
+                    raise OSError(f"it holds fewer than the {size} bytes it had after the last good checkpoint")
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError as exc:
+                raise CheckpointError(f"cannot cut the journal {self.path} back to {size} bytes: "
+                                      f"{exc.strerror or exc}") from exc
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            self._size = size
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,8 @@ class Outcome:
     learns: list[int] = field(default_factory=list)
     error: str | None = None  # the sample's own fault: it failed
     steps_done: int = 0  # with an error: steps that took effect before it
-    names: dict[int, str] = field(default_factory=dict)  # level -> a pattern it learned (knowledge-base probes)
+    names: dict[int, str] = field(default_factory=dict)  # level -> the first pattern it learned there (KB probes)
+    worker: int = 0  # the worker that trained it: its samples are learned in the order their outcomes come
     fatal: BaseException | None = None  # the server's or the run's fault: the run stops, the sample stays unfinished
 
 

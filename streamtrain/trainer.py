@@ -13,19 +13,35 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from . import __version__
-from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
+from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
 from .config import RunConfig, check_resume
 from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
-from .errors import DataEndsEarly, DatasetError, ServerUnavailable, StreamtrainError
+from .errors import (
+    CheckpointError,
+    DataEndsEarly,
+    DatasetError,
+    KnowledgeBaseMismatch,
+    ProtocolError,
+    ServerUnavailable,
+    StreamtrainError,
+)
 from .heap import frozen_heap
 from .journal import Journal, read_journal
-from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, record_knowledge_base
+from .kbcheck import (
+    KnowledgeBaseRecord,
+    Learned,
+    check_knowledge_base,
+    knowledge_base_problems,
+    next_record,
+    read_knowledge_base,
+)
 from .metrics import Event, MetricsLog
 from .outage import OutageTracker
 from .results import ProgressPoint, TrainResult
@@ -41,6 +57,19 @@ logger = logging.getLogger(__name__)
 
 MAX_HISTORY_POINTS = 4000  # TrainResult.history (throughput plots) stays this small however long the run
 KB_READ_ATTEMPTS = 5  # a checkpoint's reads of the knowledge base: about 2 s of retries, then the last record holds
+
+
+@dataclass(frozen=True)
+class _GoodPoint:
+    """Where a rollback takes the run: the last checkpoint whose knowledge-base check passed (or the state this call
+    started from), and the journal's size right after it (after that checkpoint's compaction)."""
+
+    name: str  # for messages: "ckpt-00000004.json", or "the start of this call ..."
+    position: StreamPosition
+    counters: Counters
+    failures: list[FailedSample]
+    record: KnowledgeBaseRecord | None
+    journal_size: int
 
 
 class _Run:
@@ -71,8 +100,12 @@ class _Run:
         self.stream: DatasetStream | None = None
         self.freeze_heap_again: Callable[[], None] = lambda: None  # set by heap.frozen_heap while training
         self.workers: list[Worker] = []
-        self.kb_record: KnowledgeBaseRecord | None = None
-        self.probe_names: dict[int, str] = {}  # level -> a pattern learned since the last checkpoint
+        self.kb_record: KnowledgeBaseRecord | None = None  # the last good record: what the KB must hold at least
+        # (worker, level) -> the first pattern that worker's samples learned there since the last check
+        self.probe_names: dict[tuple[int, int], str] = {}
+        self.kb_read_failed = False  # the last attempt to read the KB failed (the server is not answering)
+        self.resumed_from: tuple[Checkpoint, Path] | None = None
+        self.good: _GoodPoint  # set when the journal is opened (_train)
         self.kept_marks: list[int] = []  # positions of the checkpoints kept on disk, oldest first
         self.fatal: BaseException | None = None  # a worker's fatal error, raised again in the dispatcher
 
@@ -102,9 +135,9 @@ class _Run:
         self.resumed = pinned
         self.sequence = ckpt.sequence if ckpt is not None else 0
         if pinned and ckpt is not None and path is not None:
-            where = str(rundir.kb_path) if self.embedded else self.server_url
-            check_knowledge_base(client, ckpt.knowledge_base, str(path), where, self.embedded)
-            self.kb_record = ckpt.knowledge_base
+            kb_now = check_knowledge_base(client, ckpt.knowledge_base, self.node_ids, str(path), self.kb_where,
+                                          self.embedded)
+            self.resumed_from = (ckpt, path)
             self.started_at = ckpt.started_at
             self.elapsed_before = ckpt.elapsed_seconds
             self.stream_state = ckpt.position.state_dict
@@ -112,9 +145,12 @@ class _Run:
             logger.info("resuming run %s from %s at raw position %d", cfg.run_name, path.name,
                         ckpt.position.raw_offset)
         else:
+            kb_now = read_knowledge_base(client, self.node_ids, None)
             self.started_at = datetime.now(timezone.utc)
             self.elapsed_before = 0.0
             self.stream_state = None
+        # what the KB holds as this call starts: the first record the checks during the call compare with
+        self.kb_record = next_record(kb_now)
         self.state = RunState.resume(len(cfg.layers), ckpt if pinned else None, journal_state)
         if self.state.recovery:
             logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name,
@@ -151,12 +187,47 @@ class _Run:
                 position=exc.position, end=exc.end) from None
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def checkpoint(self, reason: str, error: str | None = None) -> Path:
+    @property
+    def node_ids(self) -> list[str]:
+        return [self.config.node_id(level) for level in range(len(self.config.layers))]
+
+    @property
+    def kb_where(self) -> str:
+        return str(self.rundir.kb_path) if self.embedded else self.server_url
+
+    def _start_point(self) -> _GoodPoint:
+        """The state this call started from, as a rollback's target (the journal was just opened)."""
+        if self.resumed_from is not None:
+            ckpt, path = self.resumed_from
+            return _GoodPoint(f"the start of this call (resumed from {path.name})", ckpt.position, ckpt.counters,
+                              list(ckpt.failures), self.kb_record, self.journal.size)
+        levels = len(self.config.layers)
+        return _GoodPoint("the start of this call", StreamPosition(raw_offset=0), Counters(patterns_learned=[0] * levels),
+                          [], self.kb_record, self.journal.size)
+
+    def checkpoint(self, reason: str, error: str | None = None, cause: BaseException | None = None) -> Path | None:
+        """Check the knowledge base against the last good record, then write a checkpoint of the run's state.
+
+        Raises KnowledgeBaseMismatch when the KB changed (the caller rolls the run back: ``_roll_back``). When the
+        KB cannot be read, nothing is known of the samples finished since the last good checkpoint: an interval
+        checkpoint is skipped, an interrupt or error one repeats the last good one (``_unchecked_checkpoint``), and
+        the end raises (a run never ends unchecked)."""
+        upto = self.journal.size  # the lines a resume from this checkpoint may count: those written before the check
+        record = self._checked_record(reason, cause)
+        if record is None:
+            return self._unchecked_checkpoint(reason, error)
         state = self.state
         position = state.position()
         position.state_dict = self._stream_state(position.raw_offset)
-        if reason != "error":  # after an error the server may be down: the last record still holds (KBs only grow)
-            self.kb_record = self._record_knowledge_base()
+        ckpt, path = self._save(reason, error, position, state.snapshot_counters(), state.failure_list(), record)
+        # lines back to the oldest kept checkpoint: a fallback to it (when a newer one is damaged) stays exact
+        size = self.journal.compact(min(self.kept_marks), set(state.failures), upto)
+        self.good = _GoodPoint(path.name, ckpt.position, ckpt.counters, ckpt.failures, record, size)
+        self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
+        return path
+
+    def _save(self, reason: str, error: str | None, position: StreamPosition, counters: Counters,
+              failures: list[FailedSample], record: KnowledgeBaseRecord | None) -> tuple[Checkpoint, Path]:
         self.sequence = max(self.sequence + 1, self.store.next_sequence())
         call_elapsed = time.monotonic() - self.t0
         ckpt = Checkpoint(
@@ -165,8 +236,8 @@ class _Run:
             run_name=self.config.run_name,
             config=self.config,
             position=position,
-            counters=state.snapshot_counters(),
-            failures=state.failure_list(),
+            counters=counters,
+            failures=failures,
             reason=reason,
             error=error,
             started_at=self.started_at,
@@ -174,20 +245,153 @@ class _Run:
             elapsed_seconds=self.elapsed_before + call_elapsed,
             server=ServerInfo(url=None if self.embedded else self.server_url, embedded=self.embedded,
                               idempotency=self.idempotency),
-            knowledge_base=self.kb_record,
+            knowledge_base=record,
             dataset=self.dataset_record,
         )
         path = self.store.save(ckpt)
         self.kept_marks = (self.kept_marks + [position.raw_offset])[-self.config.keep_checkpoints:]
-        # lines back to the oldest kept checkpoint: a fallback to it (when a newer one is damaged) stays exact
-        self.journal.compact(min(self.kept_marks), set(state.failures))
         self.checkpoints_written += 1
         self.last_checkpoint = path
-        self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
         logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, position.raw_offset)
         event: Event = "checkpoint" if reason == "interval" else reason  # type: ignore[assignment]
         self._metrics_row(event, detail=error or path.name, call_elapsed=call_elapsed)
-        return path
+        return ckpt, path
+
+    def _checked_record(self, reason: str, cause: BaseException | None) -> KnowledgeBaseRecord | None:
+        """What the KB holds now, compared with the last good record before it is replaced; None when it cannot
+        be read. The patterns learned since the last check must be there too (kbcheck.py says why)."""
+        if reason == "error" and (self.kb_read_failed or _server_failing(cause)):
+            return None  # the server is not answering: reading would only wait out another budget
+        learned = [Learned(level, self.config.node_id(level), name) for (_, level), name in self.probe_names.items()]
+        try:
+            found = read_knowledge_base(self.kb_client, self.node_ids, self.kb_record, learned)
+        except StreamtrainError as exc:
+            self.kb_read_failed = True
+            if reason == "end":
+                raise ServerUnavailable(
+                    f"could not read the knowledge base at {self.kb_where} to check it before the end checkpoint "
+                    f"({exc}); the run stops unchecked instead of ending. Run the same command again once the server "
+                    "answers: it checks the knowledge base and ends from the last good checkpoint and the journal"
+                ) from exc
+            logger.warning("could not read the knowledge base to check it for the %s checkpoint (%s)", reason, exc)
+            return None
+        self.kb_read_failed = False
+        problems = knowledge_base_problems(self.kb_record, found, learned)
+        if problems:
+            raise KnowledgeBaseMismatch(f"the knowledge base at {self.kb_where} changed, found at the {reason} "
+                                        "checkpoint:\n  " + "\n  ".join(problems), problems=problems)
+        self.kb_record, self.probe_names = next_record(found), {}
+        return self.kb_record
+
+    def _unchecked_checkpoint(self, reason: str, error: str | None) -> Path | None:
+        """The KB could not be read, so the samples finished since the last good point are unchecked; no checkpoint
+        moves the position past them. An interval checkpoint is skipped (the next is due after another interval).
+        An interrupt or error one repeats the last good point: on a server with idempotency keys the run is rolled
+        back to it (the journal cut back, as ``_roll_back`` argues), which costs only replays that the server
+        answers from its record; without keys the journal, neither compacted nor cut, keeps those samples for the
+        next call (replaying them there would learn them twice)."""
+        self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
+        g = self.good
+        if reason == "interval":
+            logger.warning("checkpoint skipped: the knowledge base could not be read to check it (the journal keeps "
+                           "the samples finished since %s)", g.name)
+            return None
+        note = f"the knowledge base could not be read to check the samples finished since {g.name}"
+        cut = self._cut_journal_back() if self.idempotency else None
+        if self.idempotency and cut is None:
+            note += (": the run is rolled back to it, and the next call trains them again under their idempotency "
+                     "keys (the server answers those it holds from its record)")
+            self._reset_state_to_good()
+        else:
+            note += f": this checkpoint repeats its position (raw {g.position.raw_offset}), and the journal keeps them"
+        logger.warning("%s checkpoint: %s", reason, note)
+        message = f"{error}\n({note})" if error else None
+        return self._save(reason, message, g.position, g.counters, g.failures, g.record)[1]
+
+    def _cut_journal_back(self) -> CheckpointError | None:
+        """Step 1 of a rollback (``_roll_back``): the journal cut back to the last good point; the error if not."""
+        g = self.good
+        try:
+            self.journal.cut_back(g.journal_size)
+        except CheckpointError as exc:
+            logger.error("%s", exc)
+            return exc
+        logger.warning("run %s rolled back to %s: its journal no longer counts the samples finished since",
+                       self.config.run_name, g.name)
+        return None
+
+    def _reset_state_to_good(self) -> None:
+        """The run's state as the last good point describes it (for the metrics row and the result); once the
+        workers are stopped, whose outcomes would otherwise land in it."""
+        g = self.good
+        levels = len(self.config.layers)
+        self.state = RunState(levels, g.position.raw_offset, set(g.position.done_above), g.counters, g.failures)
+
+    def _check_after_session_loss(self, client: KatoClient, node_id: str) -> None:
+        """In a worker that lost its session on ``node_id``, before it makes a new one: a server restarted on
+        another database loses them, so the KB is compared with the last good record (no sample of the worker's is
+        finished meanwhile). Raises KnowledgeBaseMismatch, which stops the run like any fatal worker error."""
+        record = self.kb_record
+        found = read_knowledge_base(client, self.node_ids, record)
+        problems = knowledge_base_problems(record, found)
+        if problems:
+            raise KnowledgeBaseMismatch(f"the knowledge base at {self.kb_where} changed, found when a session on node "
+                                        f"{node_id} was lost:\n  " + "\n  ".join(problems), problems=problems)
+        logger.info("node %s: a session was lost; the knowledge base is still the run's", node_id)
+
+    def _roll_back(self, found: KnowledgeBaseMismatch, stopped_on: BaseException | None = None) -> NoReturn:
+        """The KB changed during this call: take the run back to its last good point, and raise.
+
+        Samples finished since the last good checkpoint may have gone to a KB that does not keep them (another
+        database, a cleared node), and the journal says they are finished: a resume would skip them. So:
+
+        1. The journal is cut back to the part the last good checkpoint's compaction wrote from the lines written
+           before its check (or to its size at this call's start) and closed, durably: the lines written since no
+           longer count, and no worker can append another.
+        2. The workers stop (each finishes its request; its journal lines are refused).
+        3. An ``error`` checkpoint repeats the last good point (position, counters, failures, KB record) with the
+           message, so ``inspect`` shows what happened.
+
+        A SIGKILL at any moment leaves a resumable, exact run. Before step 1 the files are those of a trainer killed
+        before it noticed the change: the resume compares the KB with the last good record as it always does. From
+        step 1 on they are the last good checkpoint with the journal as it stood at that checkpoint's check (or the
+        files this call started from): what a trainer killed at that moment leaves, so it resumes exactly from that
+        checkpoint once the right KB is back (with idempotency keys, samples it replays that the restored copy holds
+        are answered from the server's record).
+        Step 3 is one atomic rename, and its checkpoint holds what the last good one holds; no checkpoint written
+        since moves the position past it (every checkpoint's position was checked). A failed cut writes no
+        checkpoint and says to move the journal aside.
+        """
+        g = self.good
+        reached = self.state.mark
+        cut = self._cut_journal_back()
+        self._stop_workers(self.workers, finish_queued=False)
+        also = f" (found while the run stopped on {type(stopped_on).__name__}: {stopped_on})" if stopped_on else ""
+        if self.embedded:
+            restore = f"restore {self.kb_where} (with its -wal file if it has one) from a copy made at or after {g.name}"
+        else:
+            restore = (f"restart the server at {self.kb_where} on the database that holds this run's knowledge base, "
+                       f"or restore that database from a copy made at or after {g.name} (server_url may also point at "
+                       "the right server)")
+        if not self.idempotency:
+            restore += (". This server has no idempotency keys: samples that the restored copy already holds from "
+                        f"after {g.name} are learned a second time")
+        if cut is not None:
+            rolled = (f"The run could not be rolled back: {cut}. Move {self.journal.path} aside before the next call, "
+                      f"which then resumes from {g.name} alone (exact with idempotency keys).")
+        else:
+            rolled = (f"The run is rolled back from raw position {reached} to {g.name} (raw position "
+                      f"{g.position.raw_offset}): the samples finished since may have gone to a knowledge base that "
+                      "does not keep them, so they count as not done and the next call trains them again.")
+        message = (f"{found}{also}\n{rolled} Ways out: {restore}; then run the same command. Or start the run over "
+                   "(streamtrain train --fresh --move-aside; train(config, fresh=True, move_aside=True)).")
+        if cut is None:
+            self._reset_state_to_good()
+            try:
+                self._save("error", message, g.position, g.counters, g.failures, g.record)
+            except StreamtrainError as exc:
+                logger.error("could not write the error checkpoint: %s", exc)
+        raise KnowledgeBaseMismatch(message, problems=found.problems) from (stopped_on or found)
 
     def _metrics_row(self, event: Event, detail: str | None = None, call_elapsed: float | None = None) -> None:
         """A row of metrics.jsonl; a checkpoint's row carries the checkpoint's own time, so the next call's
@@ -198,16 +402,6 @@ class _Run:
                            samples_trained=c.samples_trained, samples_filtered=c.samples_filtered,
                            samples_failed=c.samples_failed, tokens=c.tokens, patterns_learned=c.patterns_learned,
                            detail=detail)
-
-    def _record_knowledge_base(self) -> KnowledgeBaseRecord | None:
-        node_ids = [self.config.node_id(level) for level in range(len(self.config.layers))]
-        try:
-            record = record_knowledge_base(self.kb_client, node_ids, self.probe_names, self.kb_record)
-        except StreamtrainError as exc:
-            logger.warning("could not read the knowledge base for the checkpoint (%s); it keeps the last record", exc)
-            return self.kb_record
-        self.probe_names = {}
-        return record
 
     def _stream_state(self, mark: int) -> dict[str, Any] | None:
         """The dataset's exact state at the mark, when the reader stands there (always at the end of a call)."""
@@ -225,8 +419,8 @@ class _Run:
     # -- the loop -----------------------------------------------------------------------------------------
     def _take(self, outcome: Outcome) -> None:
         self.state.finish(outcome)
-        if outcome.names:
-            self.probe_names.update(outcome.names)
+        for level, name in outcome.names.items():  # each worker learns in the order its outcomes come
+            self.probe_names.setdefault((outcome.worker, level), name)
 
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
@@ -422,6 +616,7 @@ class _Run:
         cfg = self.config
         self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json"),
                                              "dataset": self.dataset_record.model_dump(mode="json")})
+        self.good = self._start_point()
         self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
         self.since_checkpoint = 0
         self.fatal = None
@@ -441,7 +636,8 @@ class _Run:
                 ctx = WorkerContext(config=cfg, server_url=self.server_url, token=token_for(self.server_url, cfg),
                                      tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.learn_batch,
                                      learn_batches=self.learn_batches, batch_endpoint=self.batch_endpoint,
-                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop, outage=self.outage)
+                                     inbox=self.inbox, outbox=self.outbox, stop=self.stop, outage=self.outage,
+                                     on_session_lost=self._check_after_session_loss)
                 workers.extend(Worker(ctx, i) for i in range(cfg.num_workers))
                 for w in workers:
                     w.start()
@@ -464,10 +660,14 @@ class _Run:
                                "the last checkpoint and the journal", cfg.run_name)
                 raise
             except BaseException as exc:
-                self.abort_retries(f"{type(exc).__name__}")
+                self.abort_retries(f"{type(exc).__name__}")  # no worker waits for the server any more
+                if isinstance(exc, KnowledgeBaseMismatch):  # found during this call
+                    self._roll_back(exc)
                 self._stop_workers(workers, finish_queued=False)
                 try:
-                    self.checkpoint("error", error=f"{type(exc).__name__}: {exc}")
+                    self.checkpoint("error", error=f"{type(exc).__name__}: {exc}", cause=exc)
+                except KnowledgeBaseMismatch as found:
+                    self._roll_back(found, stopped_on=exc)
                 except StreamtrainError as ckpt_exc:
                     logger.error("could not write the error checkpoint: %s", ckpt_exc)
                 raise
@@ -505,6 +705,11 @@ class _Run:
             server_url=self.server_url, server_idempotency=self.idempotency, failures=self.state.failure_list(),
             history=self.history,
         )
+
+
+def _server_failing(exc: BaseException | None) -> bool:
+    """The server is down or failing (no answer within the budget, a 5xx): not worth another read."""
+    return isinstance(exc, ServerUnavailable) or (isinstance(exc, ProtocolError) and (exc.status_code or 0) >= 500)
 
 
 def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True,

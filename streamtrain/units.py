@@ -54,10 +54,13 @@ class NodeSession:
             nothing).
         max_session_losses: how many times one unit may lose its session before SessionLost is raised.
         ttl_seconds: the session's time to live (None: the server's default, 3600 s on KATO).
+        on_session_lost: called after a lost session (SessionNotFound), before the unit is redone in a new one: a
+            server restarted on another database loses them, so the trainer checks its knowledge base there.
     """
 
     def __init__(self, client: KatoClient, node_id: str, config: Mapping[str, Any], *,
-                 mode: Mode | None = None, max_session_losses: int = 5, ttl_seconds: int | None = None) -> None:
+                 mode: Mode | None = None, max_session_losses: int = 5, ttl_seconds: int | None = None,
+                 on_session_lost: Callable[[], None] | None = None) -> None:
         if config.get("max_pattern_length", 0) != 0:
             raise ConfigError(
                 f"node {node_id!r}: NodeSession needs max_pattern_length=0 (got {config['max_pattern_length']!r}); "
@@ -72,6 +75,7 @@ class NodeSession:
         self._mode: Mode | None = None
         self.max_session_losses = max_session_losses
         self.ttl_seconds = ttl_seconds
+        self.on_session_lost = on_session_lost
         self._session_id: str | None = None
         self._stm_clean = False  # known empty: fresh session, after a learn, or after clear-stm
         self._counter: int | None = None  # counter mode: the session's observation counter, known with a clean STM
@@ -166,6 +170,8 @@ class NodeSession:
                         f"node {self.node_id!r}, unit {key!r}: the session vanished {losses} times in one unit "
                         f"on {self.client.base_url}; the server may expire sessions too fast (check its TTL)"
                     ) from exc
+                if self.on_session_lost is not None:
+                    self.on_session_lost()
             except BaseException:
                 self._stm_clean, self._counter = False, None  # the STM's content is unknown until cleared
                 raise

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 from .checkpoint import FailedSample
 from .client import KatoClient
@@ -133,6 +134,8 @@ class WorkerContext:
     outbox: queue.Queue[Outcome]
     stop: threading.Event  # take no more samples
     outage: OutageTracker  # the server's health, shared by every client of the run
+    # after a lost session, before a new one: (this worker's client, the node) -> raises if the KB changed
+    on_session_lost: Callable[[KatoClient, str], None] | None = None
 
 
 class Worker(threading.Thread):
@@ -141,12 +144,14 @@ class Worker(threading.Thread):
     def __init__(self, ctx: WorkerContext, number: int):
         super().__init__(name=f"streamtrain-worker-{number}", daemon=True)
         self.ctx = ctx
+        self.number = number
         self.client = KatoClient(ctx.server_url, token=ctx.token, settings=ctx.config.client, outage=ctx.outage)
         self.sessions = self._new_sessions()
 
     def _new_sessions(self) -> list[NodeSession]:
-        cfg = self.ctx.config
-        return [NodeSession(self.client, cfg.node_id(level), layer.session_config(), ttl_seconds=SESSION_TTL_SECONDS)
+        cfg, check = self.ctx.config, self.ctx.on_session_lost
+        return [NodeSession(self.client, cfg.node_id(level), layer.session_config(), ttl_seconds=SESSION_TTL_SECONDS,
+                            on_session_lost=partial(check, self.client, cfg.node_id(level)) if check else None)
                 for level, layer in enumerate(cfg.layers)]
 
     def run(self) -> None:
@@ -297,7 +302,8 @@ class Worker(threading.Thread):
         for step in steps:
             learns[step.level] += 1
             names.setdefault(step.level, step.name)
-        return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names)
+        return Outcome(job.raw_index, job.retry is not None, tokens=len(tokens), learns=learns, names=names,
+                       worker=self.number)
 
     def _learn_steps(self, raw_index: int, steps: list[Step], first: int) -> None:
         """One exactly-once unit per step (keys, or verify on a server without them)."""
