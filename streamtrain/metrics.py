@@ -2,9 +2,10 @@
 
 Rows are appended, never rewritten, so a crash or Ctrl-C loses at most the row being written (a torn last line is
 skipped when read). Events: ``start`` (a new run), ``resume`` (a later call), ``checkpoint``, ``error``, ``end``,
-``interrupt``; plain rows are ``progress``. The file stays bounded for runs of any length: progress rows come at
-most every ``max(interval, elapsed / ROWS_PER_RUN)`` seconds of the call, so their number grows with the logarithm
-of the run's length, not with it.
+``interrupt``; plain rows are ``progress``. The file stays bounded for runs of any length: routine rows
+(``progress`` and interval ``checkpoint`` rows) come at most every ``max(interval, elapsed / ROWS_PER_RUN)`` seconds
+of the call, so their number grows with the logarithm of the run's length, not with it nor with how often
+checkpoints are written; the rows of a call's events (start, resume, interrupt, error, end) are always written.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FILENAME = "metrics.jsonl"
 ROWS_PER_RUN = 2000
 
 Event = Literal["start", "resume", "progress", "checkpoint", "interrupt", "error", "end"]
+ROUTINE: frozenset[Event] = frozenset({"progress", "checkpoint"})  # thinned: written only when a row is due
 
 
 class MetricsRow(BaseModel):
@@ -79,7 +81,7 @@ class MetricsLog:
         self._failed = False
 
     def due(self, call_elapsed: float) -> bool:
-        """Whether a progress row is due, ``call_elapsed`` seconds into this call."""
+        """Whether a routine row (progress, checkpoint) is due, ``call_elapsed`` seconds into this call."""
         if self._last_t is None:
             return True
         every = max(self.interval, call_elapsed / ROWS_PER_RUN)
@@ -88,6 +90,10 @@ class MetricsLog:
     def write(self, event: Event, call_elapsed: float, *, elapsed_seconds: float, position: int,
               samples_trained: int, samples_filtered: int, samples_failed: int, tokens: int,
               patterns_learned: list[int], detail: str | None = None) -> None:
+        """Append a row; a routine row (``ROUTINE``) only when one is due, so checkpoints written every sample
+        add no more rows than progress does."""
+        if event in ROUTINE and not self.due(call_elapsed):
+            return
         rate, token_rate = 0.0, 0.0
         if self._last is not None and self._last_t is not None and call_elapsed > self._last_t:
             dt = call_elapsed - self._last_t

@@ -80,16 +80,18 @@ class _Run:
         # data_files, a wrong text_field) pins nothing, so the corrected config simply runs.
         pinned = (ckpt is not None and ckpt.has_progress) or bool(journal_state.samples)
         header = journal_state.header or {}
+        recorded = (ckpt.dataset if ckpt is not None else
+                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
+        # recorded files are checked by content below: local data_files need not match as written (a moved folder)
         if pinned and ckpt is not None and path is not None:
-            check_resume(ckpt.config, cfg, path)
+            check_resume(ckpt.config, cfg, path, files_checked=recorded is not None)
         elif pinned and header:
-            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path)
+            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path,
+                         files_checked=recorded is not None)
         elif ckpt is not None or header:
             logger.info("run %s trained nothing before: starting it with this config", cfg.run_name)
             rundir.journal_path.unlink(missing_ok=True)
         self.dataset_record = describe_dataset(cfg.dataset)
-        recorded = (ckpt.dataset if ckpt is not None else
-                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
         if pinned and recorded is not None:
             check_dataset(recorded, self.dataset_record, cfg.run_name, str(path or rundir.journal_path))
         self.resumed = pinned
@@ -224,10 +226,10 @@ class _Run:
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
         if now - self.last_point >= self.point_every:
             self._record_point()
-        if self.metrics.due(now - self.t0):
-            self._metrics_row("progress")
         if self._checkpoint_due():
-            self.checkpoint("interval")
+            self.checkpoint("interval")  # its metrics row, when one is due, stands for this moment's progress row
+        if self.metrics.due(time.monotonic() - self.t0):
+            self._metrics_row("progress")
 
     def _record_point(self) -> None:
         self.last_point = time.monotonic()
