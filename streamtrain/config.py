@@ -312,7 +312,7 @@ def _same_place(old: Any, new: Any, old_root: Path, new_root: Path) -> bool:
     if old == new:
         return True
     if isinstance(old, list) and isinstance(new, list):
-        return len(old) == len(new) and all(_same_place(a, b, old_root, new_root) for a, b in zip(old, new))
+        return len(old) == len(new) and all(_same_place(a, b, old_root, new_root) for a, b in zip(old, new, strict=True))
     if not (_is_local_path(old) and _is_local_path(new) and os.path.isabs(old) and os.path.isabs(new)
             and old_root.is_absolute() and new_root.is_absolute()):
         return False

@@ -5,6 +5,7 @@
      + ResumeMismatch                a checkpoint was made with a config that differs where it matters
      + CheckpointError               a checkpoint folder or file cannot be read or written
         + JournalDamaged             a journal line is damaged, not just torn
+        + DiskError                  a file of the run cannot be written: its disk is full or read-only
      + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds
      + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
      + DatasetError                  the dataset cannot be opened or has no usable text field
@@ -45,6 +46,20 @@ class CheckpointError(StreamtrainError):
 
 class JournalDamaged(CheckpointError):
     """A line of a run's journal is neither valid nor a torn last line."""
+
+
+class DiskError(CheckpointError):
+    """A file of the run (checkpoint, journal, lock, the embedded server's log) cannot be written because of its
+    disk: full, over quota, past the process's file-size limit, read-only, or not writable.
+
+    ``path``: the file; ``mount``: the mount point of its disk. The message names both, the free space, and what
+    to do; the last good checkpoint is untouched, so the same command resumes once the disk is fixed.
+    """
+
+    def __init__(self, message: str, *, path: str, mount: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.mount = mount
 
 
 class KnowledgeBaseMismatch(StreamtrainError):

@@ -37,12 +37,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .disk import disk_error, is_storage_error
 from .errors import CheckpointError, JournalDamaged
 from .jsonbytes import compact_json
 
 logger = logging.getLogger(__name__)
 
 FILENAME = "journal.jsonl"
+_REMEDY = ("What to do: free space on that disk or make it writable, then run the same command again: the run "
+           "resumes exactly from its last checkpoint and this journal.")
 
 
 class _Line(BaseModel):
@@ -181,6 +184,8 @@ class Journal:
                     os.truncate(self.path, cut)
             self._open()
         except OSError as exc:
+            if is_storage_error(exc):
+                raise disk_error(exc, self.path, "open the journal") from exc
             raise CheckpointError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from exc
 
     def _open(self) -> None:
@@ -219,10 +224,9 @@ class Journal:
                     os.ftruncate(self._fd, size)
                 except OSError:
                     logger.warning("journal %s: could not cut a half-written line", self.path)
-                raise CheckpointError(
-                    f"cannot append to the journal {self.path}: {exc.strerror or exc}. Free space (or fix the folder) "
-                    "and run again: the run resumes from its last checkpoint and this journal"
-                ) from exc
+                if is_storage_error(exc):
+                    raise disk_error(exc, self.path, "append to the journal", _REMEDY) from exc
+                raise CheckpointError(f"cannot append to the journal {self.path}: {exc.strerror or exc}. {_REMEDY}") from exc
 
     def step(self, raw_index: int, step: int, phase: str, session_id: str, end: int | None = None,
              counter: int | None = None) -> None:
@@ -283,6 +287,7 @@ class Journal:
                 self._open()
             except OSError as exc:
                 # the old journal is still complete (os.replace is atomic): keep appending to it
+                tmp.unlink(missing_ok=True)  # a full disk: the partial copy must not hold on to the space
                 logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
                 if self._fd is None:
                     self._open()

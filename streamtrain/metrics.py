@@ -10,6 +10,7 @@ checkpoints are written; the rows of a call's events (start, resume, interrupt, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .disk import is_storage_error, storage_message
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +112,21 @@ class MetricsLog:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
+                size = os.fstat(fd).st_size
+                try:
+                    view = memoryview(line)
+                    while view:  # a short write is followed by the one that says why (full, a limit)
+                        view = view[os.write(fd, view):]
+                except OSError:
+                    with contextlib.suppress(OSError):  # no half row for the next one to be glued to
+                        os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
         except OSError as exc:
             if not self._failed:
-                logger.warning("cannot append to %s (%s); the run goes on without its metrics rows", self.path, exc)
+                why = (storage_message(exc, self.path, "append to", "The run goes on without its metrics rows.")
+                       if is_storage_error(exc) else f"cannot append to {self.path} ({exc}); the run goes on "
+                       "without its metrics rows")
+                logger.warning("%s", why)
                 self._failed = True

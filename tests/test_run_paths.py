@@ -5,7 +5,11 @@ a real server process."""
 
 from __future__ import annotations
 
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +162,174 @@ def test_routine_rows_are_written_when_due_and_event_rows_always(tmp_path):
     row("interrupt", 11.5)
     assert [(r.event, r.elapsed_seconds) for r in read_metrics(tmp_path)] == [
         ("start", 0.0), ("checkpoint", 10.5), ("interrupt", 11.5)]
+
+
+def _config(root: str, data_files, path: str = "parquet", tokenizer="words"):
+    from streamtrain.config import RunConfig
+
+    return RunConfig(run_name="r", checkpoint_dir=f"{root}/ck", tokenizer=tokenizer,
+                     dataset={"path": path, "data_files": data_files})
+
+
+@pytest.mark.parametrize(("old", "new", "moved", "by_content"), [
+    # a project folder moved: local paths at the same place relative to the run folder match, in every form
+    ("/a/p/data/*.parquet", "/b/q/data/*.parquet", True, True),
+    (["/a/p/data/x.parquet", "/a/p/y.parquet"], ["/b/q/data/x.parquet", "/b/q/y.parquet"], True, True),
+    ({"train": "/a/p/d/*.parquet", "test": ["/a/shared/t.parquet"]},
+     {"train": "/b/q/d/*.parquet", "test": ["/b/shared/t.parquet"]}, True, True),
+    # another place: only the content check (the files the checkpoint recorded) can accept it
+    ("/a/p/data/*.parquet", "/b/q/elsewhere/*.parquet", False, True),
+    (["/a/p/x.parquet"], ["/b/q/x.parquet", "/b/q/y.parquet"], False, True),
+    # URLs and hub paths match only as written
+    ("https://h/a/p/x.parquet", "https://h/b/q/x.parquet", False, False),
+    (["/a/p/x.parquet", "hf://datasets/o/n/x.parquet"], ["/b/q/x.parquet", "hf://datasets/o/m/x.parquet"], False,
+     False),
+])
+def test_local_must_match_paths_match_at_the_same_place(old, new, moved, by_content):
+    from streamtrain.config import resume_differences
+
+    a, b = _config("/a/p", old), _config("/b/q", new)
+    assert (resume_differences(a, b) == []) is moved
+    assert (resume_differences(a, b, files_checked=True) == []) is by_content
+
+
+def test_hub_data_files_and_tokenizer_names_match_only_as_written():
+    from streamtrain.config import resume_differences
+
+    hub_a, hub_b = _config("/a/p", "en/*.json.gz", path="allenai/c4"), _config("/b/q", "en/*.json.gz", path="allenai/c4")
+    assert resume_differences(hub_a, hub_b, files_checked=True) == []
+    other = _config("/b/q", "fr/*.json.gz", path="allenai/c4")
+    assert [d[0] for d in resume_differences(hub_a, other, files_checked=True)] == ["dataset.data_files"]
+    tok = {"hf": "/a/p/tok/tokenizer.json"}
+    a = _config("/a/p", "/a/p/x.parquet", tokenizer=tok)
+    assert resume_differences(a, _config("/b/q", "/b/q/x.parquet", tokenizer={"hf": "/b/q/tok/tokenizer.json"})) == []
+    assert [d[0] for d in resume_differences(a, _config("/b/q", "/b/q/x.parquet",
+                                                        tokenizer={"hf": "/b/q/tok2/tokenizer.json"}))] == ["tokenizer.hf"]
+    named = _config("/a/p", "/a/p/x.parquet", tokenizer={"hf": "org/model-a"})
+    assert [d[0] for d in resume_differences(named, _config("/a/p", "/a/p/x.parquet",
+                                                            tokenizer={"hf": "org/model-b"}))] == ["tokenizer.hf"]
+
+
+# -- a full or read-only disk ---------------------------------------------------------------------------------
+
+
+def _limited_cli(config: Path, max_samples: int, fsize: int | None) -> subprocess.CompletedProcess[str]:
+    """``python -m streamtrain train`` in a process whose files may grow to ``fsize`` bytes at most (RLIMIT_FSIZE,
+    SIGXFSZ ignored: a write past it fails with EFBIG instead of killing the process); the embedded server it
+    starts inherits the limit."""
+
+    def limit() -> None:
+        if fsize is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([sys.executable, "-m", "streamtrain", "train", "--config", str(config), "--max-samples",
+                           str(max_samples), "--no-progress"], capture_output=True, text=True, timeout=180,
+                          preexec_fn=limit, cwd=config.parent)
+
+
+def _disk_project(root: Path, corpus: Path) -> Path:
+    root.mkdir(parents=True)
+    config = root / "run.toml"
+    config.write_text(
+        'run_name = "disk"\ncheckpoint_dir = "ck"\ncheckpoint_every = 5\n'
+        "[client]\nsamples_per_request = 4\nretry_total_seconds = 3\n"
+        f'[dataset]\npath = "parquet"\ndata_files = "{corpus}/*.parquet"\nmin_chars = 20\n'
+        "[[layers]]\nchunk_size = 6\n[[layers]]\nchunk_size = 3\n"
+    )
+    return config
+
+
+def test_a_full_disk_mid_run_is_a_507_that_names_the_disk_and_the_run_resumes_exactly(demo_corpus, tmp_path):
+    """The embedded server's database outgrows what its disk allows: the server answers 507 with the reason (not
+    a bare 500), the run stops with it in one message and an error checkpoint, the checkpoints before it stay
+    whole, and the same command finishes the run exactly once there is room.
+
+    How the disk fills: RLIMIT_FSIZE on the CLI process and the server it starts (a real kernel limit on real
+    writes; it gives EFBIG where a full disk gives ENOSPC, and SQLite turns both into a failed write). It needs no
+    privileges, so it works in CI as here; a small tmpfs would need a mount, which CI may not allow."""
+    config = _disk_project(tmp_path / "project", demo_corpus)
+    run_dir = tmp_path / "project" / "ck" / "disk"
+    stopped = _limited_cli(config, 300, 512 * 1024)  # the database of 300 samples is ~900 KiB
+    assert stopped.returncode == EXIT_ERROR and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    message = stopped.stderr
+    assert "answered HTTP 507 Insufficient Storage: the server cannot write its database" in message, message
+    assert f"{run_dir / 'kb.sqlite3'}" in message and "the disk mounted at /" in message
+    assert "may write files of at most 512.0 KiB" in message and "What to do: free space on that disk" in message
+    entries = CheckpointStore(run_dir).entries()
+    assert all(e.valid for e in entries) and entries[-1].reason == "error" and "507" in entries[-1].checkpoint.error
+    assert entries[-1].position.raw_offset < 300
+
+    resumed = _limited_cli(config, 300, None)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    assert "-> 300 (resumed)" in resumed.stdout
+    reference = _disk_project(tmp_path / "reference", demo_corpus)
+    assert _limited_cli(reference, 300, None).returncode == EXIT_OK
+    assert _kb(config) == _kb(reference)
+
+
+def test_a_server_that_cannot_start_on_a_full_disk_says_why(demo_corpus, tmp_path):
+    """Resumed on a disk with no room for the database's shared-memory file: the trainer's message carries the
+    server's own reason (its log) and the disk; when even the log cannot take that reason, the server's exit status
+    still tells, and the trainer describes the disk itself. No traceback, no 'empty log' riddle.
+
+    The full disk is RLIMIT_FSIZE, as above (16 KiB: room for the lock files and a short log line, not for the
+    32 KiB -shm file of a WAL database)."""
+    config = _disk_project(tmp_path / "project", demo_corpus)
+    run_dir = tmp_path / "project" / "ck" / "disk"
+    assert _limited_cli(config, 20, None).returncode == EXIT_OK
+    db = run_dir / "kb.sqlite3"
+
+    refused = _limited_cli(config, 40, 16 * 1024)
+    assert refused.returncode == EXIT_ERROR and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    message = refused.stderr
+    assert f"embedded server could not start: it cannot write its database {db} (the disk mounted at /" in message
+    assert "may write files of at most 16.0 KiB" in message, message
+    assert f"error: the server cannot write its database {db}: a write to its disk failed" in message  # its log
+
+    (run_dir / "server.log").write_bytes(b"an old line\n" * 2000)  # a log past the limit: the reason is lost
+    refused = _limited_cli(config, 40, 16 * 1024)
+    assert refused.returncode == EXIT_ERROR and "Traceback" not in refused.stderr
+    assert f"embedded server could not start: it cannot write its database {db}" in refused.stderr
+    assert "an old line" in refused.stderr and "error: the server cannot" not in refused.stderr
+
+    (run_dir / "server.log").unlink()
+    assert _limited_cli(config, 40, None).returncode == EXIT_OK
+    assert CheckpointStore(run_dir).latest().position.raw_offset == 40
+
+
+@pytest.mark.parametrize("condition", ["full", "read-only"])
+def test_the_servers_507_answer_carries_the_reason_and_nothing_is_applied(app_client, tmp_path, condition):
+    """The server's plain contract, in-process: a write SQLite cannot make is a 507 with a JSON body (reason,
+    error code, the database path, its disk), the request is applied not at all, and once there is room again the
+    server goes on (no transaction left open). SQLite's own errors, produced honestly: ``max_page_count`` gives
+    SQLITE_FULL, the error a full disk gives; ``query_only`` gives SQLITE_READONLY, that of a read-only file."""
+    from streamtrain.server.store import Store
+
+    store = Store(tmp_path / "kb.sqlite3")
+    http = app_client(store=store)
+
+    def learn(i: int):
+        return http.post("/learn-batch", json={"items": [{"node_id": "n", "events": [[f"w{i}-{j}"] for j in range(40)]}]})
+
+    assert learn(0).status_code == 200
+    if condition == "full":
+        store.conn.execute(f"PRAGMA max_page_count={store.conn.execute('PRAGMA page_count').fetchone()[0]}")
+    else:
+        store.conn.execute("PRAGMA query_only=1")
+    answers = [learn(i) for i in range(1, 6)]
+    refused = [a for a in answers if a.status_code != 200]
+    assert refused and all(a.status_code == 507 for a in refused)
+    body = refused[0].json()
+    code = {"full": "INSUFFICIENT_STORAGE", "read-only": "STORAGE_READ_ONLY"}[condition]
+    assert body["error"]["code"] == code and body["error"]["path"] == str(tmp_path / "kb.sqlite3")
+    assert body["detail"].startswith(f"the server cannot write its database {tmp_path / 'kb.sqlite3'}: ")
+    assert "Nothing of the request was applied" in body["detail"] and "What to do" in body["detail"]
+    assert body["error"]["mount"] and isinstance(body["error"]["free_bytes"], int)
+    stats = http.get("/nodes/n/stats").json()
+    applied = 1 + sum(a.status_code == 200 for a in answers)
+    assert stats["total_frequency"] == applied  # each learn-batch learns one pattern: the refused ones none
+
+    store.conn.execute("PRAGMA max_page_count=1000000" if condition == "full" else "PRAGMA query_only=0")
+    assert learn(99).status_code == 200
+    assert http.get("/nodes/n/stats").json()["total_frequency"] == applied + 1
