@@ -5,6 +5,8 @@ a real server process."""
 
 from __future__ import annotations
 
+import errno
+import os
 import resource
 import shutil
 import signal
@@ -13,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import kb_by_level
+from runs import SAMPLES, kb_by_level, make_config
 from tiny_tokenizer import build_tokenizer_json
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
-from streamtrain.config import load_config
+from streamtrain.config import ClientConfig, load_config
 from streamtrain.metrics import MetricsLog, read_metrics
 from streamtrain.server import EmbeddedServer
 
@@ -333,3 +335,51 @@ def test_the_servers_507_answer_carries_the_reason_and_nothing_is_applied(app_cl
     store.conn.execute("PRAGMA max_page_count=1000000" if condition == "full" else "PRAGMA query_only=0")
     assert learn(99).status_code == 200
     assert http.get("/nodes/n/stats").json()["total_frequency"] == applied + 1
+
+
+class _FailingWrites:
+    """A module's ``os``, whose ``write`` fails with ``error`` from its ``after``-th call on: the trainer's own files
+    on a disk that fills up or turns read-only mid-run. A fault at the os.write edge: as root in a container, no
+    read-only disk can be made here without a mount, and a full one only through a limit (the tests above)."""
+
+    def __init__(self, error: int, after: int) -> None:
+        self.error, self.after, self.calls = error, after, 0
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def write(self, fd: int, data) -> int:
+        self.calls += 1
+        if self.calls >= self.after:
+            raise OSError(self.error, os.strerror(self.error))
+        return os.write(fd, data)
+
+
+@pytest.mark.parametrize(("module", "error", "action", "cause"), [
+    ("journal", errno.ENOSPC, "append to the journal", "the disk is full"),
+    ("checkpoint", errno.EROFS, "write checkpoint", "the disk is read-only"),
+])
+def test_the_trainers_own_writes_name_the_disk_and_the_run_resumes_exactly(
+        module, error, action, cause, server, demo_corpus, tmp_path, reference, monkeypatch, capsys):
+    """The journal or a checkpoint cannot be written mid-run: one message names the file, why, its disk and what
+    to do; the checkpoints written before stay whole; the same command, once the disk is fixed, leaves exactly the
+    uninterrupted knowledge base."""
+    import importlib
+
+    cfg = make_config(tmp_path, demo_corpus, f"own-writes-{module}", server.url,
+                      client=ClientConfig(retry_total_seconds=5, samples_per_request=4))
+    config = tmp_path / "run.json"
+    config.write_text(cfg.model_dump_json())
+    target = importlib.import_module(f"streamtrain.{module}")
+    monkeypatch.setattr(target, "os", _FailingWrites(error, after=6))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--no-progress"]) == EXIT_ERROR
+    message = capsys.readouterr().err
+    assert f"cannot {action} {cfg.run_dir}/" in message and f": {cause} (the disk mounted at /" in message, message
+    assert "free of" in message and "What to do: free space on that disk or make it writable" in message
+    assert "Traceback" not in message
+    entries = CheckpointStore(cfg.run_dir).entries()
+    assert entries and all(e.valid for e in entries) and entries[-1].position.raw_offset < SAMPLES
+    monkeypatch.undo()
+    assert main(["train", "--config", str(config), "--no-progress"]) == EXIT_OK
+    assert kb_by_level(server.url, cfg) == reference
