@@ -20,6 +20,7 @@
         + AmbiguousEffect            a mutating call's effect cannot be decided from server state
            + MaybeApplied            an unkeyed mutating request went unanswered; it was not resent
      + TooManyFailures               a run stopped because max_failures samples failed
+     + StepsInDoubt                  a resume's in-flight steps outlived what the server keeps to decide them
 
 Messages say what is wrong, where, and what to do about it. Code never reads a message: what a caller
 may act on is an attribute (``status_code``, ``error_code``, ``session_id``, ``attempts``, ``last_cause``).
@@ -160,3 +161,18 @@ class MaybeApplied(AmbiguousEffect):
 
 class TooManyFailures(StreamtrainError):
     """More samples failed than the run's max_failures allows."""
+
+
+class StepsInDoubt(StreamtrainError):
+    """A resumed run's in-flight samples (their last request sent, no answer) waited longer than the server keeps
+    what decides them exactly (its idempotency keys), so sending them again could learn them twice.
+
+    ``raw_indices``: the samples; ``age_seconds``: how long the oldest has waited; ``lifetime_seconds``: the
+    server's key lifetime. The message names the ways out.
+    """
+
+    def __init__(self, message: str, *, raw_indices: list[int], age_seconds: float, lifetime_seconds: float) -> None:
+        super().__init__(message)
+        self.raw_indices = raw_indices
+        self.age_seconds = age_seconds
+        self.lifetime_seconds = lifetime_seconds

@@ -7,7 +7,8 @@ process leaves either the whole line or nothing the reader accepts; no fsync: th
 process dies, and a machine crash is what the checkpoints' fsync is for):
 
     {"header": 1, "run_name": ..., "config": {...}}    first line: the config, for a resume with no checkpoint yet
-    {"s": 17, "k": 3, "p": "observe", "sid": "..."}    sample 17, step 3: about to send its observe-sequence
+    {"s": 17, "k": 3, "p": "observe", "sid": "...", "at": 1718000000}    sample 17, step 3: about to send its
+                                                  observe-sequence (at: when, in seconds since the epoch)
     {"s": 17, "k": 3, "p": "learn", "sid": "..."}      ... its observe-sequence succeeded; about to send the learn
     {"s": 17, "k": 3, "p": "keyed", "sid": "..."}      ... (idempotent server) about to send the one keyed request
     {"s": 17, "k": 3, "p": "counted", "sid": "...", "t": 96}   ... (no keys) about to send the one observe-sequence
@@ -18,6 +19,9 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
     {"s": 17, "p": "fin", "trained": 1, "tokens": 40, "learns": [5, 1], "error": null}   sample 17 finished
     {"s": 18, "p": "fin", "trained": 0, ..., "error": "...", "steps_done": 3}   sample 18 failed for its own
                                                   content after its first 3 steps took effect (retried later)
+
+Every step line carries ``at`` (older journals' lines have none and stay readable): a resume knows how long its
+steps in doubt have waited, against the server's key and session lifetimes (``indoubt.py``).
 
 A step line after a ``fin`` line of the same sample starts a new attempt (the retry of a failed sample): the
 ``fin`` no longer holds. A torn last line (a killed write) is ignored and cut off before the next append; any other
@@ -31,6 +35,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +71,7 @@ class StepLine(_Line):
     sid: str | None = None
     t: int | None = Field(None, ge=0, description="counted: the session's observation counter before the request.")
     e: int | None = Field(None, ge=1, description="batch: the end of the range of steps the request carries.")
+    at: int | None = Field(None, ge=0, description="When the line was written (seconds since the epoch).")
 
 
 class FinLine(_Line):
@@ -87,6 +93,7 @@ class SampleRecord:
     last_session: str | None = None
     last_end: int | None = None
     last_counter: int | None = None
+    last_at: int | None = None  # when the last step line was written (seconds since the epoch), if it says
     finished: dict[str, Any] | None = None
 
 
@@ -150,7 +157,7 @@ def read_journal(path: Path) -> JournalState:
                 rec.finished = line.model_dump()
             else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
                 rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
-                rec.last_counter = line.t
+                rec.last_counter, rec.last_at = line.t, line.at
                 rec.finished = None
     return state
 
@@ -202,6 +209,8 @@ class Journal:
                     line["e"] = rec.last_end
                 if rec.last_counter is not None:
                     line["t"] = rec.last_counter
+                if rec.last_at is not None:
+                    line["at"] = rec.last_at
                 out.append(line)
             if rec.finished is not None:
                 out.append(rec.finished)
@@ -235,6 +244,7 @@ class Journal:
             entry["e"] = end
         if counter is not None:
             entry["t"] = counter
+        entry["at"] = int(time.time())
         self._append(entry)
 
     def finished(self, raw_index: int, **counts: Any) -> None:
@@ -243,7 +253,8 @@ class Journal:
     def batches_sent(self, samples: list[tuple[int, int]]) -> None:
         """(raw index, step count) of each whole sample about to go in one learn-batches request: each sample's
         ``step(raw_index, 0, "batches", "", end=count)`` line, all in one write."""
-        self._append(*({"s": s, "k": 0, "p": "batches", "sid": "", "e": n} for s, n in samples))
+        at = int(time.time())
+        self._append(*({"s": s, "k": 0, "p": "batches", "sid": "", "e": n, "at": at} for s, n in samples))
 
     def finished_many(self, samples: list[tuple[int, dict[str, Any]]]) -> None:
         """(raw index, counts) of several finished samples: each one's ``finished`` line, all in one write."""

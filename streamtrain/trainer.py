@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
+from . import __version__, indoubt
 from .checkpoint import Checkpoint, CheckpointStore, ServerInfo
 from .client import KatoClient
 from .config import RunConfig, check_resume
@@ -44,8 +44,10 @@ MAX_HISTORY_POINTS = 4000  # TrainResult.history (throughput plots) stays this s
 class _Run:
     """State of one call of train(): the dispatcher side."""
 
-    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool):
+    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool,
+                 resend_in_doubt: bool = False):
         self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
+        self.resend_in_doubt = resend_in_doubt
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
         self.store = self.rundir.checkpoints
@@ -114,6 +116,9 @@ class _Run:
         if self.state.recovery:
             logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name,
                         len(self.state.recovery))
+            # their keys or sessions decide them: refused when the server may have forgotten them (indoubt.py)
+            indoubt.check(self.state.recovery, client.info(), run_name=cfg.run_name, journal_path=rundir.journal_path,
+                          embedded=self.embedded, resend=self.resend_in_doubt)
         self.start_position = self.state.read_pos
         c = self.state.counters
         self.done_at_start = c.samples_trained + c.samples_failed
@@ -450,7 +455,8 @@ class _Run:
         )
 
 
-def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True,
+          resend_in_doubt: bool = False) -> TrainResult:
     """Train ``config``'s run: resume from its newest valid checkpoint (and journal), or start it.
 
     ``fresh=True`` refuses to start over existing checkpoints unless ``move_aside=True`` moves the run's folder
@@ -458,6 +464,9 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     finished run from where it ended; samples that failed (rejected for their content) are retried first. Returns
     a TrainResult; on Ctrl-C or SIGTERM it finishes in-flight samples, writes an ``interrupt`` checkpoint and
     returns; on an error (the server's faults included) it writes an ``error`` checkpoint and re-raises.
+    ``resend_in_doubt=True`` sends samples in doubt again even when the server may no longer hold the keys that
+    would decide them (a resume after its key lifetime; refused with StepsInDoubt otherwise): they may be learned
+    twice.
     """
     config = config.with_overrides()  # a config changed with model_copy(update=...) was never validated
     if fresh:
@@ -467,7 +476,7 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     run: _Run | None = None
     try:
         with run_server(config) as (url, embedded):
-            run = _Run(config, url, embedded, progress)
+            run = _Run(config, url, embedded, progress, resend_in_doubt)
             return run.execute()
     finally:
         _release_lock(held, run)

@@ -112,6 +112,10 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                               "docs": "/docs", "health": "/health", "status": "running",
                               "uptime_seconds": eng.clock() - eng.started, "architecture": "modular",
                               "session_support": True, "idempotency": srv.idempotency,
+                              # how long a key is honoured, and since when every key is still stored: a trainer
+                              # resuming steps in doubt after days checks that their keys still decide them
+                              **({"idempotency_ttl_seconds": srv.idempotency_ttl,
+                                  "idempotency_keys_since": eng.store.keys_swept_before} if srv.idempotency else {}),
                               "database_id": eng.store.database_id,
                               "extensions": extensions})
 

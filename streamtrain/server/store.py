@@ -180,6 +180,11 @@ class Store:
                 self.conn.execute("INSERT INTO meta(key, value) VALUES('database_id', ?)", (uuid.uuid4().hex,))
                 row = self.conn.execute("SELECT value FROM meta WHERE key='database_id'").fetchone()
             self.database_id: str = row[0]
+            # Keys created before this time may have been removed by a sweep (of this or an earlier server on the file,
+            # whatever its key lifetime); all younger ones are still stored. GET / tells it: a trainer resuming steps
+            # in doubt knows whether their keys can still be honoured.
+            row = self.conn.execute("SELECT value FROM meta WHERE key='keys_swept_before'").fetchone()
+            self.keys_swept_before: float = float(row[0]) if row else 0.0
         except sqlite3.DatabaseError as e:
             code = storage_code(e)
             if code is not None:  # the disk, not the file: say which disk, how full, and what to do
@@ -262,10 +267,15 @@ class Store:
                               "VALUES(?,?,?,?,?,?)", [(k, f, r, s, zlib.compress(b, 1), t) for k, f, r, s, b, t in rows])
 
     def sweep(self, now: float, idempotency_ttl: float) -> None:
-        """Remove expired sessions and idempotency keys, in a transaction of its own."""
+        """Remove expired sessions and idempotency keys, in a transaction of its own; remember the newest bound keys
+        were removed below (``keys_swept_before``)."""
+        bound = max(self.keys_swept_before, now - idempotency_ttl)
         with self.transaction() as c:
             c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - idempotency_ttl,))
+            if bound > self.keys_swept_before:
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('keys_swept_before', ?)", (repr(bound),))
+        self.keys_swept_before = bound
 
     # ---------------------------------------------------------------- sessions
     def insert_session(self, session_id: str, node_id: str, created_at: float, expires_at: float, ttl: int,
