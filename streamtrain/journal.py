@@ -31,6 +31,7 @@ cut back to the last whole line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -298,7 +299,8 @@ class Journal:
                 self._open()
             except OSError as exc:
                 # the old journal is still complete (os.replace is atomic): keep appending to it
-                tmp.unlink(missing_ok=True)  # a full disk: the partial copy must not hold on to the space
+                with contextlib.suppress(OSError):  # a full disk: the partial copy must not hold on to the space
+                    tmp.unlink(missing_ok=True)
                 logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
                 if self._fd is None:
                     self._open()
