@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import __version__
 from .config import RunConfig
 from .datafiles import DatasetRecord
+from .disk import RUN_REMEDY, disk_error, is_storage_error
 from .errors import CheckpointError
 from .kbcheck import KnowledgeBaseRecord
 
@@ -237,15 +238,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _describe_os_error(exc: OSError, access: str = "writable") -> str:
-    if exc.errno == errno.ENOSPC:
-        return "the disk is full (free some space, or point checkpoint_dir at another disk)"
-    if exc.errno == errno.EDQUOT:
-        return "the disk quota is exceeded (free some space, or point checkpoint_dir at another disk)"
-    if exc.errno == errno.EFBIG:
-        return "the file-size limit of this process is reached (ulimit -f; raise it, or run without one)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"the folder is not {access} (fix its permissions, or point checkpoint_dir elsewhere)"
     return exc.strerror or str(exc)
+
+
+def _write_error(exc: OSError, path: Path | str, action: str, remedy: str = RUN_REMEDY) -> CheckpointError:
+    """A DiskError naming the disk when the disk is the cause (full, read-only, a limit), else a CheckpointError."""
+    if is_storage_error(exc):
+        return disk_error(exc, path, action, remedy)
+    return CheckpointError(f"cannot {action} {path}: {exc.strerror or exc}. {remedy}")
 
 
 class CheckpointStore:
@@ -348,7 +350,7 @@ class CheckpointStore:
                 "checkpoint_dir to another place"
             ) from None
         except OSError as exc:
-            raise CheckpointError(f"cannot create checkpoint folder {self.run_dir}: {_describe_os_error(exc)}") from None
+            raise _write_error(exc, self.run_dir, "create checkpoint folder") from None
 
     def _open_for_writing(self) -> list[int]:
         """Create the folder if needed, list its checkpoint files and remove the temp files of a killed writer
@@ -391,9 +393,7 @@ class CheckpointStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise CheckpointError(
-                f"cannot write checkpoint {final}: {_describe_os_error(exc)}; the previous checkpoints are untouched"
-            ) from None
+            raise _write_error(exc, final, "write checkpoint", "The previous checkpoints are untouched. " + RUN_REMEDY) from None
         i = bisect.bisect_left(known, ckpt.sequence)
         if i == len(known) or known[i] != ckpt.sequence:
             known.insert(i, ckpt.sequence)
@@ -417,7 +417,7 @@ class CheckpointStore:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise CheckpointError(f"cannot open the lock file {lock_path}: {_describe_os_error(exc)}") from None
+            raise _write_error(exc, lock_path, "open the lock file") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -433,8 +433,11 @@ class CheckpointStore:
                     f"another streamtrain process is training run {self.run_dir.name} (pid {holder}); wait for it "
                     f"to finish or stop it (lock: {lock_path})"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:
+                raise _write_error(exc, lock_path, "write the lock file") from None
             yield
         finally:
             # Closing the descriptor releases the flock.

@@ -67,6 +67,11 @@ def build_parser(with_serve: bool = True) -> argparse.ArgumentParser:
         "--move-aside", action="store_true", help="with --fresh: rename the run's old folder instead of refusing"
     )
     train.add_argument("--workers", type=_positive_int, help="override num_workers (parallel sample workers)")
+    train.add_argument(
+        "--resend-in-doubt", action="store_true",
+        help="send samples in doubt again although the server may no longer hold the keys that decide them (a resume "
+        "after the server's key lifetime, refused otherwise): they may be learned twice",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -183,6 +188,7 @@ def _train(args: argparse.Namespace, config: RunConfig, fresh: bool | None = Non
         fresh=args.fresh if fresh is None else fresh,
         move_aside=getattr(args, "move_aside", False),
         progress=not args.no_progress,
+        resend_in_doubt=getattr(args, "resend_in_doubt", False),
     )
     print(_describe_result(result))
     if result.reason == "interrupt":

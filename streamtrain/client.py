@@ -69,6 +69,15 @@ M = TypeVar("M", bound=BaseModel)
 # Session configs
 
 
+def _detail(response: httpx.Response) -> str:
+    """The reason an error answer gives (its JSON ``detail`` string), else its text on one line."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return detail if isinstance(detail, str) else short(response.text)
+
+
 def _same_value(asked: Any, got: Any) -> bool:
     if isinstance(asked, bool) or isinstance(got, bool):
         return type(asked) is type(got) and asked == got
@@ -317,10 +326,11 @@ class KatoClient(EmbeddedExtensions):
             raise SessionNotFound(
                 f"server {self.base_url}: {call}: session {session_id} not found or expired (404)", session_id
             )
+        if status == 507:  # the server cannot write its storage: its whole reason names the disk and what to do
+            raise ProtocolError(f"server {self.base_url}: {call} answered HTTP 507 Insufficient Storage: "
+                                f"{_detail(response)}", status_code=status, error_code=code)
         hint = ("; check the bearer token (server_token in the run config, or $STREAMTRAIN_SERVER_TOKEN)"
-                if status in (401, 403) else
-                "; the server's storage is full: free space there, then run the same command again" if status == 507
-                else "; a resend would not help: check the server" if status >= 500 else "")
+                if status in (401, 403) else "; a resend would not help: check the server" if status >= 500 else "")
         raise ProtocolError(
             f"server {self.base_url}: {call} answered HTTP {status}: {short(response.text)}{hint}",
             status_code=status, error_code=code,

@@ -350,23 +350,79 @@ def _leaves(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def resume_differences(checkpoint: RunConfig, current: RunConfig) -> list[tuple[str, Any, Any]]:
-    """Every must-match leaf that differs, as (dotted path, checkpoint value, current value)."""
+def _is_local_path(value: Any) -> bool:
+    """A path on this machine: a string that is not a URL or fsspec path (hf://, s3://, zip://...::...)."""
+    return isinstance(value, str) and bool(value) and "://" not in value and "::" not in value
+
+
+def _same_place(old: Any, new: Any, old_root: Path, new_root: Path) -> bool:
+    """Whether two values of a must-match path name the same file: equal as written, or absolute local paths at
+    the same place relative to their run folders (a project folder of config, data and checkpoints moved or
+    copied as a whole). URLs and hub paths match only as written."""
+    if old == new:
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same_place(a, b, old_root, new_root) for a, b in zip(old, new, strict=True))
+    if not (_is_local_path(old) and _is_local_path(new) and os.path.isabs(old) and os.path.isabs(new)
+            and old_root.is_absolute() and new_root.is_absolute()):
+        return False
+    return os.path.relpath(old, old_root) == os.path.relpath(new, new_root)
+
+
+def _all_local(value: Any) -> bool:
+    """Every path of a data_files value (a string, a list, or a split -> files table) names a local file."""
+    if isinstance(value, dict):
+        return all(_all_local(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_local(v) for v in value)
+    return _is_local_path(value)
+
+
+def _path_kind(key: str, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """"data_files" or "tokenizer" when the must-match leaf ``key`` holds local file paths in both configs."""
+    if key.startswith("dataset.data_files") and old["dataset"]["path"] == new["dataset"]["path"] in _file_builders():
+        return "data_files"
+    if key == "tokenizer.hf" and all(str(c["tokenizer"]["hf"]).lower().endswith(".json") for c in (old, new)):
+        return "tokenizer"
+    return None
+
+
+def resume_differences(checkpoint: RunConfig, current: RunConfig, *,
+                       files_checked: bool = False) -> list[tuple[str, Any, Any]]:
+    """Every must-match leaf that differs, as (dotted path, checkpoint value, current value).
+
+    Local paths (a file builder's ``dataset.data_files``, a ``tokenizer.hf`` file) also match when they name the
+    same place relative to their run folders, so a project folder moved as a whole resumes. ``files_checked``:
+    the dataset's resolved files are compared next by content with the files the checkpoint recorded
+    (``datafiles.check_dataset``, which allows a moved folder), so local ``data_files`` need not match at all
+    here. Hub paths and URLs match only as written.
+    """
     diffs: list[tuple[str, Any, Any]] = []
     old, new = checkpoint.model_dump(mode="json"), current.model_dump(mode="json")
+    old_root, new_root = Path(checkpoint.run_dir), Path(current.run_dir)
+    by_content = files_checked and all(_all_local(c["dataset"]["data_files"]) for c in (old, new))
     for name, policy in resume_policy().items():
         if policy != "must_match":
             continue
         a, b = _leaves(old[name], name), _leaves(new[name], name)
         for key in sorted(set(a) | set(b)):
-            if a.get(key, "<absent>") != b.get(key, "<absent>"):
-                diffs.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
+            x, y = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if x == y:
+                continue
+            kind = _path_kind(key, old, new) if key in a and key in b else None
+            if kind == "data_files" and by_content:
+                continue
+            if kind is not None and _same_place(x, y, old_root, new_root):
+                continue
+            diffs.append((key, x, y))
     return diffs
 
 
-def check_resume(checkpoint: RunConfig, current: RunConfig, checkpoint_path: Path | str) -> None:
-    """Refuse to continue a run whose must-match fields changed; name each field and the ways out."""
-    diffs = resume_differences(checkpoint, current)
+def check_resume(checkpoint: RunConfig, current: RunConfig, checkpoint_path: Path | str, *,
+                 files_checked: bool = False) -> None:
+    """Refuse to continue a run whose must-match fields changed; name each field and the ways out
+    (``files_checked``: see :func:`resume_differences`)."""
+    diffs = resume_differences(checkpoint, current, files_checked=files_checked)
     if not diffs:
         return
     lines = [f"  {path}: checkpoint={json.dumps(a)} current={json.dumps(b)}" for path, a, b in diffs]

@@ -101,17 +101,23 @@ def dataset_changes(old: DatasetRecord, new: DatasetRecord) -> list[str]:
     by_path_new = {f.path: f for f in new.files}
     by_path_old = {f.path: f for f in old.files}
     problems = []
-    for f in old.files:
+    paired: set[str] = set()
+    for i, f in enumerate(old.files):
         if f.identity in by_id_new:
             continue
-        if f.path in by_path_new:
-            g = by_path_new[f.path]
-            problems.append(f"changed: {f.path} (was {f.size} bytes, now {g.size} bytes; content differs)")
+        g = by_path_new.get(f.path)
+        if g is None and i < len(new.files) and new.files[i].path not in by_path_old \
+                and os.path.basename(new.files[i].path) == os.path.basename(f.path):
+            g = new.files[i]  # the same file, its folder moved: name it where it is now
+        if g is not None:
+            paired.add(g.path)
+            moved = f", moved from {f.path}" if g.path != f.path else ""
+            problems.append(f"changed: {g.path} (was {f.size} bytes, now {g.size} bytes; content differs{moved})")
         else:
             problems.append(f"removed: {f.path}")
     old_id_set = set(old_ids)
     for i, f in enumerate(new.files):
-        if f.identity not in old_id_set and f.path not in by_path_old and i < len(old.files):
+        if f.identity not in old_id_set and f.path not in by_path_old and f.path not in paired and i < len(old.files):
             problems.append(f"added before files the run has already read: {f.path}")
     if not problems:
         problems.append("the files are the same but in another order: "

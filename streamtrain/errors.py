@@ -5,6 +5,7 @@
      + ResumeMismatch                a checkpoint was made with a config that differs where it matters
      + CheckpointError               a checkpoint folder or file cannot be read or written
         + JournalDamaged             a journal line is damaged, not just torn
+        + DiskError                  a file of the run cannot be written: its disk is full or read-only
      + KnowledgeBaseMismatch         the server's knowledge base lacks what the checkpoint says it holds,
                                      on resume or during a call (the run is rolled back then)
      + DatasetChanged                the dataset's files differ from the ones the checkpoint was written on
@@ -21,6 +22,7 @@
         + AmbiguousEffect            a mutating call's effect cannot be decided from server state
            + MaybeApplied            an unkeyed mutating request went unanswered; it was not resent
      + TooManyFailures               a run stopped because max_failures samples failed
+     + StepsInDoubt                  a resume's in-flight steps outlived what the server keeps to decide them
 
 Messages say what is wrong, where, and what to do about it. Code never reads a message: what a caller
 may act on is an attribute (``status_code``, ``error_code``, ``session_id``, ``attempts``, ``last_cause``).
@@ -47,6 +49,20 @@ class CheckpointError(StreamtrainError):
 
 class JournalDamaged(CheckpointError):
     """A line of a run's journal is neither valid nor a torn last line."""
+
+
+class DiskError(CheckpointError):
+    """A file of the run (checkpoint, journal, lock, the embedded server's log) cannot be written because of its
+    disk: full, over quota, past the process's file-size limit, read-only, or not writable.
+
+    ``path``: the file; ``mount``: the mount point of its disk. The message names both, the free space, and what
+    to do; the last good checkpoint is untouched, so the same command resumes once the disk is fixed.
+    """
+
+    def __init__(self, message: str, *, path: str, mount: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.mount = mount
 
 
 class KnowledgeBaseMismatch(StreamtrainError):
@@ -167,3 +183,18 @@ class MaybeApplied(AmbiguousEffect):
 
 class TooManyFailures(StreamtrainError):
     """More samples failed than the run's max_failures allows."""
+
+
+class StepsInDoubt(StreamtrainError):
+    """A resumed run's in-flight samples (their last request sent, no answer) waited longer than the server keeps
+    what decides them exactly (its idempotency keys), so sending them again could learn them twice.
+
+    ``raw_indices``: the samples; ``age_seconds``: how long the oldest has waited; ``lifetime_seconds``: the
+    server's key lifetime. The message names the ways out.
+    """
+
+    def __init__(self, message: str, *, raw_indices: list[int], age_seconds: float, lifetime_seconds: float) -> None:
+        super().__init__(message)
+        self.raw_indices = raw_indices
+        self.age_seconds = age_seconds
+        self.lifetime_seconds = lifetime_seconds

@@ -7,7 +7,8 @@ process leaves either the whole line or nothing the reader accepts; no fsync: th
 process dies, and a machine crash is what the checkpoints' fsync is for):
 
     {"header": 1, "run_name": ..., "config": {...}}    first line: the config, for a resume with no checkpoint yet
-    {"s": 17, "k": 3, "p": "observe", "sid": "..."}    sample 17, step 3: about to send its observe-sequence
+    {"s": 17, "k": 3, "p": "observe", "sid": "...", "at": 1718000000}    sample 17, step 3: about to send its
+                                                  observe-sequence (at: when, in seconds since the epoch)
     {"s": 17, "k": 3, "p": "learn", "sid": "..."}      ... its observe-sequence succeeded; about to send the learn
     {"s": 17, "k": 3, "p": "keyed", "sid": "..."}      ... (idempotent server) about to send the one keyed request
     {"s": 17, "k": 3, "p": "counted", "sid": "...", "t": 96}   ... (no keys) about to send the one observe-sequence
@@ -19,6 +20,9 @@ process dies, and a machine crash is what the checkpoints' fsync is for):
     {"s": 18, "p": "fin", "trained": 0, ..., "error": "...", "steps_done": 3}   sample 18 failed for its own
                                                   content after its first 3 steps took effect (retried later)
 
+Every step line carries ``at`` (older journals' lines have none and stay readable): a resume knows how long its
+steps in doubt have waited, against the server's key and session lifetimes (``indoubt.py``).
+
 A step line after a ``fin`` line of the same sample starts a new attempt (the retry of a failed sample): the
 ``fin`` no longer holds. A torn last line (a killed write) is ignored and cut off before the next append; any other
 bad line raises :class:`JournalDamaged` naming the file and the line; a write that fails halfway (a full disk) is
@@ -27,23 +31,28 @@ cut back to the last whole line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .disk import disk_error, is_storage_error
 from .errors import CheckpointError, JournalDamaged
 from .jsonbytes import compact_json
 
 logger = logging.getLogger(__name__)
 
 FILENAME = "journal.jsonl"
+_REMEDY = ("What to do: free space on that disk or make it writable, then run the same command again: the run "
+           "resumes exactly from its last checkpoint and this journal.")
 
 
 class _Line(BaseModel):
@@ -64,6 +73,7 @@ class StepLine(_Line):
     sid: str | None = None
     t: int | None = Field(None, ge=0, description="counted: the session's observation counter before the request.")
     e: int | None = Field(None, ge=1, description="batch: the end of the range of steps the request carries.")
+    at: int | None = Field(None, ge=0, description="When the line was written (seconds since the epoch).")
 
 
 class FinLine(_Line):
@@ -85,6 +95,7 @@ class SampleRecord:
     last_session: str | None = None
     last_end: int | None = None
     last_counter: int | None = None
+    last_at: int | None = None  # when the last step line was written (seconds since the epoch), if it says
     finished: dict[str, Any] | None = None
 
 
@@ -148,7 +159,7 @@ def read_journal(path: Path) -> JournalState:
                 rec.finished = line.model_dump()
             else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
                 rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
-                rec.last_counter = line.t
+                rec.last_counter, rec.last_at = line.t, line.at
                 rec.finished = None
     return state
 
@@ -182,6 +193,8 @@ class Journal:
                     os.truncate(self.path, cut)
             self._open()
         except OSError as exc:
+            if is_storage_error(exc):
+                raise disk_error(exc, self.path, "open the journal") from exc
             raise CheckpointError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from exc
 
     def _open(self) -> None:
@@ -198,6 +211,8 @@ class Journal:
                     line["e"] = rec.last_end
                 if rec.last_counter is not None:
                     line["t"] = rec.last_counter
+                if rec.last_at is not None:
+                    line["at"] = rec.last_at
                 out.append(line)
             if rec.finished is not None:
                 out.append(rec.finished)
@@ -220,10 +235,9 @@ class Journal:
                     os.ftruncate(self._fd, size)
                 except OSError:
                     logger.warning("journal %s: could not cut a half-written line", self.path)
-                raise CheckpointError(
-                    f"cannot append to the journal {self.path}: {exc.strerror or exc}. Free space (or fix the folder) "
-                    "and run again: the run resumes from its last checkpoint and this journal"
-                ) from exc
+                if is_storage_error(exc):
+                    raise disk_error(exc, self.path, "append to the journal", _REMEDY) from exc
+                raise CheckpointError(f"cannot append to the journal {self.path}: {exc.strerror or exc}. {_REMEDY}") from exc
 
     def step(self, raw_index: int, step: int, phase: str, session_id: str, end: int | None = None,
              counter: int | None = None) -> None:
@@ -232,6 +246,7 @@ class Journal:
             entry["e"] = end
         if counter is not None:
             entry["t"] = counter
+        entry["at"] = int(time.time())
         self._append(entry)
 
     def finished(self, raw_index: int, **counts: Any) -> None:
@@ -240,7 +255,8 @@ class Journal:
     def batches_sent(self, samples: list[tuple[int, int]]) -> None:
         """(raw index, step count) of each whole sample about to go in one learn-batches request: each sample's
         ``step(raw_index, 0, "batches", "", end=count)`` line, all in one write."""
-        self._append(*({"s": s, "k": 0, "p": "batches", "sid": "", "e": n} for s, n in samples))
+        at = int(time.time())
+        self._append(*({"s": s, "k": 0, "p": "batches", "sid": "", "e": n, "at": at} for s, n in samples))
 
     def finished_many(self, samples: list[tuple[int, dict[str, Any]]]) -> None:
         """(raw index, counts) of several finished samples: each one's ``finished`` line, all in one write."""
@@ -299,6 +315,8 @@ class Journal:
             return compacted
         except OSError as exc:
             # the old journal is still complete (os.replace is atomic): keep appending to it
+            with contextlib.suppress(OSError):  # a full disk: the partial copy must not hold on to the space
+                tmp.unlink(missing_ok=True)
             logger.warning("journal compaction failed (%s); the journal keeps growing until the next one", exc)
             if self._fd is None:
                 self._open()

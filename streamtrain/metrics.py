@@ -2,13 +2,15 @@
 
 Rows are appended, never rewritten, so a crash or Ctrl-C loses at most the row being written (a torn last line is
 skipped when read). Events: ``start`` (a new run), ``resume`` (a later call), ``checkpoint``, ``error``, ``end``,
-``interrupt``; plain rows are ``progress``. The file stays bounded for runs of any length: progress rows come at
-most every ``max(interval, elapsed / ROWS_PER_RUN)`` seconds of the call, so their number grows with the logarithm
-of the run's length, not with it.
+``interrupt``; plain rows are ``progress``. The file stays bounded for runs of any length: routine rows
+(``progress`` and interval ``checkpoint`` rows) come at most every ``max(interval, elapsed / ROWS_PER_RUN)`` seconds
+of the call, so their number grows with the logarithm of the run's length, not with it nor with how often
+checkpoints are written; the rows of a call's events (start, resume, interrupt, error, end) are always written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,12 +20,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .disk import is_storage_error, storage_message
+
 logger = logging.getLogger(__name__)
 
 FILENAME = "metrics.jsonl"
 ROWS_PER_RUN = 2000
 
 Event = Literal["start", "resume", "progress", "checkpoint", "interrupt", "error", "end"]
+ROUTINE: frozenset[Event] = frozenset({"progress", "checkpoint"})  # thinned: written only when a row is due
 
 
 class MetricsRow(BaseModel):
@@ -79,7 +84,7 @@ class MetricsLog:
         self._failed = False
 
     def due(self, call_elapsed: float) -> bool:
-        """Whether a progress row is due, ``call_elapsed`` seconds into this call."""
+        """Whether a routine row (progress, checkpoint) is due, ``call_elapsed`` seconds into this call."""
         if self._last_t is None:
             return True
         every = max(self.interval, call_elapsed / ROWS_PER_RUN)
@@ -88,6 +93,10 @@ class MetricsLog:
     def write(self, event: Event, call_elapsed: float, *, elapsed_seconds: float, position: int,
               samples_trained: int, samples_filtered: int, samples_failed: int, tokens: int,
               patterns_learned: list[int], detail: str | None = None) -> None:
+        """Append a row; a routine row (``ROUTINE``) only when one is due, so checkpoints written every sample
+        add no more rows than progress does."""
+        if event in ROUTINE and not self.due(call_elapsed):
+            return
         rate, token_rate = 0.0, 0.0
         if self._last is not None and self._last_t is not None and call_elapsed > self._last_t:
             dt = call_elapsed - self._last_t
@@ -103,10 +112,21 @@ class MetricsLog:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
+                size = os.fstat(fd).st_size
+                try:
+                    view = memoryview(line)
+                    while view:  # a short write is followed by the one that says why (full, a limit)
+                        view = view[os.write(fd, view):]
+                except OSError:
+                    with contextlib.suppress(OSError):  # no half row for the next one to be glued to
+                        os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
         except OSError as exc:
             if not self._failed:
-                logger.warning("cannot append to %s (%s); the run goes on without its metrics rows", self.path, exc)
+                why = (storage_message(exc, self.path, "append to", "The run goes on without its metrics rows.")
+                       if is_storage_error(exc) else f"cannot append to {self.path} ({exc}); the run goes on "
+                       "without its metrics rows")
+                logger.warning("%s", why)
                 self._failed = True

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import indoubt
 from .client import KatoClient
 from .config import ClientConfig, RunConfig
 from .errors import ServerError, ServerUnavailable, StreamtrainError
@@ -50,7 +51,9 @@ def run_server(config: RunConfig,
     rundir = RunDir(config.run_dir)
     rundir.path.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    server = EmbeddedServer(rundir.kb_path, log_path=rundir.server_log_path, token=token).start()
+    # the run's own server: its key lifetime covers the journal's steps in doubt, however long ago (indoubt.py)
+    extra = indoubt.embedded_server_args(rundir.journal_path)
+    server = EmbeddedServer(rundir.kb_path, log_path=rundir.server_log_path, token=token, extra_args=extra).start()
     keeper = ServerKeeper(server, on_lost)
     try:
         logger.info("embedded server for run %s at %s (bearer token required)", config.run_name, server.url)

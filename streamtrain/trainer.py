@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from . import __version__
+from . import __version__, indoubt
 from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
 from .config import RunConfig, check_resume
@@ -76,8 +76,10 @@ class _Run:
     """State of one call of train(): the dispatcher side."""
 
     def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool,
-                 stop: threading.Event | None = None, outage: OutageTracker | None = None):
+                 stop: threading.Event | None = None, outage: OutageTracker | None = None,
+                 resend_in_doubt: bool = False):
         self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
+        self.resend_in_doubt = resend_in_doubt
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
         self.store = self.rundir.checkpoints
@@ -120,16 +122,18 @@ class _Run:
         # data_files, a wrong text_field) pins nothing, so the corrected config simply runs.
         pinned = (ckpt is not None and ckpt.has_progress) or bool(journal_state.samples)
         header = journal_state.header or {}
+        recorded = (ckpt.dataset if ckpt is not None else
+                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
+        # recorded files are checked by content below: local data_files need not match as written (a moved folder)
         if pinned and ckpt is not None and path is not None:
-            check_resume(ckpt.config, cfg, path)
+            check_resume(ckpt.config, cfg, path, files_checked=recorded is not None)
         elif pinned and header:
-            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path)
+            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path,
+                         files_checked=recorded is not None)
         elif ckpt is not None or header:
             logger.info("run %s trained nothing before: starting it with this config", cfg.run_name)
             rundir.journal_path.unlink(missing_ok=True)
         self.dataset_record = describe_dataset(cfg.dataset)
-        recorded = (ckpt.dataset if ckpt is not None else
-                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
         if pinned and recorded is not None:
             check_dataset(recorded, self.dataset_record, cfg.run_name, str(path or rundir.journal_path))
         self.resumed = pinned
@@ -155,6 +159,9 @@ class _Run:
         if self.state.recovery:
             logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name,
                         len(self.state.recovery))
+            # their keys or sessions decide them: refused when the server may have forgotten them (indoubt.py)
+            indoubt.check(self.state.recovery, client.info(), run_name=cfg.run_name, journal_path=rundir.journal_path,
+                          embedded=self.embedded, resend=self.resend_in_doubt)
         self.start_position = self.state.read_pos
         c = self.state.counters
         self.done_at_start = c.samples_trained + c.samples_failed
@@ -453,10 +460,10 @@ class _Run:
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
         if now - self.last_point >= self.point_every:
             self._record_point()
-        if self.metrics.due(now - self.t0):
-            self._metrics_row("progress")
         if self._checkpoint_due():
-            self.checkpoint("interval")
+            self.checkpoint("interval")  # its metrics row, when one is due, stands for this moment's progress row
+        if self.metrics.due(time.monotonic() - self.t0):
+            self._metrics_row("progress")
 
     def _show_outage(self) -> None:
         """While the server fails, the bar says so in its description, counting down the outage budget."""
@@ -713,7 +720,7 @@ def _server_failing(exc: BaseException | None) -> bool:
 
 
 def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, progress: bool = True,
-          stop: threading.Event | None = None) -> TrainResult:
+          stop: threading.Event | None = None, resend_in_doubt: bool = False) -> TrainResult:
     """Train ``config``'s run: resume from its newest valid checkpoint (and journal), or start it.
 
     ``fresh=True`` refuses to start over existing checkpoints unless ``move_aside=True`` moves the run's folder
@@ -728,6 +735,10 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
 
     The embedded server (no ``server_url``) runs in a process group of its own, so a Ctrl-C or SIGTERM sent to the
     whole group reaches only this process; it is restarted when it dies (docs/trainer.md).
+
+    ``resend_in_doubt=True`` sends samples in doubt again even when the server may no longer hold the keys that
+    would decide them (a resume after its key lifetime; refused with StepsInDoubt otherwise): they may be learned
+    twice.
     """
     config = config.with_overrides()  # a config changed with model_copy(update=...) was never validated
     if fresh:
@@ -738,7 +749,7 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
     outage = OutageTracker(config.client.outage_seconds)
     try:
         with run_server(config, on_lost=outage.abort) as (url, embedded):
-            run = _Run(config, url, embedded, progress, stop, outage)
+            run = _Run(config, url, embedded, progress, stop, outage, resend_in_doubt)
             return run.execute()
     finally:
         if run is not None:

@@ -53,6 +53,8 @@ class ServiceInfo(WireModel):
     idempotency: bool = False  # only the embedded server sends it; a real KATO has none
     extensions: list[str] = []  # the embedded server's extra endpoints ("nodes", "learn-batch")
     database_id: str | None = None  # the embedded server's id of its database file (a real KATO has none)
+    idempotency_ttl_seconds: float | None = None  # the embedded server's key lifetime (--idempotency-ttl)
+    idempotency_keys_since: float | None = None  # every key it created since this time (epoch s) is still stored
 
 
 class Health(WireModel):

@@ -34,7 +34,6 @@ def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tm
     events = [(r.call, r.event) for r in rows if r.event != "progress"]
     assert events[0] == (1, "start") and events[-1] == (2, "end")
     assert (1, "end") in events and (2, "resume") in events
-    assert any(e == "checkpoint" for _, e in events)  # checkpoint_every=7
     assert rows[-1].position == SAMPLES and rows[-1].samples_trained == CheckpointStore(cfg.run_dir).latest().counters.samples_trained
     assert [r.elapsed_seconds for r in rows] == sorted(r.elapsed_seconds for r in rows)  # one clock across calls
     path = cfg.run_dir / "metrics.jsonl"

@@ -10,6 +10,8 @@ FastAPI's order (docs/server.md, Performance).
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from streamtrain.disk import free_bytes, mount_point
 from streamtrain.server import session_config as sc
 from streamtrain.server.defaults import (
     DEFAULT_IDEMPOTENCY_TTL,
@@ -45,7 +48,9 @@ from streamtrain.server.service import (
     read_body,
     validated,
 )
-from streamtrain.server.store import Store
+from streamtrain.server.store import Store, storage_code, storage_failure
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "DEFAULT_MAX_BATCH_ITEMS", "DEFAULT_MAX_BODY_BYTES", "KATO_VERSION",
            "create_app"]
@@ -72,6 +77,19 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
     async def _answer(request: Request, exc: _Answer) -> Response:
         return Response(exc.body, status_code=exc.status, media_type=exc.media_type)
 
+    @app.exception_handler(sqlite3.Error)
+    async def _storage(request: Request, exc: sqlite3.Error) -> Response:
+        """A write the disk refused (full, read-only, failing): 507 with the reason, the database and its disk,
+        never a bare 500. The request's transaction was rolled back: nothing of it was applied."""
+        code = storage_code(exc)
+        if code is None:
+            raise exc
+        reason = storage_failure(exc, store.path, code)
+        log.error("%s %s answered 507: %s", request.method, request.url.path, reason)
+        return json_response({"detail": reason, "error": {
+            "code": code, "message": reason, "path": str(store.path), "mount": str(mount_point(store.path)),
+            "free_bytes": free_bytes(store.path)}}, 507)
+
     # ---- dependencies (async: they run on the loop, never in a thread pool)
     async def guard(request: Request) -> Guard:
         return await srv.guard(request)
@@ -94,6 +112,10 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                               "docs": "/docs", "health": "/health", "status": "running",
                               "uptime_seconds": eng.clock() - eng.started, "architecture": "modular",
                               "session_support": True, "idempotency": srv.idempotency,
+                              # how long a key is honoured, and since when every key is still stored: a trainer
+                              # resuming steps in doubt after days checks that their keys still decide them
+                              **({"idempotency_ttl_seconds": srv.idempotency_ttl,
+                                  "idempotency_keys_since": eng.store.keys_swept_before} if srv.idempotency else {}),
                               "database_id": eng.store.database_id,
                               "extensions": extensions})
 

@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from streamtrain.disk import is_storage_error, storage_message
 from streamtrain.server.defaults import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_MAX_BATCH_ITEMS,
     DEFAULT_MAX_BODY_BYTES,
+    EXIT_STORAGE,
     MIN_UPLOAD_RATE,
     TOKEN_ENV,
 )
@@ -232,8 +234,15 @@ def serve(args: argparse.Namespace) -> int:
         lock = _lock_database(args.db, args.wait_for_db)
         store = Store(args.db, sync=args.sync)
     except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _say(f"error: {e}")
+        return EXIT_STORAGE if e.storage else 2
+    except OSError as e:  # the lock file: its disk refused the write
+        if not is_storage_error(e):
+            raise
+        _say("error: " + storage_message(e, f"{args.db}.lock", "write the database's lock file",
+                                         "What to do: free space on that disk or make it writable, then start the "
+                                         "server again (a streamtrain run: run the same command again)."))
+        return EXIT_STORAGE
     try:
         sock = _bind(args.host, args.port)
     except _Refused as e:
@@ -266,6 +275,15 @@ def serve(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.close()
     return 0 if server.started else 1
+
+
+def _say(message: str) -> None:
+    """Why the server stops, on stderr (its log); a full disk may refuse even that: the exit status still tells
+    (EXIT_STORAGE), and the launcher describes the disk itself."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _exit_after_shutdown(signum: int, frame: object) -> None:

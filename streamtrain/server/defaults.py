@@ -17,3 +17,7 @@ TOKEN_ENV = "STREAMTRAIN_SERVER_TOKEN"
 # at MIN_UPLOAD_RATE bytes per second (protocol.py).
 DEFAULT_HEADER_TIMEOUT = 5.0
 MIN_UPLOAD_RATE = 1_000_000
+
+# The server's exit status when it cannot write its database or lock file (disk full, read-only): sysexits' EX_IOERR.
+# Its launcher reads it as "the disk", even when the reason could not be written to the log (a full disk).
+EXIT_STORAGE = 74

@@ -20,8 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from streamtrain.disk import describe_disk, disk_error, is_storage_error
 from streamtrain.errors import ServerUnavailable
-from streamtrain.server.defaults import TOKEN_ENV
+from streamtrain.server.defaults import EXIT_STORAGE, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,24 @@ class EmbeddedServer:
     def start(self) -> EmbeddedServer:
         if self.pid is not None:
             return self
-        with open(self.log_path, "ab") as logf:
+        try:
+            logf = open(self.log_path, "ab")
+        except OSError as exc:
+            if is_storage_error(exc):
+                raise disk_error(exc, self.log_path, "open the embedded server's log") from None
+            raise
+        with logf:
             self._proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=self.environment(),
                                           start_new_session=True)  # group signals are its starter's to answer
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self._proc.poll()
+            if code == EXIT_STORAGE:  # its disk refused a write; on a full disk its log may hold nothing of it
+                raise ServerUnavailable(
+                    f"embedded server could not start: it cannot write its database {self.db_path} "
+                    f"({describe_disk(self.db_path)}). Free space on that disk or make it writable, then run the "
+                    f"same command again. Its log {self.log_path} ends with:\n{self._log_tail()}")
             if code is not None:
                 raise ServerUnavailable(
                     f"embedded server exited ({describe_exit(code)}) during startup (db {self.db_path}, "

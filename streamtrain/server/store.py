@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from streamtrain.disk import describe_disk
 from streamtrain.errors import StreamtrainError
 from streamtrain.jsonbytes import compact_json
 from streamtrain.server.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
@@ -85,7 +86,48 @@ CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
 
 
 class StoreError(StreamtrainError):
-    """The server's database file cannot be opened or used."""
+    """The server's database file cannot be opened or used; ``storage``: because of its disk (full, read-only,
+    a failed write), not its content or settings."""
+
+    def __init__(self, message: str, *, storage: bool = False) -> None:
+        super().__init__(message)
+        self.storage = storage
+
+
+# SQLite's primary result codes of a write the disk refused, and the error code of the server's 507 answer.
+_STORAGE_CODES = {"SQLITE_FULL": "INSUFFICIENT_STORAGE", "SQLITE_READONLY": "STORAGE_READ_ONLY",
+                  "SQLITE_IOERR": "STORAGE_IO_ERROR", "SQLITE_CANTOPEN": "STORAGE_CANNOT_OPEN"}
+_STORAGE_TEXTS = {"database or disk is full": "SQLITE_FULL", "readonly database": "SQLITE_READONLY",
+                  "disk i/o error": "SQLITE_IOERR", "unable to open database file": "SQLITE_CANTOPEN"}
+_STORAGE_CAUSES = {"INSUFFICIENT_STORAGE": "no room is left (the disk is full, or the database reached a size limit)",
+                   "STORAGE_READ_ONLY": "the database file or its disk is read-only",
+                   "STORAGE_IO_ERROR": "a write to its disk failed (full, a file-size limit, or a failing disk)",
+                   "STORAGE_CANNOT_OPEN": "a file of the database cannot be created or opened there"}
+
+
+def storage_code(exc: BaseException) -> str | None:
+    """The 507 error code of a SQLite error of the disk (full, read-only, a failed write), else None."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""  # SQLITE_IOERR_WRITE ... (Python 3.11+)
+    for primary, code in _STORAGE_CODES.items():
+        if name == primary or name.startswith(primary + "_"):
+            return code
+    text = str(exc).lower()
+    for fragment, primary in _STORAGE_TEXTS.items():
+        if fragment in text:
+            return _STORAGE_CODES[primary]
+    return None
+
+
+def storage_failure(exc: sqlite3.Error, db: Path, code: str, *, request: bool = True) -> str:
+    """What a 507 answer (``request``) or a server that cannot start says: the database, why, its disk, and what
+    to do."""
+    again = ("Nothing of the request was applied. What to do: free space on that disk or make it writable, then send "
+             "the request again (a streamtrain run: run the same command again; it resumes exactly)." if request else
+             "What to do: free space on that disk or make it writable, then start the server again (a streamtrain "
+             "run: run the same command again).")
+    return f"the server cannot write its database {db}: {_STORAGE_CAUSES[code]} (SQLite: {exc}; {describe_disk(db)}). {again}"
 
 
 def dumps(obj: Any) -> str:
@@ -138,7 +180,15 @@ class Store:
                 self.conn.execute("INSERT INTO meta(key, value) VALUES('database_id', ?)", (uuid.uuid4().hex,))
                 row = self.conn.execute("SELECT value FROM meta WHERE key='database_id'").fetchone()
             self.database_id: str = row[0]
+            # Keys created before this time may have been removed by a sweep (of this or an earlier server on the file,
+            # whatever its key lifetime); all younger ones are still stored. GET / tells it: a trainer resuming steps
+            # in doubt knows whether their keys can still be honoured.
+            row = self.conn.execute("SELECT value FROM meta WHERE key='keys_swept_before'").fetchone()
+            self.keys_swept_before: float = float(row[0]) if row else 0.0
         except sqlite3.DatabaseError as e:
+            code = storage_code(e)
+            if code is not None:  # the disk, not the file: say which disk, how full, and what to do
+                raise StoreError(storage_failure(e, self.path, code, request=False), storage=True) from e
             msg = str(e)
             if "readonly" in msg or "read-only" in msg or "unable to open" in msg:
                 hint = "make the file and its folder writable, or give another --db path"
@@ -167,17 +217,26 @@ class Store:
         if self._depth:
             raise RuntimeError("nested Store.transaction")
         self._depth = 1
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
             self.checkpointer.nudge()
         finally:
             self._depth = 0
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite left one open: a failed COMMIT (a full disk) may have rolled it back
+        itself (then a ROLLBACK would fail and hide the first error) or not (then the next BEGIN would fail)."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("rolling back a failed transaction of %s failed", self.path, exc_info=True)
 
     def _rows_in(self, select: str, head: tuple[Any, ...], values: list[str]) -> Iterator[Any]:
         """The rows of ``select`` (ending in ``IN``) for ``values``, in queries of at most _SQL_CHUNK of them."""
@@ -208,10 +267,15 @@ class Store:
                               "VALUES(?,?,?,?,?,?)", [(k, f, r, s, zlib.compress(b, 1), t) for k, f, r, s, b, t in rows])
 
     def sweep(self, now: float, idempotency_ttl: float) -> None:
-        """Remove expired sessions and idempotency keys, in a transaction of its own."""
+        """Remove expired sessions and idempotency keys, in a transaction of its own; remember the newest bound keys
+        were removed below (``keys_swept_before``)."""
+        bound = max(self.keys_swept_before, now - idempotency_ttl)
         with self.transaction() as c:
             c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - idempotency_ttl,))
+            if bound > self.keys_swept_before:
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('keys_swept_before', ?)", (repr(bound),))
+        self.keys_swept_before = bound
 
     # ---------------------------------------------------------------- sessions
     def insert_session(self, session_id: str, node_id: str, created_at: float, expires_at: float, ttl: int,
