@@ -132,7 +132,7 @@ class EmbeddedServer:
                 raise ServerUnavailable(
                     f"embedded server could not start: it cannot write its database {self.db_path} "
                     f"({describe_disk(self.db_path)}). Free space on that disk or make it writable, then run the "
-                    f"same command again. Its log {self.log_path} ends with:\n{self._log_tail()}")
+                    f"same command again. Its log {self.log_path} ends with:\n{self.log_tail()}")
             if code is not None:
                 raise ServerUnavailable(
                     f"embedded server exited ({describe_exit(code)}) during startup (db {self.db_path}, "
