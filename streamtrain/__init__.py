@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from .config import ClientConfig, DatasetConfig, HFTokenizer, LayerConfig, RunConfig, load_config, parse_config
 from .errors import (
     AmbiguousEffect,
@@ -25,6 +23,7 @@ from .errors import (
     TokenizerUnavailable,
     TooManyFailures,
 )
+from .version import __version__
 
 # Heavy parts (datasets, httpx, FastAPI) load on first use, so `import streamtrain` and the CLI stay fast.
 _LAZY = {
@@ -34,9 +33,9 @@ _LAZY = {
     "Checkpoint": "checkpoint",
     "CheckpointStore": "checkpoint",
     "DatasetStream": "stream",
-    "get_tokenizer": "tokenize",
+    "get_tokenizer": "tokenization",
     "KatoClient": "client",
-    "NodeSession": "units",
+    "NodeSession": "exactly_once",
     "EmbeddedServer": "server",
 }
 
@@ -44,12 +43,12 @@ _LAZY = {
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
     from .checkpoint import Checkpoint, CheckpointStore
     from .client import KatoClient
+    from .exactly_once import NodeSession
     from .results import TrainResult
     from .server import EmbeddedServer
     from .stream import DatasetStream
-    from .tokenize import get_tokenizer
+    from .tokenization import get_tokenizer
     from .trainer import train, train_parallel
-    from .units import NodeSession
 
 
 def __getattr__(name: str) -> Any:

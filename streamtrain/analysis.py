@@ -21,7 +21,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .client import KatoClient
-from .config import RunConfig, _leaves, resume_differences, resume_policy
+from .config import RunConfig, leaves, resume_differences, resume_policy
 from .errors import ProtocolError
 from .patterns import PREFIX, strip_prefix
 from .serverconn import Connection, connect
@@ -54,7 +54,7 @@ __all__ = [
 
 def prompt_tokens(config: RunConfig, text: str) -> list[str]:
     """``text`` cut into tokens by the run's tokenizer (the same cut as training)."""
-    from .tokenize import get_tokenizer
+    from .tokenization import get_tokenizer
 
     return list(get_tokenizer(config.tokenizer)(text))
 
@@ -71,7 +71,7 @@ def tokens_to_text(tokens: Sequence[str], tokenizer: Any = "words") -> str:
         return "".join(tokens)
     spec = tokenizer.get("hf") if isinstance(tokenizer, dict) else getattr(tokenizer, "hf", None)
     if isinstance(spec, str):
-        from .tokenize import hf_decode, load_hf
+        from .tokenization import hf_decode, load_hf
 
         return hf_decode(load_hf(spec), list(tokens))
     out: list[str] = []
@@ -375,7 +375,7 @@ def config_table(config: RunConfig) -> list[dict[str, Any]]:
     for name, policy in resume_policy().items():
         if name not in data:  # a secret (server_token): left out of every dump, shown masked
             data[name] = "**********" if getattr(config, name) is not None else None
-        for key, value in _leaves(data[name], name).items():
+        for key, value in leaves(data[name], name).items():
             rows.append({"field": key, "value": value, "on_resume": policy})
     return rows
 
@@ -400,7 +400,7 @@ def config_diff(old: RunConfig | Checkpoint | str | Path, new: RunConfig | Check
     for name, policy in resume_policy().items():
         if policy == "must_match" or name not in da:  # not in a dump: a secret (server_token), never shown
             continue
-        la, lb = _leaves(da[name], name), _leaves(db[name], name)
+        la, lb = leaves(da[name], name), leaves(db[name], name)
         for key in sorted(set(la) | set(lb)):
             x, y = la.get(key, "<absent>"), lb.get(key, "<absent>")
             if x != y:

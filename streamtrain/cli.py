@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .config import RunConfig, config_json_schema, load_config
 from .errors import CheckpointError, StreamtrainError
+from .version import __version__
 
 logger = logging.getLogger("streamtrain.cli")
 

@@ -11,7 +11,7 @@ clients, or the client's own): retries go on until the server has been failing f
 
 The network is one constructor argument: ``http=`` takes any ``httpx.Client`` (e.g. starlette's
 ``TestClient(create_app(...))`` for an in-process server), ``transport=`` an httpx transport. Nothing is sent
-before the first call. Learning a unit exactly once on top of this is ``units.py``; the argument for both
+before the first call. Learning a unit exactly once on top of this is ``exactly_once.py``; the argument for both
 is docs/client.md.
 """
 
@@ -300,7 +300,7 @@ class KatoClient(EmbeddedExtensions):
         """Before sending again a request that went unanswered and that server state showed was not applied:
         wait as a retry would, or raise ServerUnavailable once the budget is spent (the outage's, or the budget
         counted from ``failing_since``, the tracker's ``now()`` at the first lost answer; or ``retry_max_attempts``
-        sends in all). ``resends``: how many times it was resent so far. ``units.NodeSession`` calls it."""
+        sends in all). ``resends``: how many times it was resent so far. ``exactly_once.NodeSession`` calls it."""
         cap = self.settings.retry_max_attempts
         if self._budget_left(failing_since) <= 0 or (cap is not None and resends + 1 >= cap):
             raise ServerUnavailable(

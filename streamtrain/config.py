@@ -336,16 +336,18 @@ def resume_policy() -> dict[str, str]:
     return out
 
 
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+def leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """A config value as dotted paths to its scalar values (``layers[0].chunk_size``), lists of tables with their
+    ``.length``: what a resume and a comparison of runs compare field by field."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_leaves(v, f"{prefix}.{k}"))
+            out.update(leaves(v, f"{prefix}.{k}"))
         return out
     if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
         out = {f"{prefix}.length": len(value)}
         for i, v in enumerate(value):
-            out.update(_leaves(v, f"{prefix}[{i}]"))
+            out.update(leaves(v, f"{prefix}[{i}]"))
         return out
     return {prefix: value}
 
@@ -404,7 +406,7 @@ def resume_differences(checkpoint: RunConfig, current: RunConfig, *,
     for name, policy in resume_policy().items():
         if policy != "must_match":
             continue
-        a, b = _leaves(old[name], name), _leaves(new[name], name)
+        a, b = leaves(old[name], name), leaves(new[name], name)
         for key in sorted(set(a) | set(b)):
             x, y = a.get(key, "<absent>"), b.get(key, "<absent>")
             if x == y:

@@ -6,7 +6,8 @@ expanded, hub files pinned to a commit) and fingerprints each local file cheaply
 last 64 KiB); ``dataset_changes`` compares two descriptions. Allowed: new files that come after every file the
 run has seen (the stream's prefix is unchanged), and a folder moved as a whole (same files, same order). Anything
 else (a file added before or between the old ones, removed, reordered or changed) shifts raw positions and is
-refused on resume.
+refused on resume. ``split_files`` (what a split resolves to) and ``open_failure_message`` (why a dataset cannot be
+opened, and what to do) serve the stream and the diagnosis of a read error too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .errors import DatasetChanged, DatasetError
 logger = logging.getLogger(__name__)
 
 _EDGE = 64 * 1024
+# datasets' builders of local files: a failure to open through one of them gets advice about data_files, not the hub
+_BUILDERS = {"parquet", "json", "csv", "text", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
 
 class DataFile(BaseModel):
@@ -60,7 +63,8 @@ def _fingerprint(path: str) -> tuple[int, str] | None:
     return size, h.hexdigest()[:32]
 
 
-def _split_files(cfg: DatasetConfig) -> list[str]:
+def split_files(cfg: DatasetConfig) -> list[str]:
+    """The files ``cfg``'s split resolves to, as ``datasets`` resolves them (globs expanded, hub files pinned)."""
     import datasets
 
     kwargs: dict[str, Any] = dict(getattr(cfg, "load_kwargs", None) or {})
@@ -70,18 +74,45 @@ def _split_files(cfg: DatasetConfig) -> list[str]:
     try:
         builder = datasets.load_dataset_builder(cfg.path, cfg.name, data_files=cfg.data_files, **kwargs)
     except Exception as exc:  # the one boundary where datasets' many exception types become ours
-        from .stream import _open_failure_message
-
-        raise DatasetError(_open_failure_message(cfg, exc)) from exc
+        raise DatasetError(open_failure_message(cfg, exc)) from exc
     data_files = getattr(builder.config, "data_files", None) or {}
     files = data_files.get(cfg.split) if hasattr(data_files, "get") else None
     return [str(f) for f in files or []]
 
 
+def open_failure_message(cfg: DatasetConfig, exc: Exception) -> str:
+    """Why ``datasets`` could not open ``cfg``'s dataset (the stream's ``load_dataset`` or the files' builder), and
+    what to do."""
+    what = f"cannot open dataset path={cfg.path!r}"
+    if cfg.name:
+        what += f" name={cfg.name!r}"
+    if cfg.data_files is not None:
+        what += f" data_files={cfg.data_files!r}"
+    what += f" split={cfg.split!r}"
+    if cfg.revision is not None:
+        what += f" revision={cfg.revision!r}"
+    if cfg.load_kwargs:
+        what += f" load_kwargs={cfg.load_kwargs!r}"
+    what += f": {type(exc).__name__}: {exc}"
+    if cfg.path in _BUILDERS:
+        todo = (
+            "check that data_files points at existing local files (in a run config file, relative paths are "
+            "relative to the file's folder; in Python, to the working folder), that split names a split they "
+            "provide, and that load_kwargs holds only arguments this builder takes"
+        )
+    else:
+        todo = (
+            "check the dataset name and config; if it is on the Hugging Face Hub, this machine must reach the hub "
+            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or have it in the local cache; for local files use a "
+            "builder such as path='parquet' with data_files"
+        )
+    return f"{what}\nWhat to do: {todo}."
+
+
 def describe_dataset(cfg: DatasetConfig) -> DatasetRecord:
     """The resolved files of ``cfg``'s split, each local one fingerprinted."""
     out = []
-    for path in _split_files(cfg):
+    for path in split_files(cfg):
         local = "://" not in path
         found = _fingerprint(path) if local else None
         out.append(DataFile(path=path, size=found[0] if found else None, fingerprint=found[1] if found else None))

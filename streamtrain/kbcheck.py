@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .client import KatoClient
 from .errors import KnowledgeBaseMismatch
+
+if TYPE_CHECKING:  # the record is part of the checkpoint format, which must load no HTTP (tests/test_layering.py)
+    from .client import KatoClient
 
 logger = logging.getLogger(__name__)
 

@@ -173,7 +173,7 @@ def _bad_parquet_file(files: list[str], position: int) -> BadRecord | None:
 
 
 def _split_files(cfg: DatasetConfig) -> list[str] | None:
-    from .datafiles import _split_files as resolve
+    from .datafiles import split_files as resolve
 
     try:
         return resolve(cfg)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .config import DatasetConfig
+from .datafiles import open_failure_message
 from .errors import DataEndsEarly, DatasetError
 from .readerror import describe_read_error
 from .textfilter import FirstRecords, Reason, TextFilter
@@ -31,7 +32,6 @@ from .textfilter import FirstRecords, Reason, TextFilter
 logger = logging.getLogger(__name__)
 
 _STATE_FORMAT = "streamtrain.stream/1"
-_BUILDERS = {"parquet", "json", "csv", "text", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
 
 def _open(cfg: DatasetConfig) -> Any:
@@ -44,34 +44,7 @@ def _open(cfg: DatasetConfig) -> Any:
             **cfg.load_kwargs,
         )
     except Exception as exc:  # the one boundary where datasets' many exception types become ours
-        raise DatasetError(_open_failure_message(cfg, exc)) from exc
-
-
-def _open_failure_message(cfg: DatasetConfig, exc: Exception) -> str:
-    what = f"cannot open dataset path={cfg.path!r}"
-    if cfg.name:
-        what += f" name={cfg.name!r}"
-    if cfg.data_files is not None:
-        what += f" data_files={cfg.data_files!r}"
-    what += f" split={cfg.split!r}"
-    if cfg.revision is not None:
-        what += f" revision={cfg.revision!r}"
-    if cfg.load_kwargs:
-        what += f" load_kwargs={cfg.load_kwargs!r}"
-    what += f": {type(exc).__name__}: {exc}"
-    if cfg.path in _BUILDERS:
-        todo = (
-            "check that data_files points at existing local files (in a run config file, relative paths are "
-            "relative to the file's folder; in Python, to the working folder), that split names a split they "
-            "provide, and that load_kwargs holds only arguments this builder takes"
-        )
-    else:
-        todo = (
-            "check the dataset name and config; if it is on the Hugging Face Hub, this machine must reach the hub "
-            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or have it in the local cache; for local files use a "
-            "builder such as path='parquet' with data_files"
-        )
-    return f"{what}\nWhat to do: {todo}."
+        raise DatasetError(open_failure_message(cfg, exc)) from exc
 
 
 def _close(source: Iterator[Any]) -> None:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from . import __version__, indoubt
+from . import indoubt
 from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
 from .config import RunConfig, check_resume
@@ -32,7 +32,7 @@ from .errors import (
     ServerUnavailable,
     StreamtrainError,
 )
-from .heap import frozen_heap
+from .gcfreeze import frozen_heap
 from .journal import Journal, read_journal
 from .kbcheck import (
     KnowledgeBaseRecord,
@@ -50,7 +50,8 @@ from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
 from .stream import DatasetStream
-from .tokenize import get_tokenizer
+from .tokenization import get_tokenizer
+from .version import __version__
 from .worker import Job, Worker, WorkerContext, plan_ahead
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class _Run:
         self.history: list[ProgressPoint] = []
         self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
         self.stream: DatasetStream | None = None
-        self.freeze_heap_again: Callable[[], None] = lambda: None  # set by heap.frozen_heap while training
+        self.freeze_heap_again: Callable[[], None] = lambda: None  # set by gcfreeze.frozen_heap while training
         self.workers: list[Worker] = []
         self.kb_record: KnowledgeBaseRecord | None = None  # the last good record: what the KB must hold at least
         # (worker, level) -> the first pattern that worker's samples learned there since the last check

@@ -2,7 +2,7 @@
 
 Each worker has its own client and its own session per level. Whole samples go in keyed learn-batch requests
 where the server offers them (several per request), otherwise one exactly-once unit per step
-(``units.NodeSession``). Only a sample's own content fails it (``SampleFault``); any other error is the server's
+(``exactly_once.NodeSession``). Only a sample's own content fails it (``SampleFault``); any other error is the server's
 or the run's and stops the run, the sample left unfinished for the next call (docs/trainer.md).
 """
 
@@ -19,11 +19,11 @@ from .checkpoint import FailedSample
 from .client import KatoClient
 from .config import LayerConfig, RunConfig
 from .errors import ProtocolError
+from .exactly_once import NodeSession, unit_took_effect
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord
 from .outage import OutageTracker
 from .runstate import Outcome
-from .units import NodeSession, unit_took_effect
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from streamtrain.client import KatoClient
 from streamtrain.errors import ConfigRejected, ServerUnavailable
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer, create_app
-from streamtrain.units import NodeSession, unit_took_effect
+from streamtrain.exactly_once import NodeSession, unit_took_effect
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 NODES = ("wl-a", "wl-b", "wl-c")

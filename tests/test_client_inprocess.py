@@ -22,7 +22,7 @@ from streamtrain.errors import (
 )
 from streamtrain.patterns import pattern_name
 from streamtrain.server import create_app
-from streamtrain.units import NodeSession
+from streamtrain.exactly_once import NodeSession
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "process_predictions": False}
 UNIT = [["to"], ["be"], ["or"], ["not"]]

@@ -31,7 +31,7 @@ from streamtrain.errors import (
 from streamtrain.outage import OutageTracker
 from streamtrain.patterns import pattern_hash, pattern_name
 from streamtrain.retry import Transient, is_retryable, parse_retry_after
-from streamtrain.units import NodeSession, unit_took_effect
+from streamtrain.exactly_once import NodeSession, unit_took_effect
 
 URL = "http://kato.test"
 UNIT = [["the"], ["quick"], ["brown"], ["fox"]]

@@ -285,7 +285,7 @@ def test_a_record_bigger_than_the_request_limit_is_split(server, tmp_path):
     """A 1 MB record (15,000 chunks, far over the 1,000 a learn-batch part carries): split into keyed parts,
     learned whole. (A 14.4 MB record measured the same way peaks at 781 MiB: README.)"""
     from streamtrain.hierarchy import plan_sample
-    from streamtrain.tokenize import get_tokenizer
+    from streamtrain.tokenization import get_tokenizer
 
     words = [f"w{i % 5000}x{i % 7}" for i in range(120_000)]
     text = " ".join(words)

@@ -31,14 +31,13 @@ from streamtrain.server.defaults import (
     KATO_VERSION,
 )
 from streamtrain.server.guardrails import Guardrails
-from streamtrain.server.model import Session, average_emotives, iso
 from streamtrain.server.service import (
     CreateSession,
+    FinishedAnswer,
     Guard,
     ObservationData,
     ObservationSequence,
     Server,
-    _Answer,
     do_learn,
     do_observe,
     do_observe_sequence,
@@ -48,6 +47,7 @@ from streamtrain.server.service import (
     read_body,
     validated,
 )
+from streamtrain.server.session import Session, average_emotives, iso
 from streamtrain.server.store import Store, storage_code, storage_failure
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.state.server = srv
 
-    @app.exception_handler(_Answer)
-    async def _answer(request: Request, exc: _Answer) -> Response:
+    @app.exception_handler(FinishedAnswer)
+    async def _answer(request: Request, exc: FinishedAnswer) -> Response:
         return Response(exc.body, status_code=exc.status, media_type=exc.media_type)
 
     @app.exception_handler(sqlite3.Error)

@@ -207,7 +207,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from streamtrain.server.app import create_app
-    from streamtrain.server.protocol import deadline_protocol
+    from streamtrain.server.deadlines import deadline_protocol
     from streamtrain.server.store import Store
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,7 @@ DEFAULT_MAX_BATCH_ITEMS = 20_000
 TOKEN_ENV = "STREAMTRAIN_SERVER_TOKEN"
 
 # A request's line and headers must arrive within this many seconds, its body within as long again plus its size
-# at MIN_UPLOAD_RATE bytes per second (protocol.py).
+# at MIN_UPLOAD_RATE bytes per second (deadlines.py).
 DEFAULT_HEADER_TIMEOUT = 5.0
 MIN_UPLOAD_RATE = 1_000_000
 

@@ -19,7 +19,8 @@ from typing import Any
 from streamtrain.patterns import PREFIX, list_hash, pattern_hash, strip_prefix
 from streamtrain.patterns import kb_id as kato_kb_id
 from streamtrain.server.kbindex import KBIndexes
-from streamtrain.server.model import (
+from streamtrain.server.predictions import predict
+from streamtrain.server.session import (
     DEFAULT_TTL,
     PERSISTENCE,
     STM_CAP,
@@ -27,7 +28,6 @@ from streamtrain.server.model import (
     accumulate_metadata,
     average_emotives,
 )
-from streamtrain.server.predictions import predict
 from streamtrain.server.store import Store, events_json
 
 log = logging.getLogger(__name__)

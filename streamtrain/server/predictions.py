@@ -24,7 +24,7 @@ from rapidfuzz import fuzz, process
 from rapidfuzz.distance import LCSseq
 
 from streamtrain.server.kbindex import KBIndex
-from streamtrain.server.model import average_emotives
+from streamtrain.server.session import average_emotives
 from streamtrain.server.store import Store
 
 logger = logging.getLogger(__name__)

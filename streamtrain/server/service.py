@@ -27,7 +27,7 @@ from streamtrain.jsonbytes import compact_json
 from streamtrain.patterns import PREFIX
 from streamtrain.server.engine import Engine
 from streamtrain.server.guardrails import render
-from streamtrain.server.model import Session
+from streamtrain.server.session import Session
 from streamtrain.server.store import Store
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,17 @@ def json_response(payload: Any, status: int = 200) -> Response:
     return Response(render(payload), status_code=status, media_type="application/json")
 
 
-class _Answer(Exception):
+class FinishedAnswer(Exception):
     """A finished response raised out of a dependency (404, idempotent replay, key conflict)."""
 
     def __init__(self, status: int, body: bytes, media_type: str = "application/json") -> None:
         self.status, self.body, self.media_type = status, body, media_type
 
 
-def session_not_found(session_id: str) -> _Answer:
-    return _Answer(404, render({"error": {"code": "SESSION_NOT_FOUND",
-                                          "message": f"Session {session_id} not found or expired",
-                                          "session_id": session_id}}))
+def session_not_found(session_id: str) -> FinishedAnswer:
+    return FinishedAnswer(404, render({"error": {"code": "SESSION_NOT_FOUND",
+                                                  "message": f"Session {session_id} not found or expired",
+                                                  "session_id": session_id}}))
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,17 @@ class Server:
         self.idempotency = idempotency
         self.idempotency_ttl = idempotency_ttl
 
-    def stored_answer(self, g: Guard) -> _Answer | None:
+    def stored_answer(self, g: Guard) -> FinishedAnswer | None:
         if g.key is None:
             return None
         row = self.store.get_key(g.key)
         if row is None or row[4] < self.engine.clock() - self.idempotency_ttl:
             return None
         if row[0] == g.fingerprint:
-            return _Answer(row[2], zlib.decompress(row[3]))
+            return FinishedAnswer(row[2], zlib.decompress(row[3]))
         detail = (f"Idempotency-Key {g.key!r} was already used for a different request ({row[1]} with another "
                   f"body); this request ({g.request}) was not applied. Send a new request with a new key.")
-        return _Answer(422, render({"detail": detail, "error": {"code": "IDEMPOTENCY_KEY_REUSED", "message": detail}}))
+        return FinishedAnswer(422, render({"detail": detail, "error": {"code": "IDEMPOTENCY_KEY_REUSED", "message": detail}}))
 
     async def guard(self, request: Request) -> Guard:
         """The request's Idempotency-Key (the NO_GUARD without one, or with idempotency off); raises the stored

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from streamtrain.disk import describe_disk
-from streamtrain.errors import StreamtrainError
 from streamtrain.jsonbytes import compact_json
 from streamtrain.server.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
 
@@ -85,9 +84,10 @@ CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
 """
 
 
-class StoreError(StreamtrainError):
+class StoreError(Exception):
     """The server's database file cannot be opened or used; ``storage``: because of its disk (full, read-only,
-    a failed write), not its content or settings."""
+    a failed write), not its content or settings. The server's own error, not one of the trainer's
+    (``streamtrain.errors``): ``streamtrain serve`` turns it into a message and an exit code."""
 
     def __init__(self, message: str, *, storage: bool = False) -> None:
         super().__init__(message)

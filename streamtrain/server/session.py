@@ -1,6 +1,6 @@
 """The session record and the small pieces of KATO 3.10.1's semantics shared by the engine, the predictions and the
-routes (emotive averaging, metadata accumulation, timestamps). Imports nothing of the server but the store's JSON
-encoding, so every other module can use it."""
+routes (emotive averaging, metadata accumulation, timestamps). Imports nothing of the server but the session
+config's defaults and the store's JSON encoding, so every other module can use it."""
 
 from __future__ import annotations
 
