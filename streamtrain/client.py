@@ -5,7 +5,8 @@ request surely did not reach the application (connect errors, 429, 503: resent);
 (read/write timeouts, dropped connections, 500/502/504: resent only for reads, idempotent writes and keyed
 calls; an unkeyed observe, observe-sequence or learn raises :class:`~streamtrain.errors.MaybeApplied`); or
 an answer (2xx parsed into a model of ``wire.py``; anything else a :class:`~streamtrain.errors.ProtocolError`
-carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors.
+carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors. The
+request bodies are ``wire.py``'s too, and its clock is the outage tracker's (``outage.now()``).
 Every failure and success is reported to an :class:`~streamtrain.outage.OutageTracker` (the run's, shared by its
 clients, or the client's own): retries go on until the server has been failing for ``client.outage_seconds``.
 

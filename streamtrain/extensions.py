@@ -2,7 +2,7 @@
 
 ``/learn-batches`` (several keyed samples per request), the ``/nodes`` listings and statistics, and the whole
 knowledge base for tests and notebooks. ``supports_*`` read the server's advertised extensions (``GET /``).
-``/learn-batch`` stays in ``client.py`` with its part size.
+``/learn-batch`` stays in ``client.py`` with its part size. The request bodies and answers are ``wire.py``'s.
 """
 
 from __future__ import annotations
