@@ -46,7 +46,7 @@ from streamtrain.server.service import (
     validated,
 )
 from streamtrain.server.store import Store, storage_code, storage_failure
-from streamtrain.wire import CreateSession, LearnBatchResult, ObservationData, ObservationSequence
+from streamtrain.wire import CreateSession, ObservationData, ObservationSequence
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
             return items
 
         def fn():
-            return 200, LearnBatchResult(status="learned", patterns=srv.learn_items(items)).model_dump()
+            return 200, {"status": "learned", "patterns": srv.learn_items(items)}  # wire.LearnBatchResult
         return await run_in_threadpool(srv.mutate, g, None, fn)
 
     if srv.idempotency:   # without keys a batch could not be exact: not offered (404, not advertised)
