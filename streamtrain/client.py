@@ -5,7 +5,8 @@ request surely did not reach the application (connect errors, 429, 503: resent);
 (read/write timeouts, dropped connections, 500/502/504: resent only for reads, idempotent writes and keyed
 calls; an unkeyed observe, observe-sequence or learn raises :class:`~streamtrain.errors.MaybeApplied`); or
 an answer (2xx parsed into a model of ``wire.py``; anything else a :class:`~streamtrain.errors.ProtocolError`
-carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors.
+carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors. The
+request bodies are ``wire.py``'s too, and its clock is the outage tracker's (``outage.now()``).
 Every failure and success is reported to an :class:`~streamtrain.outage.OutageTracker` (the run's, shared by its
 clients, or the client's own): retries go on until the server has been failing for ``client.outage_seconds``.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, NoReturn, TypeVar
@@ -29,7 +29,6 @@ from urllib.parse import quote
 import httpx
 import tenacity
 from pydantic import BaseModel, ValidationError
-from pydantic_core import to_json
 
 from . import wire
 from .config import ClientConfig
@@ -43,6 +42,7 @@ from .errors import (
     SessionNotFound,
 )
 from .extensions import EmbeddedExtensions
+from .limits import LEARN_BATCH_PART
 from .outage import OutageTracker
 from .patterns import strip_prefix
 from .retry import (
@@ -76,6 +76,15 @@ def _detail(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         detail = None
     return detail if isinstance(detail, str) else short(response.text)
+
+
+def _error_key(response: httpx.Response) -> str:
+    """The key an error answer names (``error.key``), else ""."""
+    try:
+        error = wire.ErrorAnswer.model_validate_json(response.content).error
+    except ValidationError:
+        return ""
+    return error.key or "" if error is not None else ""
 
 
 def _same_value(asked: Any, got: Any) -> bool:
@@ -227,13 +236,13 @@ class KatoClient(EmbeddedExtensions):
         The first attempt goes out directly, so the common case costs no retry machinery. After a failure worth
         another, tenacity sends the rest until the outage budget is spent (and at most ``retry_max_attempts``
         attempts in all, when set)."""
-        # httpx's json= bytes, encoded once for every attempt, 4x as fast (a NaN becomes null: the server refuses it)
-        content = None if json is None else to_json(json, inf_nan_mode="null")
+        # encoded once for every attempt (4x as fast as httpx's json=): a resend is the same bytes
+        content = None if json is None else wire.encode(json)
         headers = {"Content-Type": "application/json"} if content is not None else {}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
         resend_ambiguous = resend or idempotency_key is not None
-        started = time.monotonic()
+        started = self.outage.now()
         try:
             return self._attempt(method, path, content, params, headers)
         except Transient as exc:
@@ -272,7 +281,7 @@ class KatoClient(EmbeddedExtensions):
                  resend_ambiguous: bool) -> NoReturn:
         """The call failed for good: MaybeApplied for an unkeyed write that may have been applied, else
         ServerUnavailable."""
-        where = f"server {self.base_url}: {call} failed after {attempts} attempt(s) in {time.monotonic() - started:.1f} s"
+        where = f"server {self.base_url}: {call} failed after {attempts} attempt(s) in {self.outage.now() - started:.1f} s"
         if exc.ambiguous and not resend_ambiguous:
             raise MaybeApplied(
                 f"{where}; last cause: {exc.cause}. The request may or may not have been applied, so it "
@@ -344,10 +353,12 @@ class KatoClient(EmbeddedExtensions):
               session_id: str | None = None, resend: bool, idempotency_key: str | None = None) -> M:
         response = self._request("POST", path, json=json, params=params, resend=resend,
                                  idempotency_key=idempotency_key)
-        if idempotency_key and response.status_code == 422 and error_code(response) == "IDEMPOTENCY_KEY_REUSED":
+        if response.status_code == 422 and error_code(response) in wire.KEY_REUSED_CODES:
+            # the request's Idempotency-Key, or the batch key a learn-batches answer names
+            key = idempotency_key or _error_key(response)
             raise KeyAlreadyUsed(
-                f"server {self.base_url}: POST {path}: Idempotency-Key {idempotency_key!r} was already used for "
-                f"another request: {short(response.text)}", key=idempotency_key,
+                f"server {self.base_url}: POST {path}: {'Idempotency-Key' if idempotency_key else 'batch key'} "
+                f"{key!r} was already used for another request: {short(response.text)}", key=key,
             )
         return self._answer(response, model, f"POST {path}", session_id)
 
@@ -385,12 +396,7 @@ class KatoClient(EmbeddedExtensions):
         and expires. Raises ConfigRejected naming the keys whose effective value differs. A real KATO
         silently drops a whole config when one value is invalid (kato-api.md §4).
         """
-        body: dict[str, Any] = {"node_id": node_id}
-        if config is not None:
-            body["config"] = dict(config)
-        if ttl_seconds is not None:
-            body["ttl_seconds"] = ttl_seconds
-        response = self._request("POST", "/sessions", json=body, resend=True)
+        response = self._request("POST", "/sessions", json=wire.session_body(node_id, config, ttl_seconds), resend=True)
         if response.status_code == 400 and config:  # a compatible server may refuse instead of dropping
             raise ConfigRejected(
                 f"server {self.base_url}: POST /sessions for node {node_id!r} rejected the config "
@@ -455,7 +461,7 @@ class KatoClient(EmbeddedExtensions):
     def update_config(self, session_id: str, config: Mapping[str, Any]) -> None:
         """Change a session's config. A 400 (invalid value; nothing applied) raises ConfigRejected."""
         path = f"{self._s(session_id)}/config"
-        response = self._request("POST", path, json={"config": dict(config)}, resend=True)
+        response = self._request("POST", path, json=wire.config_body(config), resend=True)
         if response.status_code == 400:
             raise ConfigRejected(
                 f"server {self.base_url}: POST {path} rejected the config {dict(config)!r}: {short(response.text)}"
@@ -467,12 +473,8 @@ class KatoClient(EmbeddedExtensions):
     def observe(self, session_id: str, strings: Sequence[str], emotives: Mapping[str, float] | None = None,
                 metadata: Mapping[str, Any] | None = None, *, idempotency_key: str | None = None) -> wire.ObserveResult:
         """Append one event. Without a key, an ambiguous failure raises MaybeApplied (never resent)."""
-        body: dict[str, Any] = {"strings": list(strings)}
-        if emotives:
-            body["emotives"] = dict(emotives)
-        if metadata:
-            body["metadata"] = dict(metadata)
-        return self._post(f"{self._s(session_id)}/observe", wire.ObserveResult, json=body, session_id=session_id,
+        return self._post(f"{self._s(session_id)}/observe", wire.ObserveResult,
+                          json=wire.observation_body(strings, emotives, metadata), session_id=session_id,
                           resend=False, idempotency_key=idempotency_key)
 
     def observe_sequence(
@@ -486,9 +488,8 @@ class KatoClient(EmbeddedExtensions):
         idempotency_key: str | None = None,
     ) -> wire.ObserveSequenceResult:
         """Observe several events in one request. An item is a list of strings or a full observation dict."""
-        items = [dict(o) if isinstance(o, Mapping) else {"strings": list(o)} for o in observations]
-        body = {"observations": items, "learn_after_each": learn_after_each, "learn_at_end": learn_at_end,
-                "clear_stm_between": clear_stm_between}
+        body = wire.observation_sequence_body(observations, learn_after_each=learn_after_each,
+                                              learn_at_end=learn_at_end, clear_stm_between=clear_stm_between)
         return self._post(f"{self._s(session_id)}/observe-sequence", wire.ObserveSequenceResult, json=body,
                           session_id=session_id, resend=False, idempotency_key=idempotency_key)
 
@@ -523,16 +524,13 @@ class KatoClient(EmbeddedExtensions):
         response = self._request("GET", path, params={"node_id": node_id}, resend=True)
         if response.status_code == 404:  # dead code in KATO, but a compatible server may use it
             return None
-        body = self._answer(response, wire.WireModel, f"GET {path}")
-        outer = (body.model_extra or {}).get("pattern")
-        if not isinstance(outer, dict):
-            raise ProtocolError(f"server {self.base_url}: GET {path} answered without a 'pattern' object: {body!r}")
-        if outer.get("status") == "error":  # KATO's "not found" is 200 with status "error"
+        found = self._answer(response, wire.PatternAnswer, f"GET {path}")
+        if found.pattern.status == "error":  # KATO's "not found" is 200 with status "error"
             return None
-        try:
-            return wire.PatternInfo.model_validate({**outer.get("pattern", {}), "kb_id": (body.model_extra or {}).get("node_id")})
-        except ValidationError as exc:
-            raise ProtocolError(f"server {self.base_url}: GET {path} answered an invalid pattern: {short(str(exc))}") from exc
+        if found.pattern.pattern is None:
+            raise ProtocolError(f"server {self.base_url}: GET {path} answered status {found.pattern.status!r} "
+                                f"without a pattern: {short(response.text)}")
+        return found.pattern.pattern.model_copy(update={"kb_id": found.node_id})
 
     def learn_batch(self, items: Sequence[tuple[str, Sequence[Sequence[str]]]], idempotency_key: str) -> list[str]:
         """Learn each ``(node_id, events)`` as one pattern, in order, in one request and one transaction
@@ -547,14 +545,5 @@ class KatoClient(EmbeddedExtensions):
             for i, start in enumerate(range(0, len(items), LEARN_BATCH_PART)):
                 names += self.learn_batch(items[start:start + LEARN_BATCH_PART], f"{idempotency_key}/{i}")
             return names
-        body = {"items": [{"node_id": node, "events": [list(e) for e in events]} for node, events in items]}
-        return self._post("/learn-batch", wire.LearnBatchResult, json=body, resend=True,
+        return self._post("/learn-batch", wire.LearnBatchResult, json=wire.learn_batch_body(items), resend=True,
                           idempotency_key=idempotency_key).patterns
-
-
-
-# Items of one learn-batch request; a larger batch is sent in parts (learn_batch). A constant, never read from the
-# server: the parts and their keys must be the same when a batch is sent again after a crash.
-LEARN_BATCH_PART = 10_000
-
-

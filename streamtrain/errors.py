@@ -137,6 +137,7 @@ class ConfigRejected(ProtocolError):
 
 class KeyAlreadyUsed(ProtocolError):
     """A keyed request was refused (422 ``IDEMPOTENCY_KEY_REUSED``): its key was already applied to another request.
+    The key is an ``Idempotency-Key``, or a batch key of ``POST /learn-batches`` applied to other items.
 
     The embedded server fingerprints method, path and body. The same unit sent to a new session (a trainer
     resuming after its crash) has another path, so the refusal means the key was applied, under another session.

@@ -2,7 +2,7 @@
 
 ``/learn-batches`` (several keyed samples per request), the ``/nodes`` listings and statistics, and the whole
 knowledge base for tests and notebooks. ``supports_*`` read the server's advertised extensions (``GET /``).
-``/learn-batch`` stays in ``client.py`` with its part size.
+``/learn-batch`` stays in ``client.py`` with its part size. The request bodies and answers are ``wire.py``'s.
 """
 
 from __future__ import annotations
@@ -79,13 +79,11 @@ class EmbeddedExtensions:
 
         Each batch is applied at most once per key: a batch whose key the server already holds with the same items
         is answered from its store and applies nothing, so the request is resent after any ambiguous failure. A key
-        held with other items refuses the whole request: ``ProtocolError`` with ``status_code`` 422 and
-        ``error_code`` ``"KEY_REUSED"``, nothing applied; more items than the server's ``--max-batch-items`` in
-        all: 413. Use only when ``supports_learn_batches``."""
-        # events go as they are (lists or tuples of strings): copying each took 5% of the trainer's CPU
-        body = {"batches": [{"key": key, "items": [{"node_id": node, "events": events} for node, events in items]}
-                            for key, items in batches]}
-        answer = self._post("/learn-batches", wire.LearnBatchesResult, json=body, resend=True)
+        held with other items refuses the whole request: ``KeyAlreadyUsed`` (a ``ProtocolError`` with
+        ``status_code`` 422) naming the key, nothing applied; more items than the server's ``--max-batch-items`` in
+        all: 413. Use only when ``supports_learn_batches``. The request is ``wire.LearnBatches``."""
+        answer = self._post("/learn-batches", wire.LearnBatchesResult, json=wire.learn_batches_body(batches),
+                            resend=True)
         keys = [key for key, _items in batches]
         if [r.key for r in answer.results] != keys:
             raise ProtocolError(f"server {self.base_url}: POST /learn-batches answered for the keys "

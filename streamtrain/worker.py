@@ -22,6 +22,7 @@ from .errors import ProtocolError
 from .exactly_once import NodeSession, unit_took_effect
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .journal import Journal, SampleRecord
+from .limits import TRAINER_MAX_BYTES, TRAINER_MAX_ITEMS
 from .outage import OutageTracker
 from .runstate import Outcome
 
@@ -74,12 +75,6 @@ class SampleFault(Exception):
 # (5xx, transport errors, time-outs past the retry budget, a wrong token) is the server's, and stops the run.
 CONTENT_REJECTED = frozenset({400, 413, 422})
 
-# One learn-batch request carries at most this much of a sample; a bigger sample goes in several keyed parts.
-MAX_BATCH_ITEMS = 1000
-MAX_BATCH_BYTES = 1 << 20
-
-
-
 
 def _cost(step: Step) -> int:
     """The bytes a step adds to a request body, roughly (JSON of its node id and events)."""
@@ -92,7 +87,7 @@ def batch_parts(steps: list[Step]) -> list[tuple[int, int]]:
     start, size = 0, 0
     for i, step in enumerate(steps):
         cost = _cost(step)
-        if i > start and (i - start >= MAX_BATCH_ITEMS or size + cost > MAX_BATCH_BYTES):
+        if i > start and (i - start >= TRAINER_MAX_ITEMS or size + cost > TRAINER_MAX_BYTES):
             parts.append((start, i))
             start, size = i, 0
         size += cost
@@ -109,7 +104,7 @@ def fill_requests(ready: list[tuple[Job, list[str], list[Step]]],
     items = size = 0
     for entry, cost in zip(ready, costs, strict=True):
         steps = entry[2]
-        if groups and items + len(steps) <= MAX_BATCH_ITEMS and size + cost <= MAX_BATCH_BYTES:
+        if groups and items + len(steps) <= TRAINER_MAX_ITEMS and size + cost <= TRAINER_MAX_BYTES:
             groups[-1].append(entry)
             items, size = items + len(steps), size + cost
         else:
@@ -216,7 +211,7 @@ class Worker(threading.Thread):
                 continue
             steps = planned[1]
             cost = sum(_cost(s) for s in steps)
-            if not steps or len(steps) > MAX_BATCH_ITEMS or cost > MAX_BATCH_BYTES:  # more than one part: alone
+            if not steps or len(steps) > TRAINER_MAX_ITEMS or cost > TRAINER_MAX_BYTES:  # more than one part: alone
                 yield self._send_sample(job, *planned)
             else:
                 ready.append((job, *planned))

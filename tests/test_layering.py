@@ -43,7 +43,7 @@ RECORDS = ["streamtrain.checkpoint", "streamtrain.journal", "streamtrain.metrics
 CLIENT = ["streamtrain.client", "streamtrain.extensions", "streamtrain.retry", "streamtrain.tls",
           "streamtrain.exactly_once"]
 # Imported by both sides (or meant to be): a new module that both must read goes here, if it imports neither side.
-SHARED = ["streamtrain.disk", "streamtrain.jsonbytes", "streamtrain.patterns", "streamtrain.wire"]
+SHARED = ["streamtrain.disk", "streamtrain.jsonbytes", "streamtrain.limits", "streamtrain.patterns", "streamtrain.wire"]
 SERVER_ALSO = {"streamtrain.server.launcher": ["streamtrain.errors"]}
 HTTP = ["httpx", "tenacity"]
 WEB = ["fastapi", "starlette", "uvicorn"]

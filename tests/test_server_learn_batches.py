@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from health import post_while_polling_health
 
 from streamtrain.client import KatoClient
-from streamtrain.errors import ProtocolError
+from streamtrain.errors import KeyAlreadyUsed
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer, create_app
 from streamtrain.server.app import DEFAULT_MAX_BATCH_ITEMS
@@ -77,7 +77,7 @@ def test_a_batch_replays_when_sent_among_other_batches(c):
 
 
 def test_a_reused_key_refuses_the_whole_request(c):
-    """A key stored with other items: 422 KEY_REUSED naming it, and nothing of the request is applied (not even
+    """A key stored with other items: 422 IDEMPOTENCY_KEY_REUSED naming it, and nothing of the request is applied (not even
     the new batches before it). The same within one request."""
     assert c.post("/learn-batches", json={"batches": [A]}).status_code == 200
     before = kb(c)
@@ -86,7 +86,7 @@ def test_a_reused_key_refuses_the_whole_request(c):
         r = c.post("/learn-batches", json={"batches": batches})
         assert r.status_code == 422, r.text
         key = batches[-1]["key"]
-        assert r.json()["error"] == {"code": "KEY_REUSED", "key": key}
+        assert r.json()["error"] == {"code": "IDEMPOTENCY_KEY_REUSED", "key": key, "message": r.json()["detail"]}
         assert repr(key) in r.json()["detail"]
         assert kb(c) == before
     # nothing of those requests was stored either: B still applies
@@ -158,7 +158,7 @@ def test_not_offered_without_idempotency(tmp_path):
 
 def test_client_learn_batches(tmp_path):
     """KatoClient.learn_batches: the names per batch; resent, the same names and nothing applied; a reused key is
-    a ProtocolError with status 422 and code KEY_REUSED."""
+    KeyAlreadyUsed (a ProtocolError with status 422) naming the key."""
     with TestClient(create_app(tmp_path / "kb.sqlite3")) as http, KatoClient("http://testserver", http=http) as client:
         assert client.supports_learn_batches
         batches = [("k1", [("L0", [["b", "a"], ["c"]]), ("L1", [["x"], ["y"]])]), ("k2", [("L0", [["solo"]])])]
@@ -166,9 +166,10 @@ def test_client_learn_batches(tmp_path):
         assert names == [names_of(A), [""]]
         assert client.learn_batches(batches) == names
         assert client.export_knowledge_base() == {"L0": {names[0][0]: 1}, "L1": {names[0][1]: 1}}
-        with pytest.raises(ProtocolError) as err:
+        with pytest.raises(KeyAlreadyUsed) as err:
             client.learn_batches([("k1", [("L0", [["other"], ["x"]])])])
-        assert err.value.status_code == 422 and err.value.error_code == "KEY_REUSED"
+        assert err.value.status_code == 422 and err.value.error_code == "IDEMPOTENCY_KEY_REUSED"
+        assert err.value.key == "k1"
 
 
 def test_client_without_idempotency_is_not_offered_learn_batches(tmp_path):

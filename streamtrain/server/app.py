@@ -1,5 +1,5 @@
 """The FastAPI application: KATO 3.10.1's HTTP API (paths, fields, status codes, error bodies) plus idempotency keys
-and the extensions (/nodes, /learn-batch, /learn-batches).
+and the extensions (/nodes, /learn-batch, /learn-batches). The request bodies and answers are `streamtrain.wire`'s.
 
 One request path: the Guardrails middleware (token, body limits, the lock that serializes requests; guardrails.py),
 then the app's router and the route below. The busiest routes (observe, observe-sequence, learn) are plain Starlette
@@ -32,11 +32,8 @@ from streamtrain.server.defaults import (
 )
 from streamtrain.server.guardrails import Guardrails
 from streamtrain.server.service import (
-    CreateSession,
     FinishedAnswer,
     Guard,
-    ObservationData,
-    ObservationSequence,
     Server,
     do_learn,
     do_observe,
@@ -49,6 +46,7 @@ from streamtrain.server.service import (
 )
 from streamtrain.server.session import Session, average_emotives, iso
 from streamtrain.server.store import Store, storage_code, storage_failure
+from streamtrain.wire import CreateSession, ObservationData, ObservationSequence
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +298,7 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
             return items
 
         def fn():
-            return 200, {"status": "learned", "patterns": srv.learn_items(items)}
+            return 200, {"status": "learned", "patterns": srv.learn_items(items)}  # wire.LearnBatchResult
         return await run_in_threadpool(srv.mutate, g, None, fn)
 
     if srv.idempotency:   # without keys a batch could not be exact: not offered (404, not advertised)
@@ -308,7 +306,7 @@ def create_app(db_path: str | Path | None = None, *, idempotency: bool = True,
         async def learn_batches(request: Request) -> Response:
             """Several keyed batches in one request and one transaction, each applied at most once per key (a
             batch whose key is stored with the same items is answered from the store, "replayed"). A key stored
-            with other items refuses the whole request (422 KEY_REUSED). At most `max_batch_items` items over all
+            with other items refuses the whole request (422 IDEMPOTENCY_KEY_REUSED). At most `max_batch_items` items over all
             batches (413). An Idempotency-Key header is not needed and not used: every batch carries its key.
             Parsed, validated and applied in a worker thread under the request lock, like /learn-batch."""
             batches = await run_in_threadpool(parse_batches, await request.body(), max_batch_items)

@@ -1,13 +1,14 @@
-"""The embedded server's defaults and names shared by its launcher, command line and app (a module with no imports:
-reading them loads nothing heavy)."""
+"""The embedded server's defaults and names shared by its launcher, command line and app (a module that imports only
+``streamtrain.limits``, which imports nothing: reading them loads nothing heavy)."""
+
+# The request size limits live with what the client sends, in one module both sides read.
+from streamtrain.limits import DEFAULT_MAX_BATCH_ITEMS, DEFAULT_MAX_BODY_BYTES
+
+__all__ = ["DEFAULT_HEADER_TIMEOUT", "DEFAULT_IDEMPOTENCY_TTL", "DEFAULT_MAX_BATCH_ITEMS", "DEFAULT_MAX_BODY_BYTES",
+           "EXIT_STORAGE", "KATO_VERSION", "MIN_UPLOAD_RATE", "TOKEN_ENV"]
 
 KATO_VERSION = "3.10.1"
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-# Items of one POST /learn-batch (or of all batches of one POST /learn-batches). The trainer sends one sample per
-# batch and splits a sample of more than streamtrain.client.LEARN_BATCH_PART items (10,000) into parts, so this
-# stays well above what it sends.
-DEFAULT_MAX_BATCH_ITEMS = 20_000
 
 #: Environment variable holding the bearer token the server requires (the same name a run config reads its
 #: server_token from, so one exported variable serves both sides).

@@ -1,5 +1,6 @@
-"""What the routes do, apart from HTTP: the request and answer schemas, reading a body the way FastAPI reads a
-declared body parameter, idempotency keys (`Server.guard`, `Server.mutate`), and the session actions and batches.
+"""What the routes do, apart from HTTP: reading a body the way FastAPI reads a declared body parameter, idempotency
+keys (`Server.guard`, `Server.mutate`), and the session actions and batches. The request bodies and the answers the
+client reads are the models of `streamtrain.wire`, which the client imports too.
 
 Every mutating request runs through `Server.mutate`: one transaction, committed with its idempotency key when the
 answer is 2xx, rolled back otherwise.
@@ -20,7 +21,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from streamtrain.jsonbytes import compact_json
@@ -29,55 +30,22 @@ from streamtrain.server.engine import Engine
 from streamtrain.server.guardrails import render
 from streamtrain.server.session import Session
 from streamtrain.server.store import Store
+from streamtrain.wire import (
+    IDEMPOTENCY_KEY_REUSED,
+    SESSION_NOT_FOUND,
+    BatchItem,
+    ErrorAnswer,
+    ErrorInfo,
+    LearnBatch,
+    LearnBatches,
+    ObservationData,
+    ObservationSequence,
+)
 
 log = logging.getLogger(__name__)
 
 # Namespace of the batch keys of POST /learn-batches in the idempotency table (never an Idempotency-Key's).
 BATCH_KEY_PREFIX = "batch:"
-
-
-# ------------------------------------------------------------------------------------------ schemas
-class ObservationData(BaseModel):
-    strings: list[str] = Field(default_factory=list)
-    vectors: list[list[float]] = Field(default_factory=list)
-    emotives: dict[str, float] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class ObservationItem(ObservationData):
-    unique_id: str | None = None
-
-
-class ObservationSequence(BaseModel):
-    observations: list[ObservationItem]
-    learn_after_each: bool = False
-    learn_at_end: bool = False
-    clear_stm_between: bool = False
-
-
-class BatchItem(BaseModel):
-    node_id: str = Field(min_length=1)
-    events: list[list[str]] = Field(min_length=1)
-
-
-class LearnBatch(BaseModel):
-    items: list[BatchItem] = Field(min_length=1)
-
-
-class KeyedBatch(BaseModel):
-    key: str = Field(min_length=1, max_length=200)
-    items: list[BatchItem] = Field(min_length=1)
-
-
-class LearnBatches(BaseModel):
-    batches: list[KeyedBatch] = Field(min_length=1)
-
-
-class CreateSession(BaseModel):
-    node_id: str
-    metadata: dict[str, Any] | None = {}
-    ttl_seconds: int | None = None
-    config: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -93,9 +61,15 @@ class FinishedAnswer(Exception):
 
 
 def session_not_found(session_id: str) -> FinishedAnswer:
-    return FinishedAnswer(404, render({"error": {"code": "SESSION_NOT_FOUND",
-                                                  "message": f"Session {session_id} not found or expired",
-                                                  "session_id": session_id}}))
+    return FinishedAnswer(404, render({"error": {"code": SESSION_NOT_FOUND,
+                                          "message": f"Session {session_id} not found or expired",
+                                          "session_id": session_id}}))
+
+
+def key_reused(detail: str, key: str) -> dict[str, Any]:
+    """The 422 of a key (an Idempotency-Key, a learn-batches batch key) already applied to another request."""
+    return ErrorAnswer(detail=detail, error=ErrorInfo(code=IDEMPOTENCY_KEY_REUSED, message=detail, key=key)
+                       ).model_dump(exclude_none=True)
 
 
 @dataclass(frozen=True)
@@ -133,7 +107,7 @@ class Server:
             return FinishedAnswer(row[2], zlib.decompress(row[3]))
         detail = (f"Idempotency-Key {g.key!r} was already used for a different request ({row[1]} with another "
                   f"body); this request ({g.request}) was not applied. Send a new request with a new key.")
-        return FinishedAnswer(422, render({"detail": detail, "error": {"code": "IDEMPOTENCY_KEY_REUSED", "message": detail}}))
+        return FinishedAnswer(422, render(key_reused(detail, g.key)))
 
     async def guard(self, request: Request) -> Guard:
         """The request's Idempotency-Key (the NO_GUARD without one, or with idempotency off); raises the stored
@@ -210,10 +184,9 @@ class Server:
                 else:
                     fingerprint[b.key] = b.fingerprint
             if fingerprint[b.key] != b.fingerprint:
-                return json_response({
-                    "detail": f"Batch key {b.key!r} was already used for a batch with other items; this request was "
-                              "not applied (none of its batches). Send that batch under a new key.",
-                    "error": {"code": "KEY_REUSED", "key": b.key}}, 422)
+                return json_response(key_reused(
+                    f"Batch key {b.key!r} was already used for a batch with other items; this request was not "
+                    "applied (none of its batches). Send that batch under a new key.", b.key), 422)
 
         def apply() -> tuple[int, Any]:
             # The items of every batch applied by this request (the first of each key not stored), learned together.
@@ -225,6 +198,8 @@ class Server:
                     items.extend(b.items)
             names = self.learn_items(items)
             keys = []
+            # plain dicts: models here cost 30x as much per request (wire.LearnBatchesResult is the shape;
+            # tests/test_wire_contract.py checks it)
             results: list[dict[str, Any]] = []
             for b in batches:
                 if b.key in applied and b.key not in stored:
