@@ -233,7 +233,10 @@ def plan_resume(config: RunConfig, rundir: RunDir, server: KatoClient, *, embedd
         # their keys or sessions decide them: refused when the server may have forgotten them (indoubt.py)
         indoubt.check(progress.in_flight, server.info(), run_name=name, journal_path=rundir.journal_path,
                       embedded=embedded, resend=resend_in_doubt, now=now.timestamp())
-        checks.append(f"steps in doubt: {len(progress.in_flight)} sample(s) in flight at the stop, decidable")
+        checks.append(f"steps in doubt: {len(progress.in_flight)} sample(s), checked against the server's key and "
+                      "session lifetimes")
+    else:
+        checks.append("steps in doubt: none")
     if resumed_from is not None:
         c, p = resumed_from
         newer = [q.name for seq, q in store.paths() if seq > c.sequence]
@@ -244,12 +247,11 @@ def plan_resume(config: RunConfig, rundir: RunDir, server: KatoClient, *, embedd
         ended = c.reason == "end" and (c.config.max_samples is None or progress.start < c.config.max_samples)
     else:
         why = ("resuming from its journal alone (it stopped before its first checkpoint)" if pinned else
-               "starting it" if ckpt is None and not header else "it trained nothing before: starting it with this config")
+               "a new run" if ckpt is None and not header else "it trained nothing before: starting it with this config")
         kept, started_at, elapsed_before, stream_state, ended = (), now, 0.0, None, False
     if pinned:
-        fins = sum(1 for rec in journal.samples.values() if rec.finished is not None)
-        why += (f" at raw position {progress.start}; the journal adds {fins} finished sample(s) and "
-                f"{len(progress.in_flight)} in flight; {len(progress.failures)} failed sample(s) to retry")
+        why += (f", at raw position {progress.start}: {len(progress.finished_above)} record(s) finished above it, "
+                f"{len(progress.in_flight)} in flight at the stop, {len(progress.failures)} failed to retry")
     return ResumePlan(
         run_name=name, resumed=pinned, checkpoint=resumed_from[0] if resumed_from else None,
         checkpoint_path=resumed_from[1] if resumed_from else None, why=why, checks=tuple(checks),
@@ -260,11 +262,10 @@ def plan_resume(config: RunConfig, rundir: RunDir, server: KatoClient, *, embedd
     )
 
 
-def open_stream(plan: ResumePlan, config: RunConfig, on_filtered: Callable[[int, Reason], None]) -> DatasetStream:
+def open_stream(plan: ResumePlan, cfg: RunConfig, on_filtered: Callable[[int, Reason], None]) -> DatasetStream:
     """The dataset's stream at the plan's start. From a position above 0 it is opened at once, before anything is
     trained: data that ends before that position (truncated files, a checkpoint edited or not of this data) is
     refused with ``DataEndsEarly``, the checkpoint untouched."""
-    cfg = config
     stream = DatasetStream(cfg.dataset, start=plan.start, state_dict=plan.stream_state, stop=cfg.max_samples,
                            on_filtered=on_filtered, ends_at_start=plan.data_ended_at_start)
     if plan.start == 0:

@@ -425,22 +425,6 @@ def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_
     assert kb_by_level(server.url, cfg) == reference
 
 
-def test_progress_history_stays_bounded():
-    """The throughput history is thinned evenly as it grows, so a run of any length keeps a bounded record."""
-    from streamtrain.clock import Clock
-    from streamtrain.trainer import ProgressHistory
-
-    now = [0.0]
-    history = ProgressHistory(Clock(monotonic=lambda: now[0]), start=0.0, max_points=8)
-    for second in range(1, 1001):  # a 1000-second run, a point whenever one is due
-        now[0] = float(second)
-        if history.due():
-            history.record(position=second, samples_trained=second, tokens=0)
-    positions = [p.position for p in history.points]
-    assert 4 <= len(history.points) <= 8 and history.every == 128.0
-    assert positions == sorted(positions) and positions[-1] >= 1000 - history.every
-
-
 def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path):
     """A journal that cannot be appended to (a full disk: here the kernel's file-size limit on the trainer's
     process) stops the run with a CheckpointError saying what to do, instead of hanging or training unjournaled;
