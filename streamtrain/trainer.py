@@ -183,7 +183,7 @@ class _Run:
         self.t0 = clock.monotonic()
         self.cadence = CheckpointCadence(config.checkpoint_every, config.checkpoint_every_seconds, clock)
         self.history = ProgressHistory(clock, self.t0)
-        self.metrics = MetricsLog(config.run_dir)
+        self.metrics = MetricsLog(config.run_dir, clock=clock)
         self.bar: Any = None  # tqdm's progress bar, when asked for (execute)
         self.outage_shown: str | None = None  # what the bar says of the server's outage
         if plan.discard_journal:  # a run that trained nothing: its journal pins nothing
