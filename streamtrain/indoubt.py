@@ -7,7 +7,7 @@ may or may not have taken effect. A resume decides it from what the server kept:
   idempotency key, which the server answers from its record, but only while it holds the key: for its key lifetime
   (``--idempotency-ttl``, 24 h by default), and unless a sweep of a server with a shorter lifetime removed it;
 * a counted step (phases ``learn``, ``counted``: a real KATO) is decided from its training session, which lives
-  ``worker.SESSION_TTL_SECONDS`` (24 h); once the session is gone the knowledge base decides (a missing pattern is
+  ``SESSION_TTL_SECONDS`` (24 h); once the session is gone the knowledge base decides (a missing pattern is
   sent again; a present one stops the run with AmbiguousEffect), never silently.
 
 The journal dates each step line (``at``), so a resume knows how long its doubts have waited:
@@ -37,9 +37,13 @@ from .errors import StepsInDoubt
 from .journal import SampleRecord, read_journal
 from .server.defaults import DEFAULT_IDEMPOTENCY_TTL
 from .wire import ServiceInfo
-from .worker import SESSION_TTL_SECONDS
 
 logger = logging.getLogger(__name__)
+
+# Training sessions live a day (the idempotency keys' default lifetime too): a trainer killed mid-step and resumed
+# within that time can still read its old sessions' STM to decide whether the step took effect (the workers open
+# them with this lifetime).
+SESSION_TTL_SECONDS = 86400
 
 KEYED_PHASES = frozenset({"keyed", "batch", "batches"})
 SESSION_PHASES = frozenset({"learn", "counted"})

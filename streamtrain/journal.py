@@ -101,8 +101,23 @@ class SampleRecord:
 
 @dataclass
 class JournalState:
+    """What a journal says: its header, and per sample its last step line and its ``fin`` line after it."""
+
     header: dict[str, Any] | None = None
     samples: dict[int, SampleRecord] = field(default_factory=dict)
+
+    def add(self, line: HeaderLine | StepLine | FinLine) -> None:
+        """Take the next line of the journal."""
+        if isinstance(line, HeaderLine):
+            self.header = line.model_dump()
+            return
+        rec = self.samples.setdefault(line.s, SampleRecord())
+        if isinstance(line, FinLine):
+            rec.finished = line.model_dump()
+        else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
+            rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
+            rec.last_counter, rec.last_at = line.t, line.at
+            rec.finished = None
 
 
 def _line(entry: dict[str, Any]) -> bytes:
@@ -150,17 +165,7 @@ def read_journal(path: Path) -> JournalState:
             if not raw.endswith(b"\n"):
                 logger.info("journal %s: ignoring a torn last line %d", path, lineno)
                 break
-            line = _parse(path, lineno, raw)
-            if isinstance(line, HeaderLine):
-                state.header = line.model_dump()
-                continue
-            rec = state.samples.setdefault(line.s, SampleRecord())
-            if isinstance(line, FinLine):
-                rec.finished = line.model_dump()
-            else:  # a step after a fin line: a new attempt (a retried failure), the fin no longer holds
-                rec.last_step, rec.last_phase, rec.last_session, rec.last_end = line.k, line.p, line.sid, line.e
-                rec.last_counter, rec.last_at = line.t, line.at
-                rec.finished = None
+            state.add(_parse(path, lineno, raw))
     return state
 
 

@@ -14,12 +14,13 @@ import contextlib
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .clock import SYSTEM, Clock
 from .disk import is_storage_error, storage_message
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ def read_metrics(run_dir: Path | str) -> list[MetricsRow]:
 class MetricsLog:
     """Appends rows for one call of train(). Writing metrics must never stop a run: failures are logged once."""
 
-    def __init__(self, run_dir: Path | str, interval: float = 10.0) -> None:
+    def __init__(self, run_dir: Path | str, interval: float = 10.0, clock: Clock = SYSTEM) -> None:
         self.path = Path(run_dir) / FILENAME
         self.interval = interval
+        self.clock = clock  # the run's: a row's time is its clock's now()
         previous = read_metrics(run_dir)
         self.call = (max(r.call for r in previous) + 1) if previous else 1
         self._last: MetricsRow | None = None
@@ -102,7 +104,7 @@ class MetricsLog:
             dt = call_elapsed - self._last_t
             rate = (samples_trained - self._last.samples_trained) / dt
             token_rate = (tokens - self._last.tokens) / dt
-        row = MetricsRow(time=datetime.now(timezone.utc), event=event, call=self.call,
+        row = MetricsRow(time=self.clock.now(), event=event, call=self.call,
                          elapsed_seconds=round(elapsed_seconds, 3), position=position,
                          samples_trained=samples_trained, samples_filtered=samples_filtered,
                          samples_failed=samples_failed, tokens=tokens, patterns_learned=list(patterns_learned),

@@ -10,8 +10,8 @@
 * **Failures.** A sample rejected for its own content is finished as *failed* and kept in the ledger with the
   number of its steps that took effect. A later call retries it; success moves it from failed to trained.
 
-The checkpoint serializes this state (``position``, ``counters``, ``failures``); ``RunState.resume`` rebuilds it
-from a checkpoint and the journal.
+The checkpoint serializes this state (``position``, ``counters``, ``failures``); a resume rebuilds it from a
+checkpoint and the journal (``resume.progress_of``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
+from .checkpoint import Counters, FailedSample, StreamPosition
 from .errors import TooManyFailures
-from .journal import JournalState, SampleRecord
 
 
 @dataclass
@@ -54,40 +53,9 @@ class RunState:
             self.counters.patterns_learned = [0] * levels
         self.failures: dict[int, FailedSample] = {f.raw_index: f for f in failures or []}
         self.retrying: set[int] = set()
-        self.recovery: dict[int, SampleRecord] = {}  # in-flight steps the journal knows of, by raw index
         # filtered records the mark has not passed yet, in raw order, as runs [first, end, reason]: a stream of
         # mostly filtered records read ahead of a slow sample stays a few entries
         self.filtered_ahead: deque[list[Any]] = deque()
-
-    @classmethod
-    def resume(cls, levels: int, checkpoint: Checkpoint | None, journal: JournalState) -> RunState:
-        """The state a checkpoint describes, brought forward by what the journal knows happened since."""
-        if checkpoint is None:
-            state = cls(levels)
-        else:
-            p = checkpoint.position
-            state = cls(levels, p.raw_offset, set(p.done_above), checkpoint.counters, list(checkpoint.failures))
-        for raw_index, rec in sorted(journal.samples.items()):
-            fin = rec.finished
-            if raw_index in state.failures:  # a retry of a failed sample
-                if fin is not None and fin.get("error") is None:
-                    state._count(Outcome(raw_index, retry=True, tokens=fin.get("tokens", 0),
-                                         learns=fin.get("learns", [])))
-                elif fin is not None:
-                    state._count(Outcome(raw_index, retry=True, error=fin["error"],
-                                         steps_done=fin.get("steps_done", 0)))
-                elif rec.last_step is not None:
-                    state.recovery[raw_index] = rec
-                continue
-            if raw_index < state.read_pos or raw_index in state.done_above:
-                continue
-            if fin is not None:
-                state.done_above.add(raw_index)
-                state._count(Outcome(raw_index, tokens=fin.get("tokens", 0), learns=fin.get("learns", []),
-                                     error=fin.get("error"), steps_done=fin.get("steps_done", 0)))
-            elif rec.last_step is not None:
-                state.recovery[raw_index] = rec
-        return state
 
     # -- the position ---------------------------------------------------------------------------------------
 
@@ -160,9 +128,10 @@ class RunState:
             self.done_above.add(outcome.raw_index)
             mark = self.mark
             self.done_above = {i for i in self.done_above if i >= mark}
-        self._count(outcome)
+        self.count(outcome)
 
-    def _count(self, outcome: Outcome) -> None:
+    def count(self, outcome: Outcome) -> None:
+        """Add a finished sample's counts (trained or failed; a retry moves it out of the failed ones)."""
         c = self.counters
         if outcome.retry:
             if outcome.error is not None:  # failed again: still open, with what is known now

@@ -1,6 +1,7 @@
 """The main job: ``train`` and ``train_parallel``. The calling thread reads the stream, dispatches samples to
 worker threads (``worker.py``), takes their outcomes into the run's state (``runstate.py``), checkpoints and
-journals; a call resumes from the newest checkpoint after checking config, dataset and knowledge base.
+journals. Where a call starts, and what it sends first, is not decided here: ``resume.plan_resume`` decides it
+before anything is sent (the checkpoint, the journal, the checks), and the call executes that plan.
 
 Why a run killed at any moment resumes exactly: docs/trainer.md ("Exactly once").
 """
@@ -10,22 +11,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from . import indoubt
 from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
-from .config import RunConfig, check_resume
-from .datafiles import DatasetRecord, check_dataset, dataset_size, describe_dataset
+from .clock import SYSTEM, Clock
+from .config import ClientConfig, RunConfig
+from .datafiles import dataset_size
 from .errors import (
     CheckpointError,
-    DataEndsEarly,
     DatasetError,
     KnowledgeBaseMismatch,
     ProtocolError,
@@ -33,11 +31,10 @@ from .errors import (
     StreamtrainError,
 )
 from .gcfreeze import frozen_heap
-from .journal import Journal, read_journal
+from .journal import Journal
 from .kbcheck import (
     KnowledgeBaseRecord,
     Learned,
-    check_knowledge_base,
     knowledge_base_problems,
     next_record,
     read_knowledge_base,
@@ -45,6 +42,7 @@ from .kbcheck import (
 from .metrics import Event, MetricsLog
 from .outage import OutageTracker
 from .results import ProgressPoint, TrainResult
+from .resume import KeptCheckpoint, ResumePlan, journal_to_keep, open_stream, plan_resume
 from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
@@ -73,126 +71,126 @@ class _GoodPoint:
     journal_size: int
 
 
-class _Run:
-    """State of one call of train(): the dispatcher side."""
+@dataclass(frozen=True)
+class ServerOffers:
+    """What the run's server offers, asked once it answers: how the samples travel."""
 
-    def __init__(self, config: RunConfig, server_url: str, embedded: bool, progress: bool,
-                 stop: threading.Event | None = None, outage: OutageTracker | None = None,
-                 resend_in_doubt: bool = False):
-        self.config, self.server_url, self.embedded, self.progress = config, server_url, embedded, progress
-        self.resend_in_doubt = resend_in_doubt
-        self.tokenizer = get_tokenizer(config.tokenizer)
-        self.rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
-        self.store = self.rundir.checkpoints
-        self.stop = threading.Event()  # tells the workers to take no more samples
-        self.signals = StopSignals(stop)  # Ctrl-C, SIGTERM, or the caller's stop event
+    idempotency: bool = False
+    learn_batch: bool = False  # whole samples in keyed learn-batch requests (offered, and not turned off)
+    learn_batches: bool = False  # ... several per request
+
+    @classmethod
+    def of(cls, probe: KatoClient, settings: ClientConfig) -> ServerOffers:
+        learn_batch = settings.learn_batch and probe.supports_learn_batch
+        return cls(probe.supports_idempotency, learn_batch, learn_batch and probe.supports_learn_batches)
+
+    @property
+    def batch_endpoint(self) -> str:
+        """Where new batch requests go. The keys of /learn-batches differ from /learn-batch's, so a sample
+        journaled under one endpoint is always finished on that one."""
+        return "batches" if self.learn_batches else "batch"
+
+    def capacity(self, config: RunConfig) -> int:
+        """Samples outstanding at most: a worker takes what is ready, up to a request's worth, when requests carry
+        several samples."""
+        if self.learn_batches:
+            return config.num_workers * (config.client.samples_per_request + 1) + 2
+        return 2 * config.num_workers + 2
+
+
+class CheckpointCadence:
+    """When an interval checkpoint is due: once ``every`` samples finished since the last one, or ``every_seconds``
+    after it when any did (a call that only waits for its server writes none)."""
+
+    def __init__(self, every: int, every_seconds: float | None, clock: Clock) -> None:
+        self.every, self.every_seconds, self.clock = every, every_seconds, clock
+        self.since = 0  # samples finished since the last checkpoint
+        self.last = clock.monotonic()  # when the last checkpoint was written (or the call started)
+
+    def finished(self) -> None:
+        self.since += 1
+
+    def due(self) -> bool:
+        if self.since >= self.every:
+            return True
+        return (self.every_seconds is not None and self.since > 0
+                and self.clock.monotonic() - self.last >= self.every_seconds)
+
+    def restart(self) -> None:
+        """A checkpoint was written (or skipped): the next one is due after another interval."""
+        self.since, self.last = 0, self.clock.monotonic()
+
+
+class ProgressHistory:
+    """``TrainResult.history``: a point every ``every`` seconds of the call. At ``max_points`` every second point
+    goes and the interval doubles, so a call of any length keeps a bounded, evenly spaced record."""
+
+    def __init__(self, clock: Clock, start: float, max_points: int = MAX_HISTORY_POINTS) -> None:
+        self.clock, self.start, self.max_points = clock, start, max_points
+        self.points: list[ProgressPoint] = []
+        self.every = 1.0
+        self.last = start
+
+    def due(self) -> bool:
+        return self.clock.monotonic() - self.last >= self.every
+
+    def record(self, position: int, samples_trained: int, tokens: int) -> None:
+        self.last = self.clock.monotonic()
+        if len(self.points) >= self.max_points:
+            self.points = self.points[::2]  # thinned evenly: days of training keep a bounded, even record
+            self.every *= 2
+        self.points.append(ProgressPoint(elapsed_seconds=round(self.last - self.start, 3), position=position,
+                                         samples_trained=samples_trained, tokens=tokens))
+
+
+class _Run:
+    """One call of train() once its server answered and its resume is planned: the dispatcher's side."""
+
+    def __init__(self, config: RunConfig, plan: ResumePlan, *, server_url: str, embedded: bool,
+                 offers: ServerOffers, kb_client: KatoClient, rundir: RunDir, tokenizer: Callable[[str], list[str]],
+                 signals: StopSignals, outage: OutageTracker, workers: list[Worker],
+                 freeze_heap_again: Callable[[], None], progress: bool, clock: Clock) -> None:
+        self.config, self.plan, self.server_url, self.embedded = config, plan, server_url, embedded
+        self.offers = offers
+        self.kb_client = kb_client  # the checkpoints' reads of the KB: a few tries, never waiting out an outage
+        self.rundir, self.store = rundir, rundir.checkpoints
+        self.tokenizer = tokenizer
+        self.signals = signals  # Ctrl-C, SIGTERM, or the caller's stop event
         # the server's health, for every client of the run; abort() (its server lost for good, the call ending)
         # makes every retry of the run's clients give up at once
-        self.outage = outage if outage is not None else OutageTracker(config.client.outage_seconds)
-        self.outage_shown: str | None = None  # what the bar says of it
-        self.capacity = 2 * config.num_workers + 2  # raised when requests carry several samples (_execute)
-        self.learn_batch = self.learn_batches = False
-        self.batch_endpoint = "batch"
+        self.outage = outage
+        self.workers = workers  # the caller's list: it waits for those a second Ctrl-C left behind
+        self.freeze_heap_again = freeze_heap_again  # gcfreeze.frozen_heap's: freezes what was made since, too
+        self.progress, self.clock = progress, clock
+        self.stop = threading.Event()  # tells the workers to take no more samples
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.outbox: queue.Queue[Outcome] = queue.Queue()
-        self.journal: Journal  # opened in execute()
+        self.capacity = offers.capacity(config)
+        self.fatal: BaseException | None = None  # a worker's fatal error, raised again in the dispatcher
+        self.state = plan.progress.run_state(len(config.layers))
+        # from a position above 0 the stream opens now: data that ends before it is refused before anything is sent
+        self.stream: DatasetStream | None = open_stream(plan, config, self.state.filtered) if plan.prove_start else None
+        # checkpoints
+        self.sequence = plan.sequence  # of the last checkpoint written
+        self.kept = list(plan.kept)  # the checkpoints kept on disk, oldest first: what the journal keeps lines for
         self.checkpoints_written = 0
         self.last_checkpoint: Path | None = None
-        self.history: list[ProgressPoint] = []
-        self.point_every = 1.0  # seconds between history points; doubles each time the history is thinned
-        self.stream: DatasetStream | None = None
-        self.freeze_heap_again: Callable[[], None] = lambda: None  # set by gcfreeze.frozen_heap while training
-        self.workers: list[Worker] = []
-        self.kb_record: KnowledgeBaseRecord | None = None  # the last good record: what the KB must hold at least
+        self.kb_record = plan.kb_record  # the last good record: what the KB must hold at least
         # (worker, level) -> the first pattern that worker's samples learned there since the last check
         self.probe_names: dict[tuple[int, int], str] = {}
         self.kb_read_failed = False  # the last attempt to read the KB failed (the server is not answering)
-        self.resumed_from: tuple[Checkpoint, Path] | None = None
-        self.good: _GoodPoint  # set when the journal is opened (_train)
-        self.kept_marks: list[int] = []  # positions of the checkpoints kept on disk, oldest first
-        self.fatal: BaseException | None = None  # a worker's fatal error, raised again in the dispatcher
-
-    # -- resume -------------------------------------------------------------------------------------------
-    def load_state(self, client: KatoClient) -> None:
-        """The newest checkpoint and the journal, checked against the config, the dataset and the knowledge base."""
-        cfg, rundir = self.config, self.rundir
-        found = self.store.latest_with_path()
-        journal_state = read_journal(rundir.journal_path)
-        ckpt, path = found if found is not None else (None, None)
-        # Pinned: something of this run may be on the server. A run that stopped before its first sample (a typo in
-        # data_files, a wrong text_field) pins nothing, so the corrected config simply runs.
-        pinned = (ckpt is not None and ckpt.has_progress) or bool(journal_state.samples)
-        header = journal_state.header or {}
-        recorded = (ckpt.dataset if ckpt is not None else
-                    DatasetRecord.model_validate(header["dataset"]) if header.get("dataset") else None)
-        # recorded files are checked by content below: local data_files need not match as written (a moved folder)
-        if pinned and ckpt is not None and path is not None:
-            check_resume(ckpt.config, cfg, path, files_checked=recorded is not None)
-        elif pinned and header:
-            check_resume(RunConfig.model_validate(header["config"]), cfg, rundir.journal_path,
-                         files_checked=recorded is not None)
-        elif ckpt is not None or header:
-            logger.info("run %s trained nothing before: starting it with this config", cfg.run_name)
+        # time
+        self.t0 = clock.monotonic()
+        self.cadence = CheckpointCadence(config.checkpoint_every, config.checkpoint_every_seconds, clock)
+        self.history = ProgressHistory(clock, self.t0)
+        self.metrics = MetricsLog(config.run_dir, clock=clock)
+        self.bar: Any = None  # tqdm's progress bar, when asked for (execute)
+        self.outage_shown: str | None = None  # what the bar says of the server's outage
+        if plan.discard_journal:  # a run that trained nothing: its journal pins nothing
             rundir.journal_path.unlink(missing_ok=True)
-        self.dataset_record = describe_dataset(cfg.dataset)
-        if pinned and recorded is not None:
-            check_dataset(recorded, self.dataset_record, cfg.run_name, str(path or rundir.journal_path))
-        self.resumed = pinned
-        self.sequence = ckpt.sequence if ckpt is not None else 0
-        if pinned and ckpt is not None and path is not None:
-            kb_now = check_knowledge_base(client, ckpt.knowledge_base, self.node_ids, str(path), self.kb_where,
-                                          self.embedded)
-            self.resumed_from = (ckpt, path)
-            self.started_at = ckpt.started_at
-            self.elapsed_before = ckpt.elapsed_seconds
-            self.stream_state = ckpt.position.state_dict
-            self.kept_marks = [e.checkpoint.position.raw_offset for e in self.store.entries() if e.checkpoint]
-            logger.info("resuming run %s from %s at raw position %d", cfg.run_name, path.name,
-                        ckpt.position.raw_offset)
-        else:
-            kb_now = read_knowledge_base(client, self.node_ids, None)
-            self.started_at = datetime.now(timezone.utc)
-            self.elapsed_before = 0.0
-            self.stream_state = None
-        # what the KB holds as this call starts: the first record the checks during the call compare with
-        self.kb_record = next_record(kb_now)
-        self.state = RunState.resume(len(cfg.layers), ckpt if pinned else None, journal_state)
-        if self.state.recovery:
-            logger.info("run %s: %d sample(s) were in flight when the last trainer stopped", cfg.run_name,
-                        len(self.state.recovery))
-            # their keys or sessions decide them: refused when the server may have forgotten them (indoubt.py)
-            indoubt.check(self.state.recovery, client.info(), run_name=cfg.run_name, journal_path=rundir.journal_path,
-                          embedded=self.embedded, resend=self.resend_in_doubt)
-        self.start_position = self.state.read_pos
-        c = self.state.counters
-        self.done_at_start = c.samples_trained + c.samples_failed
-        self.tokens_at_start = c.tokens
-        if pinned and ckpt is not None and path is not None:
-            self._open_stream_at(ckpt, path)
-
-    def _open_stream_at(self, ckpt: Checkpoint, path: Path) -> None:
-        """Open the stream where the checkpoint resumes, before anything is trained: data that ends before that
-        position (truncated files, a checkpoint edited or not of this data) is refused, the checkpoint untouched."""
-        cfg, start = self.config, self.state.read_pos
-        if start == 0 or (cfg.max_samples is not None and start >= cfg.max_samples):
-            return  # nothing to prove, or nothing to read (_dispatch_all says so)
-        # the run ended at the end of its data there (not at its max_samples): an empty stream is no surprise
-        ended = ckpt.reason == "end" and (ckpt.config.max_samples is None or start < ckpt.config.max_samples)
-        self.stream = DatasetStream(cfg.dataset, start=start, state_dict=self.stream_state, stop=cfg.max_samples,
-                                    on_filtered=self.state.filtered, ends_at_start=ended)
-        try:
-            self.stream.open()
-        except DataEndsEarly as exc:
-            self.stream.close()
-            self.stream = None
-            raise DataEndsEarly(
-                f"cannot resume run '{cfg.run_name}': {path} resumes at raw position {exc.position}, but dataset "
-                f"{cfg.dataset.path!r} ends at raw position {exc.end} (it holds {exc.end} records). The data is "
-                "shorter than the data the run read (files truncated or replaced), or the checkpoint is not this "
-                "data's (edited, or copied from another run). Nothing was trained and the checkpoint is as it "
-                "was.\nWhat to do: restore the data the run was reading and train again; or start the run over on "
-                "this data (streamtrain train --fresh --move-aside); or train this data under another run_name.",
-                position=exc.position, end=exc.end) from None
+        self.journal = Journal(config.run_dir, {"run_name": config.run_name, "config": config.model_dump(mode="json"),
+                                                "dataset": plan.dataset.model_dump(mode="json")})
+        self.good = self._start_point()
 
     # -- checkpoints --------------------------------------------------------------------------------------
     @property
@@ -205,13 +203,14 @@ class _Run:
 
     def _start_point(self) -> _GoodPoint:
         """The state this call started from, as a rollback's target (the journal was just opened)."""
-        if self.resumed_from is not None:
-            ckpt, path = self.resumed_from
-            return _GoodPoint(f"the start of this call (resumed from {path.name})", ckpt.position, ckpt.counters,
-                              list(ckpt.failures), self.kb_record, self.journal.size)
+        plan, size = self.plan, self.journal.size
+        if plan.checkpoint is not None and plan.checkpoint_path is not None:
+            ckpt = plan.checkpoint
+            return _GoodPoint(f"the start of this call (resumed from {plan.checkpoint_path.name})", ckpt.position,
+                              ckpt.counters, list(ckpt.failures), self.kb_record, size)
         levels = len(self.config.layers)
         return _GoodPoint("the start of this call", StreamPosition(raw_offset=0), Counters(patterns_learned=[0] * levels),
-                          [], self.kb_record, self.journal.size)
+                          [], self.kb_record, size)
 
     def checkpoint(self, reason: str, error: str | None = None, cause: BaseException | None = None) -> Path | None:
         """Check the knowledge base against the last good record, then write a checkpoint of the run's state.
@@ -228,16 +227,16 @@ class _Run:
         position = state.position()
         position.state_dict = self._stream_state(position.raw_offset)
         ckpt, path = self._save(reason, error, position, state.snapshot_counters(), state.failure_list(), record)
-        # lines back to the oldest kept checkpoint: a fallback to it (when a newer one is damaged) stays exact
-        size = self.journal.compact(min(self.kept_marks), set(state.failures), upto)
+        # what a resume from any kept checkpoint needs: a fallback to an older one (a newer damaged) stays exact
+        size = self.journal.compact(*journal_to_keep(self.kept), upto)
         self.good = _GoodPoint(path.name, ckpt.position, ckpt.counters, ckpt.failures, record, size)
-        self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
+        self.cadence.restart()
         return path
 
     def _save(self, reason: str, error: str | None, position: StreamPosition, counters: Counters,
               failures: list[FailedSample], record: KnowledgeBaseRecord | None) -> tuple[Checkpoint, Path]:
         self.sequence = max(self.sequence + 1, self.store.next_sequence())
-        call_elapsed = time.monotonic() - self.t0
+        call_elapsed = self.clock.monotonic() - self.t0
         ckpt = Checkpoint(
             library_version=__version__,
             sequence=self.sequence,
@@ -248,16 +247,16 @@ class _Run:
             failures=failures,
             reason=reason,
             error=error,
-            started_at=self.started_at,
-            created_at=datetime.now(timezone.utc),
-            elapsed_seconds=self.elapsed_before + call_elapsed,
+            started_at=self.plan.started_at,
+            created_at=self.clock.now(),
+            elapsed_seconds=self.plan.elapsed_before + call_elapsed,
             server=ServerInfo(url=None if self.embedded else self.server_url, embedded=self.embedded,
-                              idempotency=self.idempotency),
+                              idempotency=self.offers.idempotency),
             knowledge_base=record,
-            dataset=self.dataset_record,
+            dataset=self.plan.dataset,
         )
         path = self.store.save(ckpt)
-        self.kept_marks = (self.kept_marks + [position.raw_offset])[-self.config.keep_checkpoints:]
+        self.kept = (self.kept + [KeptCheckpoint.of(ckpt)])[-self.config.keep_checkpoints:]
         self.checkpoints_written += 1
         self.last_checkpoint = path
         logger.info("checkpoint %s (%s) at raw position %d", path.name, reason, position.raw_offset)
@@ -298,15 +297,15 @@ class _Run:
         back to it (the journal cut back, as ``_roll_back`` argues), which costs only replays that the server
         answers from its record; without keys the journal, neither compacted nor cut, keeps those samples for the
         next call (replaying them there would learn them twice)."""
-        self.since_checkpoint, self.checkpoint_time = 0, time.monotonic()
+        self.cadence.restart()
         g = self.good
         if reason == "interval":
             logger.warning("checkpoint skipped: the knowledge base could not be read to check it (the journal keeps "
                            "the samples finished since %s)", g.name)
             return None
         note = f"the knowledge base could not be read to check the samples finished since {g.name}"
-        cut = self._cut_journal_back() if self.idempotency else None
-        if self.idempotency and cut is None:
+        cut = self._cut_journal_back() if self.offers.idempotency else None
+        if self.offers.idempotency and cut is None:
             note += (": the run is rolled back to it, and the next call trains them again under their idempotency "
                      "keys (the server answers those it holds from its record)")
             self._reset_state_to_good()
@@ -381,7 +380,7 @@ class _Run:
             restore = (f"restart the server at {self.kb_where} on the database that holds this run's knowledge base, "
                        f"or restore that database from a copy made at or after {g.name} (server_url may also point at "
                        "the right server)")
-        if not self.idempotency:
+        if not self.offers.idempotency:
             restore += (". This server has no idempotency keys: samples that the restored copy already holds from "
                         f"after {g.name} are learned a second time")
         if cut is not None:
@@ -405,8 +404,8 @@ class _Run:
         """A row of metrics.jsonl; a checkpoint's row carries the checkpoint's own time, so the next call's
         clock (which starts from the checkpoint) never runs backwards."""
         c = self.state.snapshot_counters()
-        now = time.monotonic() - self.t0 if call_elapsed is None else call_elapsed
-        self.metrics.write(event, now, elapsed_seconds=self.elapsed_before + now, position=self.state.mark,
+        now = self.clock.monotonic() - self.t0 if call_elapsed is None else call_elapsed
+        self.metrics.write(event, now, elapsed_seconds=self.plan.elapsed_before + now, position=self.state.mark,
                            samples_trained=c.samples_trained, samples_filtered=c.samples_filtered,
                            samples_failed=c.samples_failed, tokens=c.tokens, patterns_learned=c.patterns_learned,
                            detail=detail)
@@ -414,15 +413,8 @@ class _Run:
     def _stream_state(self, mark: int) -> dict[str, Any] | None:
         """The dataset's exact state at the mark, when the reader stands there (always at the end of a call)."""
         if self.stream is None:
-            return self.stream_state if mark == self.start_position else None
+            return self.plan.stream_state if mark == self.plan.start else None
         return self.stream.state_for(mark)
-
-    def _checkpoint_due(self) -> bool:
-        cfg = self.config
-        if self.since_checkpoint >= cfg.checkpoint_every:
-            return True
-        every = cfg.checkpoint_every_seconds
-        return every is not None and self.since_checkpoint > 0 and time.monotonic() - self.checkpoint_time >= every
 
     # -- the loop -----------------------------------------------------------------------------------------
     def _take(self, outcome: Outcome) -> None:
@@ -444,7 +436,7 @@ class _Run:
                 self.fatal = self.outage.abort_cause or outcome.fatal  # a worker's error after an abort is the abort's
                 raise self.fatal
             self._take(outcome)
-            self.since_checkpoint += 1
+            self.cadence.finished()
             self.state.check_failures(self.config.run_name, self.config.max_failures, outcome if outcome.error else None)
             try:
                 outcome = self.outbox.get_nowait()
@@ -453,17 +445,16 @@ class _Run:
         self._after_progress()
 
     def _after_progress(self) -> None:
-        now = time.monotonic()
         c = self.state.counters
         if self.bar is not None:
             self.bar.update(self.state.mark - self.bar.n)
             self.bar.set_postfix(trained=c.samples_trained, failed=c.samples_failed,
                                  ckpt=self.last_checkpoint.name if self.last_checkpoint else "-", refresh=False)
-        if now - self.last_point >= self.point_every:
+        if self.history.due():
             self._record_point()
-        if self._checkpoint_due():
+        if self.cadence.due():
             self.checkpoint("interval")  # its metrics row, when one is due, stands for this moment's progress row
-        if self.metrics.due(time.monotonic() - self.t0):
+        if self.metrics.due(self.clock.monotonic() - self.t0):
             self._metrics_row("progress")
 
     def _show_outage(self) -> None:
@@ -476,13 +467,8 @@ class _Run:
             self.bar.set_description(f"{self.config.run_name}: {status}" if status else self.config.run_name)
 
     def _record_point(self) -> None:
-        self.last_point = time.monotonic()
-        if len(self.history) >= MAX_HISTORY_POINTS:
-            self.history = self.history[::2]  # thinned evenly: days of training keep a bounded, even record
-            self.point_every *= 2
         c = self.state.counters
-        self.history.append(ProgressPoint(elapsed_seconds=round(self.last_point - self.t0, 3), position=self.state.mark,
-                                          samples_trained=c.samples_trained, tokens=c.tokens))
+        self.history.record(self.state.mark, c.samples_trained, c.tokens)
 
     def _wait_for_room(self) -> bool:
         """Block until fewer than ``capacity`` samples are outstanding; False when a stop was asked for."""
@@ -492,16 +478,16 @@ class _Run:
         return not stop.is_set()
 
     def _dispatch_retries(self) -> None:
-        """Failed samples of earlier calls first: each from the first step that did not take effect."""
-        st = self.state
-        if st.failures:
-            logger.info("run %s: retrying %d failed sample(s)", self.config.run_name, len(st.failures))
-        for raw_index in sorted(st.failures):
-            text = self._read_record(raw_index)
+        """Failed samples of earlier calls first (the plan's), each from the first step that did not take effect."""
+        retries = self.plan.progress.retries()
+        if retries:
+            logger.info("run %s: retrying %d failed sample(s)", self.config.run_name, len(retries))
+        for failed, recovery in retries:
+            text = self._read_record(failed.raw_index)
             if not self._wait_for_room():
                 return
-            st.dispatch_retry(raw_index)
-            self.inbox.put(Job(raw_index, text, st.recovery.pop(raw_index, None), retry=st.failures[raw_index]))
+            self.state.dispatch_retry(failed.raw_index)
+            self.inbox.put(Job(failed.raw_index, text, recovery, retry=failed))
             self._receive(block=False)
 
     def _read_record(self, raw_index: int) -> str:
@@ -515,31 +501,31 @@ class _Run:
         )
 
     def _dispatch_all(self) -> None:
+        """The plan's retries, then the stream from the plan's start: every record not finished already."""
         self._dispatch_retries()
-        cfg, st = self.config, self.state
-        limit = cfg.max_samples
+        cfg, st, plan = self.config, self.state, self.plan
         if self.signals.stop.is_set():
             return
-        if limit is not None and st.read_pos >= limit:  # said: a lowered max_samples un-trains nothing
+        if plan.at_limit:  # said: a lowered max_samples un-trains nothing
             logger.warning("run %s is already at raw position %d, at or past max_samples=%d: no record to read (raise "
-                           "max_samples to train further)", cfg.run_name, st.read_pos, limit)
+                           "max_samples to train further)", cfg.run_name, plan.start, cfg.max_samples)
             return
         stream = self.stream
-        if stream is None:  # else opened by load_state, at the checkpoint's position
-            stream = self.stream = DatasetStream(cfg.dataset, start=st.read_pos, state_dict=self.stream_state,
-                                                 stop=limit, on_filtered=st.filtered)
+        if stream is None:  # else opened at the start of the call, at the checkpoint's position
+            stream = self.stream = open_stream(plan, cfg, st.filtered)
         self.freeze_heap_again()  # the dataset's objects too (datasets imports much of itself on opening a stream)
+        progress = plan.progress
         for raw_index, text in stream:
-            if raw_index in st.done_above:
+            if progress.is_finished(raw_index):  # finished above the checkpoint's position, or since (the journal)
                 st.skip_to(raw_index + 1)
                 continue
             # learn-batches workers mostly wait for big answers: plan for them meanwhile (a worker sending a request
             # per chunk would wait for the GIL this takes when its answer comes: it plans its own samples)
-            planned = plan_ahead(text, self.tokenizer, cfg.layers) if self.learn_batches else None
+            planned = plan_ahead(text, self.tokenizer, cfg.layers) if self.offers.learn_batches else None
             if not self._wait_for_room():
                 return  # this record was read, not dispatched: the position stays below it
             st.dispatch(raw_index)
-            self.inbox.put(Job(raw_index, text, st.recovery.pop(raw_index, None), planned=planned))
+            self.inbox.put(Job(raw_index, text, progress.recovery(raw_index), planned=planned))
             self._receive(block=False)
         st.skip_to(stream.position)
 
@@ -570,10 +556,7 @@ class _Run:
         self._drain_quietly()
 
     def abort_retries(self, why: str) -> None:
-        """The call is ending: no client of it waits for the server any more (a sample left in a retry stays
-        unfinished; the next call replays it from the journal)."""
-        self.outage.abort(ServerUnavailable(f"run {self.config.run_name} is stopping ({why}): not waiting for the "
-                                            f"server at {self.server_url} any more"))
+        _abort_retries(self.outage, self.config.run_name, self.server_url, why)
 
     def _release_workers(self, workers: list[Worker], finish_queued: bool) -> None:
         """No more samples come: each worker ends after the sample it holds (after the queued ones too, if asked)."""
@@ -594,56 +577,20 @@ class _Run:
             self._take(outcome)
 
     def execute(self) -> TrainResult:
-        with self.signals.installed(), frozen_heap() as self.freeze_heap_again:  # stop signals: requests (_StopSignals)
-            return self._execute()
-
-    def _execute(self) -> TrainResult:
         cfg = self.config
-        token = token_for(self.server_url, cfg)
-        # checkpoint-time reads of the KB try a few times only: the dispatcher must not wait out an outage there
-        attempts = min(KB_READ_ATTEMPTS, cfg.client.retry_max_attempts or KB_READ_ATTEMPTS)
-        quick = cfg.client.model_copy(update={"retry_max_attempts": attempts})
-        self.kb_client = KatoClient(self.server_url, token=token, settings=quick, outage=self.outage)
-        try:
-            wait_for_server(self.server_url, token, cfg.client, self.signals.stop, self.outage)
-            with KatoClient(self.server_url, token=token, settings=cfg.client, outage=self.outage) as probe:
-                self.idempotency = probe.supports_idempotency
-                self.learn_batch = cfg.client.learn_batch and probe.supports_learn_batch
-                # several samples per request where the server offers it: its keys differ from /learn-batch's, so
-                # a sample journaled under one endpoint is always finished on that one
-                self.learn_batches = self.learn_batch and probe.supports_learn_batches
-                self.batch_endpoint = "batches" if self.learn_batches else "batch"
-                if self.learn_batches:
-                    self.capacity = cfg.num_workers * (cfg.client.samples_per_request + 1) + 2
-                self.load_state(probe)
-            return self._train()
-        finally:
-            self.kb_client.close()
-
-    def _train(self) -> TrainResult:
-        cfg = self.config
-        self.journal = Journal(cfg.run_dir, {"run_name": cfg.run_name, "config": cfg.model_dump(mode="json"),
-                                             "dataset": self.dataset_record.model_dump(mode="json")})
-        self.good = self._start_point()
-        self.t0 = self.checkpoint_time = self.last_point = time.monotonic()
-        self.since_checkpoint = 0
-        self.fatal = None
-        self.metrics = MetricsLog(cfg.run_dir)
-        self._metrics_row("resume" if self.resumed else "start")
-        self.bar = None
+        self._metrics_row("resume" if self.plan.resumed else "start")
         if self.progress:
             from tqdm.auto import tqdm
 
-            size = dataset_size(self.dataset_record)
+            size = dataset_size(self.plan.dataset)
             total = min(x for x in (cfg.max_samples, size) if x is not None) if (cfg.max_samples or size) else None
-            self.bar = tqdm(total=total, initial=self.start_position, desc=cfg.run_name, unit="rec",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=self.plan.start, desc=cfg.run_name, unit="rec", dynamic_ncols=True)
         workers = self.workers
         try:
             try:
                 ctx = WorkerContext(config=cfg, server_url=self.server_url, token=token_for(self.server_url, cfg),
-                                     tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.learn_batch,
-                                     learn_batches=self.learn_batches, batch_endpoint=self.batch_endpoint,
+                                     tokenizer=self.tokenizer, journal=self.journal, learn_batch=self.offers.learn_batch,
+                                     learn_batches=self.offers.learn_batches, batch_endpoint=self.offers.batch_endpoint,
                                      inbox=self.inbox, outbox=self.outbox, stop=self.stop, outage=self.outage,
                                      on_session_lost=self._check_after_session_loss)
                 workers.extend(Worker(ctx, i) for i in range(cfg.num_workers))
@@ -697,21 +644,21 @@ class _Run:
         bar.refresh()
 
     def _result(self, reason: Literal["end", "interrupt"]) -> TrainResult:
-        c = self.state.counters
-        elapsed = time.monotonic() - self.t0
-        new_samples = c.samples_trained + c.samples_failed - self.done_at_start
-        new_tokens = c.tokens - self.tokens_at_start
+        c, before = self.state.counters, self.plan.progress.counters
+        elapsed = self.clock.monotonic() - self.t0
+        new_samples = c.samples_trained + c.samples_failed - (before.samples_trained + before.samples_failed)
+        new_tokens = c.tokens - before.tokens
         return TrainResult(
-            run_name=self.config.run_name, reason=reason, resumed=self.resumed,
-            start_position=self.start_position, final_position=self.state.mark,
+            run_name=self.config.run_name, reason=reason, resumed=self.plan.resumed,
+            start_position=self.plan.start, final_position=self.state.mark,
             samples_trained=c.samples_trained, samples_filtered=c.samples_filtered, samples_failed=c.samples_failed,
             filter_reasons=c.filter_reasons.model_copy(),
             tokens=c.tokens, patterns_learned=list(c.patterns_learned), new_samples=new_samples, new_tokens=new_tokens,
             elapsed_seconds=elapsed, samples_per_second=new_samples / elapsed if elapsed else 0.0,
             tokens_per_second=new_tokens / elapsed if elapsed else 0.0, num_workers=self.config.num_workers,
             checkpoints_written=self.checkpoints_written, last_checkpoint=self.last_checkpoint,
-            server_url=self.server_url, server_idempotency=self.idempotency, failures=self.state.failure_list(),
-            history=self.history,
+            server_url=self.server_url, server_idempotency=self.offers.idempotency, failures=self.state.failure_list(),
+            history=self.history.points,
         )
 
 
@@ -746,31 +693,65 @@ def train(config: RunConfig, *, fresh: bool = False, move_aside: bool = False, p
         RunDir(config.run_dir).start_fresh(config.run_name, move_aside)
     held = ExitStack()
     held.enter_context(CheckpointStore(config.run_dir, keep=config.keep_checkpoints).lock())
-    run: _Run | None = None
     outage = OutageTracker(config.client.outage_seconds)
+    workers: list[Worker] = []  # the call's worker threads: the lock waits for those a second Ctrl-C left behind
+    server: tuple[str, bool] | None = None
     try:
-        with run_server(config, on_lost=outage.abort) as (url, embedded):
-            run = _Run(config, url, embedded, progress, stop, outage, resend_in_doubt)
-            return run.execute()
+        with run_server(config, on_lost=outage.abort) as server:
+            url, embedded = server
+            return _call(config, url, embedded, progress=progress, stop=stop, outage=outage,
+                         resend_in_doubt=resend_in_doubt, workers=workers, clock=SYSTEM)
     finally:
-        if run is not None:
-            run.abort_retries("its call ended")  # workers left behind by a second Ctrl-C stop waiting for the server
-        _release_lock(held, run)
+        if server is not None:  # workers left behind by a second Ctrl-C stop waiting for the server
+            _abort_retries(outage, config.run_name, server[0], "its call ended")
+        _release_lock(held, workers if server is not None and not server[1] else [], config.run_name)
 
 
-def _release_lock(held: ExitStack, run: _Run | None) -> None:
+def _call(config: RunConfig, url: str, embedded: bool, *, progress: bool, stop: threading.Event | None,
+          outage: OutageTracker, resend_in_doubt: bool, workers: list[Worker], clock: Clock) -> TrainResult:
+    """One call on the run's server: wait for it to answer, plan the resume (``resume.plan_resume``), train."""
+    tokenizer = get_tokenizer(config.tokenizer)
+    rundir = RunDir(config.run_dir, keep=config.keep_checkpoints)
+    signals = StopSignals(stop)
+    with signals.installed(), frozen_heap() as freeze_heap_again:  # stop signals: requests (StopSignals)
+        token = token_for(url, config)
+        # checkpoint-time reads of the KB try a few times only: the dispatcher must not wait out an outage there
+        attempts = min(KB_READ_ATTEMPTS, config.client.retry_max_attempts or KB_READ_ATTEMPTS)
+        quick = config.client.model_copy(update={"retry_max_attempts": attempts})
+        kb_client = KatoClient(url, token=token, settings=quick, outage=outage)
+        try:
+            wait_for_server(url, token, config.client, signals.stop, outage)
+            with KatoClient(url, token=token, settings=config.client, outage=outage) as probe:
+                offers = ServerOffers.of(probe, config.client)
+                plan = plan_resume(config, rundir, probe, embedded=embedded, server_url=url,
+                                   resend_in_doubt=resend_in_doubt, now=clock.now())
+            logger.info("run %s: %s", config.run_name, plan.why)
+            logger.debug("run %s: resume checks: %s", config.run_name, "; ".join(plan.checks))
+            run = _Run(config, plan, server_url=url, embedded=embedded, offers=offers, kb_client=kb_client,
+                       rundir=rundir, tokenizer=tokenizer, signals=signals, outage=outage, workers=workers,
+                       freeze_heap_again=freeze_heap_again, progress=progress, clock=clock)
+            return run.execute()
+        finally:
+            kb_client.close()
+
+
+def _abort_retries(outage: OutageTracker, run_name: str, url: str, why: str) -> None:
+    """The call is ending: no client of it waits for the server any more (a sample left in a retry stays
+    unfinished; the next call replays it from the journal)."""
+    outage.abort(ServerUnavailable(f"run {run_name} is stopping ({why}): not waiting for the server at {url} any more"))
+
+
+def _release_lock(held: ExitStack, workers: list[Worker], name: str) -> None:
     """Release the run's lock; after a second Ctrl-C, only once the workers left behind have stopped.
 
     Those workers may still be sending their last request (retries included): a new call of the same run must not
-    replay that sample beside it, on a server without idempotency. The embedded server stopped with the call,
-    and it has idempotency keys anyway.
+    replay that sample beside it, on a server without idempotency. (The caller passes none for the embedded server:
+    it stopped with the call, and it has idempotency keys anyway.)
     """
-    stragglers = [w for w in run.workers if w.is_alive()] if run is not None and not run.embedded else []
+    stragglers = [w for w in workers if w.is_alive()]
     if not stragglers:
         held.close()
         return
-
-    name = run.config.run_name if run is not None else "?"
 
     def release() -> None:
         for w in stragglers:

@@ -21,16 +21,14 @@ from .config import LayerConfig, RunConfig
 from .errors import ProtocolError
 from .exactly_once import NodeSession, unit_took_effect
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
+from .indoubt import SESSION_TTL_SECONDS
 from .journal import Journal, SampleRecord
 from .limits import TRAINER_MAX_BYTES, TRAINER_MAX_ITEMS
 from .outage import OutageTracker
+from .resume import first_step
 from .runstate import Outcome
 
 logger = logging.getLogger(__name__)
-
-# Training sessions live a day (the idempotency keys' default lifetime too): a trainer killed mid-step and resumed
-# within that time can still read its old sessions' STM to decide whether the step took effect.
-SESSION_TTL_SECONDS = 86400
 
 
 # In learn-batches runs a sample of at most this many characters is planned by the dispatcher, ahead (it has the
@@ -363,25 +361,17 @@ class Worker(threading.Thread):
             raise ProtocolError(f"sample {raw_index}: {self.client.base_url} learned other names than planned")
 
     def _first_step(self, job: Job, steps: list[Step]) -> int:
-        """The first step to send: after a crash, from the journal; for a retried failure, past its steps done."""
+        """The first step to send: after a stop, from the journal; for a retried failure, past its steps done
+        (``resume.first_step`` decides; a step whose effect its session tells is asked of the server here)."""
         rec = job.recovery
-        if rec is not None and rec.last_step is not None:
-            return self._first_step_to_send(job.raw_index, steps, rec)
-        if job.retry is not None:
-            return min(job.retry.steps_done, len(steps))
-        return 0
 
-    def _first_step_to_send(self, raw_index: int, steps: list[Step], recovery: SampleRecord) -> int:
-        """After a trainer crash: the first step of this sample that did not take effect (journal.py argues why)."""
-        if recovery.last_step is None or recovery.last_step >= len(steps):
-            return 0
-        k = recovery.last_step
-        if recovery.last_phase in ("learn", "counted"):
+        def took_effect(k: int) -> bool:
+            assert rec is not None
             step = steps[k]
-            node_id = self.ctx.config.node_id(step.level)
-            applied = unit_took_effect(self.client, node_id, recovery.last_session or "", step.events,
-                                       recovery.last_phase, recovery.last_counter)
-            logger.info("sample %d: step %d's learn %s before the crash", raw_index, k, "took effect" if applied else "did not take effect")
-            return k + 1 if applied else k
-        # "observe": its learn was never sent; "keyed" and "batch" replay harmlessly under their idempotency keys
-        return k
+            applied = unit_took_effect(self.client, self.ctx.config.node_id(step.level), rec.last_session or "",
+                                       step.events, str(rec.last_phase), rec.last_counter)
+            logger.info("sample %d: step %d's learn %s before the crash", job.raw_index, k,
+                        "took effect" if applied else "did not take effect")
+            return applied
+
+        return first_step(len(steps), rec, job.retry, took_effect)

@@ -24,6 +24,7 @@ from streamtrain.config import DatasetConfig, RunConfig
 from streamtrain.errors import DatasetError
 from streamtrain.journal import JournalState
 from streamtrain.readerror import find_bad_record
+from streamtrain.resume import progress_of
 from streamtrain.runstate import Outcome, RunState
 from streamtrain.stream import DatasetStream
 from streamtrain.textfilter import FIRST_RECORDS, FirstRecords, TextFilter, decode_bytes, field_value
@@ -147,7 +148,7 @@ def test_reason_counts_stay_exact_across_a_resume_from_a_checkpoint_with_filtere
     ckpt = Checkpoint(sequence=1, run_name="r", config=RunConfig(run_name="r", dataset=DatasetConfig(path="json")),
                       position=ckpt_position, counters=counters, reason="interval", started_at="2024-01-01T00:00:00Z",
                       created_at="2024-01-01T00:00:00Z", elapsed_seconds=0)
-    resumed = RunState.resume(1, ckpt, JournalState())
+    resumed = progress_of(1, ckpt, JournalState()).run_state(1)
     resumed.dispatch(3)
     for i in (4, 5, 6):
         resumed.filtered(i, reasons[i])

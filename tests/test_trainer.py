@@ -425,29 +425,6 @@ def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_
     assert kb_by_level(server.url, cfg) == reference
 
 
-def test_progress_history_stays_bounded(monkeypatch):
-    """The throughput history is thinned evenly as it grows, so a run of any length keeps a bounded record."""
-    from types import SimpleNamespace
-
-    from streamtrain import trainer as trainer_module
-    from streamtrain.runstate import RunState
-
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
-    monkeypatch.setattr(trainer_module, "MAX_HISTORY_POINTS", 8)
-    run = trainer_module._Run.__new__(trainer_module._Run)
-    run.history, run.point_every, run.t0, run.last_point = [], 1.0, 0.0, 0.0
-    run.state = RunState(levels=1)
-    for second in range(1, 1001):  # a 1000-second run, the way _after_progress records points
-        clock.now = float(second)
-        run.state.skip_to(second)
-        if clock.now - run.last_point >= run.point_every:
-            run._record_point()
-    positions = [p.position for p in run.history]
-    assert 4 <= len(run.history) <= 8 and run.point_every == 128.0
-    assert positions == sorted(positions) and positions[-1] >= 1000 - run.point_every
-
-
 def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path):
     """A journal that cannot be appended to (a full disk: here the kernel's file-size limit on the trainer's
     process) stops the run with a CheckpointError saying what to do, instead of hanging or training unjournaled;
