@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from soak import SOAK  # noqa: E402
+from soak import SOAK
 
-from checkpoints import make_ckpt  # noqa: E402
+from checkpoints import make_ckpt
 from streamtrain.checkpoint import (
     CheckpointStore,
     FailedSample,

@@ -29,7 +29,6 @@ from streamtrain.errors import (
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 
-
 # -- 1. a server outage never drops a sample -----------------------------------------------------------------
 
 

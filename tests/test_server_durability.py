@@ -9,7 +9,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from soak import SOAK  # noqa: E402
+from soak import SOAK
 
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer

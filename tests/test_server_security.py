@@ -230,7 +230,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
     while time.monotonic() < deadline:
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True, got
@@ -248,18 +248,18 @@ def test_idle_silent_and_half_sent_connections_are_closed(tmp_path):
         port = srv.port
         started = time.monotonic()
         socks: dict[str, list[socket.socket]] = {"headers": [], "body": [], "silent": [], "idle": []}
-        for i in range(150):
+        for _ in range(150):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
             socks["headers"].append(s)
-        for i in range(50):
+        for _ in range(50):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n{\"node_id\"")
             socks["body"].append(s)
-        for i in range(20):
+        for _ in range(20):
             socks["silent"].append(socket.create_connection(("127.0.0.1", port)))
-        for i in range(20):
+        for _ in range(20):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             socks["idle"].append(s)

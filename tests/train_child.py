@@ -9,8 +9,8 @@ import sys
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from streamtrain.config import parse_config  # noqa: E402
-from streamtrain.trainer import train  # noqa: E402
+from streamtrain.config import parse_config
+from streamtrain.trainer import train
 
 
 def main() -> int:
