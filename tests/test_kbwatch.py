@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from faultproxy import FaultProxy
-from runs import kb_by_level, make_config
+from runs import kb_by_level, make_config, train_command
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
@@ -28,9 +27,6 @@ from streamtrain.journal import FILENAME, Journal, read_journal
 from streamtrain.kbcheck import KnowledgeBaseRecord, Learned, NodeTotals, Probe, knowledge_base_problems, next_record
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train
-
-CHILD = Path(__file__).with_name("train_child.py")
-
 
 # -- the comparison: records in, problems out ----------------------------------------------------------------
 
@@ -391,7 +387,7 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             config = tmp_path / "run.json"
             config.write_text(cfg.model_dump_json())
             log = tmp_path / "child.log"
-            child = zygote.spawn([sys.executable, CHILD, config], log)
+            child = zygote.spawn(train_command(config), log)
             deadline = time.monotonic() + 60
             read = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
             while "its journal no longer counts the samples finished since" not in read():

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from health import AnnouncingServer, health_while_a_request_waits_for_the_store
-from runs import make_config
+from runs import make_config, train_command
 
 from streamtrain import client as client_module
 from streamtrain.checkpoint import CheckpointStore
@@ -42,7 +42,6 @@ from streamtrain.server.cli import TOKEN_ENV
 from streamtrain.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD = Path(__file__).with_name("train_child.py")
 
 
 def run_config(tmp_path: Path, corpus: Path, run_name: str, **overrides) -> RunConfig:
@@ -76,8 +75,7 @@ def test_trainers_own_server_turns_an_intruder_away_while_it_trains(demo_corpus,
     cfg_path.write_text(cfg.model_dump_json())
     env = {k: v for k, v in os.environ.items() if k != SERVER_TOKEN_ENV}
     log = open(tmp_path / "child.log", "wb")
-    child = subprocess.Popen([sys.executable, str(CHILD), str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
-                             env=env)
+    child = subprocess.Popen(train_command(cfg_path), stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         server = None
@@ -102,6 +100,8 @@ def test_trainers_own_server_turns_an_intruder_away_while_it_trains(demo_corpus,
                         break
                 except httpx.TransportError:
                     pass
+                assert time.monotonic() < deadline and child.poll() is None, \
+                    "the trainer's server never answered /health: " + (tmp_path / "child.log").read_text()[-3000:]
                 time.sleep(0.05)
             trained_while_probed = False
             knock_until = time.monotonic() + 120

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import SAMPLES, kb_by_level, make_config
+from runs import SAMPLES, kb_by_level, make_config, train_command
 from soak import SOAK
 from zygote import ForkedProcess, Zygote
 
@@ -24,8 +24,6 @@ from streamtrain.config import ClientConfig, LayerConfig, RunConfig
 from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
-
-CHILD = Path(__file__).with_name("train_child.py")
 
 
 def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_path, reference):
@@ -83,10 +81,11 @@ def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, wo
 
 
 def _start_child(processes: Zygote, cfg: RunConfig, tmp_path: Path, log: Path) -> ForkedProcess:
-    """`python train_child.py CONFIG.json`, its output appended to ``log`` (forked by conftest's zygote)."""
+    """`python -m streamtrain train --config CONFIG.json --no-progress`, its output appended to ``log`` (forked by
+    conftest's zygote)."""
     path = tmp_path / f"{cfg.run_name}-{cfg.num_workers}.json"
     path.write_text(cfg.model_dump_json())
-    return processes.spawn([sys.executable, str(CHILD), str(path)], log)
+    return processes.spawn(train_command(path), log)
 
 
 def _journal_size(cfg: RunConfig) -> int:
@@ -121,7 +120,7 @@ def _stop_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, bursts: 
                 time.sleep(rng.uniform(0, 0.01))
             proc.send_signal(sig)
         code = proc.wait(timeout=60)
-        # 130 after a stop; a burst's later signals may come as the process exits and end it (a shell says 130)
+        # the CLI's 130 after a stop; a burst's later signals may come as the process exits and end it
         expected = {0, 130} | {-int(sig) for sig in burst[1:]} | {-int(sig) for sig in burst if sig == signal.SIGKILL}
         assert code in expected, log_path.read_text()[-3000:]
         stopped += code != 0
@@ -464,9 +463,9 @@ def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_cor
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
 
-    done = subprocess.run([sys.executable, str(CHILD), str(path)], capture_output=True, text=True, timeout=240,
-                          preexec_fn=limit_file_size)
-    assert done.returncode != 0 and "cannot append to the journal" in done.stderr, done.stderr[-2000:]
+    done = subprocess.run(train_command(path), capture_output=True, text=True, timeout=240, preexec_fn=limit_file_size)
+    assert done.returncode == 1 and "cannot append to the journal" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "error" and "journal" in ckpt.error and ckpt.position.raw_offset < samples
     assert train(cfg, progress=False).final_position == samples
