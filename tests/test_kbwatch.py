@@ -263,7 +263,7 @@ def test_a_server_restarted_on_another_database_stops_the_call_and_the_run_resum
     right = _database_id(srv.url)
     other = EmbeddedServer(tmp_path / "other.sqlite3", port=srv.port)
     try:
-        client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=4,
+        client = ClientConfig(outage_seconds=30, read_timeout=10, samples_per_request=4,
                               learn_batch=mode == "batch")
         with FaultProxy(srv.url, fault_rate=0.0) as proxy:
             cfg = make_config(tmp_path, demo_corpus, f"swapped-{mode}", proxy.url, client=client)
@@ -330,7 +330,7 @@ def test_a_run_stopped_before_it_could_check_is_rolled_back_on_a_server_with_key
     try:
         # one sample per request: the one request into the cleared node cannot bring on a checkpoint (which would
         # find the change itself) before the 500s stop the run
-        client = ClientConfig(retry_total_seconds=5, read_timeout=5, samples_per_request=1)
+        client = ClientConfig(outage_seconds=5, read_timeout=5, samples_per_request=1)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["500"]) as proxy:
             cfg = make_config(tmp_path, demo_corpus, "unchecked", proxy.url, client=client)
 
@@ -370,7 +370,7 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
     copy = tmp_path / "copy.sqlite3"
     held: dict[str, str] = {}
     try:
-        client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=False)
+        client = ClientConfig(outage_seconds=30, read_timeout=10, learn_batch=False)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["stall"], stall_seconds=30) as proxy:
             cfg = make_config(tmp_path, demo_corpus, "killed-rollback", proxy.url, client=client, num_workers=2)
 

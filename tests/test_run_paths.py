@@ -242,7 +242,7 @@ def _disk_project(root: Path, corpus: Path) -> Path:
     config = root / "run.toml"
     config.write_text(
         'run_name = "disk"\ncheckpoint_dir = "ck"\ncheckpoint_every = 5\n'
-        "[client]\nsamples_per_request = 4\nretry_total_seconds = 3\n"
+        "[client]\nsamples_per_request = 4\noutage_seconds = 3\n"
         f'[dataset]\npath = "parquet"\ndata_files = "{corpus}/*.parquet"\nmin_chars = 20\n'
         "[[layers]]\nchunk_size = 6\n[[layers]]\nchunk_size = 3\n"
     )
@@ -374,7 +374,7 @@ def test_the_trainers_own_writes_name_the_disk_and_the_run_resumes_exactly(
     import importlib
 
     cfg = make_config(tmp_path, demo_corpus, f"own-writes-{module}", server.url,
-                      client=ClientConfig(retry_total_seconds=5, samples_per_request=4))
+                      client=ClientConfig(outage_seconds=5, samples_per_request=4))
     config = tmp_path / "run.json"
     config.write_text(cfg.model_dump_json())
     target = importlib.import_module(f"streamtrain.{module}")
@@ -441,7 +441,7 @@ def _let_time_pass(run_dir: Path, db: Path, seconds: int) -> None:
 
 
 def _doubt_config(tmp_path: Path, corpus: Path, name: str):
-    return make_config(tmp_path, corpus, name, None, client=ClientConfig(retry_total_seconds=2, samples_per_request=4))
+    return make_config(tmp_path, corpus, name, None, client=ClientConfig(outage_seconds=2, samples_per_request=4))
 
 
 def test_the_runs_own_server_keeps_its_keys_for_a_weekend_and_resumes_exactly(demo_corpus, tmp_path, reference,
