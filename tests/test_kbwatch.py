@@ -376,7 +376,7 @@ def test_a_run_stopped_before_it_could_check_is_rolled_back_on_a_server_with_key
     try:
         # one sample per request: the one request into the cleared node cannot bring on a checkpoint (which would
         # find the change itself) before the 500s stop the run
-        client = ClientConfig(outage_seconds=5, read_timeout=5, samples_per_request=1)
+        client = ClientConfig(outage_seconds=2, read_timeout=5, samples_per_request=1)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["500"]) as proxy:
             cfg = make_config(tmp_path, demo_corpus, "unchecked", proxy.url, client=client)
 
