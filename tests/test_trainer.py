@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -447,25 +446,22 @@ def test_progress_history_stays_bounded(monkeypatch):
     assert positions == sorted(positions) and positions[-1] >= 1000 - run.point_every
 
 
-def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path):
+def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path, zygote):
     """A journal that cannot be appended to (a full disk: here the kernel's file-size limit on the trainer's
     process) stops the run with a CheckpointError saying what to do, instead of hanging or training unjournaled;
     once there is room, the same run finishes with exactly the knowledge base of a run that never stopped."""
-    import resource
-
     samples = 300
     cfg = make_config(tmp_path, demo_corpus, "journal-full", server.url, num_workers=2, max_samples=samples,
                       checkpoint_every=10_000)
     path = tmp_path / "run.json"
     path.write_text(cfg.model_dump_json())
 
-    def limit_file_size() -> None:  # in the child: writes past 16 KB fail (EFBIG) instead of killing it
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
-
-    done = subprocess.run(train_command(path), capture_output=True, text=True, timeout=240, preexec_fn=limit_file_size)
-    assert done.returncode == 1 and "cannot append to the journal" in done.stderr, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    # in the child: writes past 16 KB fail (EFBIG) instead of killing it; its own output stays far below that
+    out, err = tmp_path / "child.out", tmp_path / "child.err"
+    code = zygote.spawn(train_command(path), out, err, fsize_limit=16_000).wait(timeout=240)
+    stderr = err.read_text()
+    assert code == 1 and "cannot append to the journal" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "error" and "journal" in ckpt.error and ckpt.position.raw_offset < samples
     assert train(cfg, progress=False).final_position == samples
