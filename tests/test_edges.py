@@ -281,8 +281,8 @@ def test_a_stray_json_file_is_named_alone_and_inspect_agrees(server, demo_corpus
 
 
 # A record of 120,000 words (1 MB of text). Level 0 in chunks of 8 words: 15,000 learns of 8 symbols, with level 1
-# 16,875 in all, ten times the 1,000 items a learn-batch part carries (worker.MAX_BATCH_ITEMS). Level 0 in chunks
-# of 1,000 words: 120 learns, 1.6 MB of JSON in all, well over the 1 MiB a part carries (worker.MAX_BATCH_BYTES).
+# 16,875 in all, over ten times the 1,000 items the trainer puts in one request. Level 0 in chunks of 1,000 words:
+# 120 learns, 1.6 MB of JSON in all, well over the 1 MiB (estimated) the trainer puts in one request.
 BIG_RECORD_LIMITS = {
     # the server takes 2,000 items a request: above a part, far below the record
     "items": ([LayerConfig(chunk_size=8), LayerConfig(chunk_size=8)], ["--max-batch-items", "2000"]),
