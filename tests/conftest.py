@@ -8,9 +8,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +59,8 @@ def reference(server, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="session")
 def zygote(tmp_path_factory: pytest.TempPathFactory):
-    """Forks `python train_child.py ...` and `python checkpoint_writer.py ...` processes without their interpreter's
-    start-up (~3 s of imports for a trainer; see zygote.py): `zygote.spawn([sys.executable, script, *args], log)`
+    """Forks `python -m streamtrain ...` (runs.train_command) and `python checkpoint_writer.py ...` processes without
+    their interpreter's start-up (~3 s of imports for a trainer; see zygote.py): `zygote.spawn(argv, log)`
     is Popen-like."""
     from zygote import Zygote
 

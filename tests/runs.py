@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from streamtrain import analysis
@@ -26,6 +27,13 @@ def make_config(tmp_path: Path, corpus: Path, run_name: str, url: str | None, **
     )
     fields.update(overrides)
     return RunConfig(**fields)
+
+
+def train_command(config: Path, *options: str) -> list[str]:
+    """`python -m streamtrain train --config CONFIG --no-progress OPTIONS...`: the command a user runs, for the tests
+    that kill or signal a trainer in its own process (run through conftest's zygote, or subprocess). Its exit code is
+    the CLI's own (streamtrain.cli.main): 0, 1 for an error, 3 with samples still failed, 130 interrupted."""
+    return [sys.executable, "-m", "streamtrain", "train", "--config", str(config), "--no-progress", *options]
 
 
 def kb_by_level(url: str, cfg: RunConfig, token: str | None = None) -> dict[int, dict[str, int]]:

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from soak import SOAK  # noqa: E402
+from soak import SOAK
 
-from checkpoints import make_ckpt  # noqa: E402
+from checkpoints import make_ckpt
 from streamtrain.checkpoint import (
     CheckpointStore,
     FailedSample,
@@ -306,8 +306,10 @@ def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path: Path, zy
         out = tmp_path / f"writer-{i}.out"
         out.touch()
         proc = zygote.spawn([sys.executable, writer, run_dir, last_seq + 1], out)
+        deadline = time.monotonic() + 60
         while b"ready" not in out.read_bytes():  # printed once its first checkpoint is saved
             assert proc.poll() is None, out.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"writer {i} saved no checkpoint within 60 s"
             time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.08))
         proc.send_signal(signal.SIGKILL)

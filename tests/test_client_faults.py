@@ -23,9 +23,9 @@ from soak import SOAK
 
 from streamtrain.client import KatoClient
 from streamtrain.errors import ConfigRejected, ServerUnavailable
+from streamtrain.exactly_once import NodeSession, unit_took_effect
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer, create_app
-from streamtrain.exactly_once import NodeSession, unit_took_effect
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 NODES = ("wl-a", "wl-b", "wl-c")
@@ -173,7 +173,8 @@ def test_server_sigkilled_and_restarted_mid_workload(
 
 
 def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[..., EmbeddedServer]) -> None:
-    """No server: ServerUnavailable after outage_seconds (within one backoff step), never a hang."""
+    """No server: ServerUnavailable once outage_seconds have passed, never a hang. (That it gives up at the budget
+    itself, within a backoff step, is shown on an injected clock: test_outage.py.)"""
     srv = server_factory()
     settings = FAST_WITH_ROOM.model_copy(update={"outage_seconds": 1.5, "backoff_max": 0.3})
     with KatoClient(srv.url, settings=settings) as client:
@@ -184,7 +185,7 @@ def test_server_down_for_good_raises_after_the_budget(server_factory: Callable[.
         with pytest.raises(ServerUnavailable) as info:
             node.learn_unit([["c"], ["d"]], "k1")
         spent = time.monotonic() - t0
-    assert 1.5 <= spent <= 1.5 + 0.3 + 0.5, spent
+    assert 1.5 <= spent < 30, spent  # not before the budget; the upper bound only tells a hang
     assert srv.url in str(info.value) and "attempt(s)" in str(info.value)
 
 

@@ -20,9 +20,9 @@ from streamtrain.errors import (
     ProtocolError,
     SessionNotFound,
 )
+from streamtrain.exactly_once import NodeSession
 from streamtrain.patterns import pattern_name
 from streamtrain.server import create_app
-from streamtrain.exactly_once import NodeSession
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "process_predictions": False}
 UNIT = [["to"], ["be"], ["or"], ["not"]]

@@ -28,10 +28,10 @@ from streamtrain.errors import (
     SessionLost,
     SessionNotFound,
 )
+from streamtrain.exactly_once import NodeSession, unit_took_effect
 from streamtrain.outage import OutageTracker
 from streamtrain.patterns import pattern_hash, pattern_name
 from streamtrain.retry import Transient, is_retryable, parse_retry_after
-from streamtrain.exactly_once import NodeSession, unit_took_effect
 
 URL = "http://kato.test"
 UNIT = [["the"], ["quick"], ["brown"], ["fox"]]

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from runs import train_command
 
 from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, FilterReasons, StreamPosition
 from streamtrain.cli import main
@@ -29,7 +30,6 @@ from streamtrain.runstate import Outcome, RunState
 from streamtrain.stream import DatasetStream
 from streamtrain.textfilter import FIRST_RECORDS, FirstRecords, TextFilter, decode_bytes, field_value
 
-CHILD = Path(__file__).with_name("train_child.py")
 LAYERS = [{"chunk_size": 4}, {"chunk_size": 2}]
 
 
@@ -358,7 +358,7 @@ def test_the_reason_counts_stay_exact_through_killed_trainers(server, tmp_path: 
 
     for _ in range(6):
         before = newest()
-        proc = zygote.spawn([sys.executable, str(CHILD), str(cfg_path)], log)
+        proc = zygote.spawn(train_command(cfg_path), log)
         deadline = time.monotonic() + 60
         while proc.poll() is None and newest() < before + 3 and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -368,7 +368,7 @@ def test_the_reason_counts_stay_exact_through_killed_trainers(server, tmp_path: 
         proc.wait(timeout=60)
         killed += 1
     assert killed >= 4, f"only {killed} kills landed before the run finished"
-    proc = zygote.spawn([sys.executable, str(CHILD), str(cfg_path)], log)
+    proc = zygote.spawn(train_command(cfg_path), log)
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
     c = CheckpointStore(cfg.run_dir).latest().counters
     assert c.filter_reasons == FilterReasons(missing=truth["missing"], wrong_type=truth["wrong_type"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 from faultproxy import FaultProxy
-from runs import kb_by_level, make_config
+from hypothesis import given
+from hypothesis import strategies as st
+from runs import kb_by_level, make_config, train_command
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
@@ -28,9 +29,6 @@ from streamtrain.journal import FILENAME, Journal, read_journal
 from streamtrain.kbcheck import KnowledgeBaseRecord, Learned, NodeTotals, Probe, knowledge_base_problems, next_record
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train
-
-CHILD = Path(__file__).with_name("train_child.py")
-
 
 # -- the comparison: records in, problems out ----------------------------------------------------------------
 
@@ -82,6 +80,50 @@ def test_patterns_learned_since_the_last_check_must_be_there():
     expected = _record(probes=[(0, "r-L0", "PTRN|x", 1)])
     assert knowledge_base_problems(expected, _record(), [Learned(0, "r-L0", "PTRN|x")]) == [
         "node r-L0: pattern PTRN|x is missing (learned by this run)"]
+
+
+node_totals = st.dictionaries(st.sampled_from(["r-L0", "r-L1", "r-L2"]), st.tuples(st.integers(0, 50), st.integers(0, 99)))
+probe_list = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["r-L0", "r-L1"]), st.sampled_from("abcdef"),
+                                st.integers(1, 9)), unique_by=lambda p: (p[1], p[2]), max_size=6)
+
+
+@given(nodes=node_totals, probes=probe_list, data=st.data())
+def test_any_kb_that_only_grew_has_no_problem_and_any_shortfall_is_named(nodes, probes, data):
+    """Totals and probe frequencies anywhere at least the recorded ones, nodes and patterns added: no problem.
+    Then one shortfall (the database swapped, a node's count or frequency down, a probe gone or down): named."""
+    recorded = [(lv, n, f"PTRN|{x}", f) for lv, n, x, f in probes]
+    expected = _record(nodes=nodes, probes=recorded)
+    grow = lambda: data.draw(st.integers(0, 5))  # noqa: E731
+    found = _record(nodes={n: (p + grow(), f + grow()) for n, (p, f) in nodes.items()} | {"other": (3, 3)},
+                    probes=[(lv, n, name, f + grow()) for lv, n, name, f in recorded] + [(0, "r-L0", "PTRN|zz", 1)])
+    assert knowledge_base_problems(expected, found) == []
+
+    shortfalls = (["database"] + [f"node-{n}" for n, totals in nodes.items() if totals != (0, 0)]
+                  + [f"probe-{i}" for i in range(len(probes))])
+    short = data.draw(st.sampled_from(shortfalls))
+    if short == "database":
+        found = found.model_copy(update={"database_id": "db-other"})
+        named = "database id: expected db-a, found db-other (another or a new database)"
+    elif short.startswith("node-"):
+        node = short[5:]
+        want_p, want_f = nodes[node]
+        lower = ((want_p - 1, want_f) if want_p and (not want_f or data.draw(st.booleans())) else (want_p, want_f - 1))
+        found = found.model_copy(update={"nodes": [t.model_copy(update={"patterns": lower[0], "total_frequency": lower[1]})
+                                                   if t.node_id == node else t for t in found.nodes]})
+        named = f"node {node}: expected at least {want_p} patterns (total frequency {want_f}), found {lower[0]} " \
+                f"(total frequency {lower[1]})"
+    else:
+        _, node, x, freq = probes[int(short[6:])]
+        name = f"PTRN|{x}"
+        if freq > 1 and data.draw(st.booleans()):
+            found = found.model_copy(update={"probes": [p.model_copy(update={"frequency": freq - 1})
+                                                        if (p.node_id, p.name) == (node, name) else p
+                                                        for p in found.probes]})
+            named = f"node {node}: pattern {name} has frequency {freq - 1}, expected at least {freq}"
+        else:
+            found = found.model_copy(update={"probes": [p for p in found.probes if (p.node_id, p.name) != (node, name)]})
+            named = f"node {node}: pattern {name} is missing (learned by this run)"
+    assert knowledge_base_problems(expected, found) == [named]
 
 
 def test_the_next_record_keeps_the_oldest_and_the_newest_probe_per_level():
@@ -267,7 +309,7 @@ def test_a_server_restarted_on_another_database_stops_the_call_and_the_run_resum
     right = _database_id(srv.url)
     other = EmbeddedServer(tmp_path / "other.sqlite3", port=srv.port)
     try:
-        client = ClientConfig(retry_total_seconds=30, read_timeout=10, samples_per_request=4,
+        client = ClientConfig(outage_seconds=30, read_timeout=10, samples_per_request=4,
                               learn_batch=mode == "batch")
         with FaultProxy(srv.url, fault_rate=0.0) as proxy:
             cfg = make_config(tmp_path, demo_corpus, f"swapped-{mode}", proxy.url, client=client)
@@ -334,7 +376,7 @@ def test_a_run_stopped_before_it_could_check_is_rolled_back_on_a_server_with_key
     try:
         # one sample per request: the one request into the cleared node cannot bring on a checkpoint (which would
         # find the change itself) before the 500s stop the run
-        client = ClientConfig(retry_total_seconds=5, read_timeout=5, samples_per_request=1)
+        client = ClientConfig(outage_seconds=2, read_timeout=5, samples_per_request=1)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["500"]) as proxy:
             cfg = make_config(tmp_path, demo_corpus, "unchecked", proxy.url, client=client)
 
@@ -374,7 +416,7 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
     copy = tmp_path / "copy.sqlite3"
     held: dict[str, str] = {}
     try:
-        client = ClientConfig(retry_total_seconds=30, read_timeout=10, learn_batch=False)
+        client = ClientConfig(outage_seconds=30, read_timeout=10, learn_batch=False)
         with FaultProxy(srv.url, fault_rate=1.0, kinds=["stall"], stall_seconds=30) as proxy:
             cfg = make_config(tmp_path, demo_corpus, "killed-rollback", proxy.url, client=client, num_workers=2)
 
@@ -391,7 +433,7 @@ def test_a_trainer_killed_during_the_rollback_resumes_exactly(demo_corpus, tmp_p
             config = tmp_path / "run.json"
             config.write_text(cfg.model_dump_json())
             log = tmp_path / "child.log"
-            child = zygote.spawn([sys.executable, CHILD, config], log)
+            child = zygote.spawn(train_command(config), log)
             deadline = time.monotonic() + 60
             read = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
             while "its journal no longer counts the samples finished since" not in read():

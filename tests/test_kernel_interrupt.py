@@ -45,8 +45,11 @@ def _finish(kc, msg_id: str, timeout: float = 120) -> tuple[str, str, str]:
     err: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
+        left = deadline - time.monotonic()
         try:
-            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if left <= 0:
+                raise queue.Empty
+            msg = kc.get_iopub_msg(timeout=left)
         except queue.Empty:
             raise AssertionError(f"the cell did not finish within {timeout} s; its output: {''.join(out)}") from None
         if msg["parent_header"].get("msg_id") != msg_id:
@@ -58,9 +61,12 @@ def _finish(kc, msg_id: str, timeout: float = 120) -> tuple[str, str, str]:
             out.append(f"{content['ename']}: {content['evalue']}")
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    reply = kc.get_shell_msg(timeout=10)
-    while reply["parent_header"].get("msg_id") != msg_id:  # an earlier request's reply (wait_for_ready's)
+    for _ in range(10):  # past earlier requests' replies (wait_for_ready's): a few at most
         reply = kc.get_shell_msg(timeout=10)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    else:
+        raise AssertionError(f"no reply to the cell among the kernel's next 10 replies; its output: {''.join(out)}")
     return reply["content"]["status"], "".join(out), "".join(err)
 
 

@@ -8,8 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from streamtrain import notebook as nb  # noqa: E402
-from streamtrain.trainer import ProgressPoint, TrainResult  # noqa: E402
+from streamtrain import notebook as nb
+from streamtrain.trainer import ProgressPoint, TrainResult
 
 
 def result(start: int, final: int, done_before: int, points: list[tuple[float, int, int, int]], **kw) -> TrainResult:

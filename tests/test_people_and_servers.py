@@ -26,9 +26,8 @@ from streamtrain.config import ClientConfig, RunConfig
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 
-# A learning request that met the dead server (refused and resent, or its answer lost and decided): the kill landed
-# while the run still had samples to send.
-# the run's requests met the dead server: the outage's warning (past a blip of 1 s), or a lost answer decided
+# The run's requests met the dead server (the kill landed while it still had samples to send): the outage's warning
+# (past a blip of 1 s), or a lost answer decided.
 MET_DEAD_SERVER = re.compile(r"(refusing|dropping) connections since|answer lost")
 
 

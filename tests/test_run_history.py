@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from runs import SAMPLES, make_config
+from runs import SAMPLES, make_config, train_command
 
 from streamtrain.checkpoint import CheckpointStore
-from streamtrain.cli import EXIT_OK, main
+from streamtrain.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ServerUnavailable
 from streamtrain.metrics import read_metrics
 from streamtrain.server import EmbeddedServer
 from streamtrain.server.launcher import free_port
 from streamtrain.trainer import train
-
-CHILD = Path(__file__).with_name("train_child.py")
 
 
 def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tmp_path, capsys):
@@ -106,14 +102,14 @@ def test_one_ctrl_c_stops_a_run_waiting_for_its_server(demo_corpus, tmp_path, zy
     path.write_text(cfg.model_dump_json())
     log = tmp_path / "child.log"
     log.touch()
-    child = zygote.spawn([sys.executable, CHILD, path], log)  # `python train_child.py run.json`, forked
+    child = zygote.spawn(train_command(path), log)  # `python -m streamtrain train --config run.json`, forked
     try:
         deadline = time.monotonic() + 60
         while b"waiting for the server" not in log.read_bytes():
             assert time.monotonic() < deadline and child.poll() is None, log.read_text()
             time.sleep(0.1)
         child.send_signal(signal.SIGINT)
-        assert child.wait(timeout=10) == 130
+        assert child.wait(timeout=10) == EXIT_INTERRUPTED, log.read_text()[-3000:]
     finally:
         child.kill()
         child.wait()

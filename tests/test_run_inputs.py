@@ -3,7 +3,6 @@ a revision), paths relative to the config file, and the demo's closing hint, thr
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess

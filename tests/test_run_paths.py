@@ -10,19 +10,17 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from faultproxy import FaultProxy
-from runs import SAMPLES, kb_by_level, make_config
+from runs import SAMPLES, kb_by_level, make_config, train_command
 from tiny_tokenizer import build_tokenizer_json
+from zygote import Zygote
 
 from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
@@ -222,19 +220,16 @@ def test_hub_data_files_and_tokenizer_names_match_only_as_written():
 # -- a full or read-only disk ---------------------------------------------------------------------------------
 
 
-def _limited_cli(config: Path, max_samples: int, fsize: int | None) -> subprocess.CompletedProcess[str]:
+def _limited_cli(zygote: Zygote, config: Path, max_samples: int, fsize: int | None) -> subprocess.CompletedProcess[str]:
     """``python -m streamtrain train`` in a process whose files may grow to ``fsize`` bytes at most (RLIMIT_FSIZE,
     SIGXFSZ ignored: a write past it fails with EFBIG instead of killing the process); the embedded server it
-    starts inherits the limit."""
-
-    def limit() -> None:
-        if fsize is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run([sys.executable, "-m", "streamtrain", "train", "--config", str(config), "--max-samples",
-                           str(max_samples), "--no-progress"], capture_output=True, text=True, timeout=180,
-                          preexec_fn=limit, cwd=config.parent)
+    starts inherits the limit. Forked by conftest's zygote; its output goes to files beside the config (short:
+    within the limit)."""
+    calls = len(list(config.parent.glob("cli-*.out")))
+    out, err = config.parent / f"cli-{calls}.out", config.parent / f"cli-{calls}.err"
+    argv = train_command(config, "--max-samples", str(max_samples))
+    code = zygote.spawn(argv, out, err, fsize_limit=fsize).wait(timeout=180)
+    return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
 
 
 def _disk_project(root: Path, corpus: Path) -> Path:
@@ -242,14 +237,14 @@ def _disk_project(root: Path, corpus: Path) -> Path:
     config = root / "run.toml"
     config.write_text(
         'run_name = "disk"\ncheckpoint_dir = "ck"\ncheckpoint_every = 5\n'
-        "[client]\nsamples_per_request = 4\nretry_total_seconds = 3\n"
+        "[client]\nsamples_per_request = 4\noutage_seconds = 3\n"
         f'[dataset]\npath = "parquet"\ndata_files = "{corpus}/*.parquet"\nmin_chars = 20\n'
         "[[layers]]\nchunk_size = 6\n[[layers]]\nchunk_size = 3\n"
     )
     return config
 
 
-def test_a_full_disk_mid_run_is_a_507_that_names_the_disk_and_the_run_resumes_exactly(demo_corpus, tmp_path):
+def test_a_full_disk_mid_run_is_a_507_that_names_the_disk_and_the_run_resumes_exactly(demo_corpus, tmp_path, zygote):
     """The embedded server's database outgrows what its disk allows: the server answers 507 with the reason (not
     a bare 500), the run stops with it in one message and an error checkpoint, the checkpoints before it stay
     whole, and the same command finishes the run exactly once there is room.
@@ -259,7 +254,7 @@ def test_a_full_disk_mid_run_is_a_507_that_names_the_disk_and_the_run_resumes_ex
     privileges, so it works in CI as here; a small tmpfs would need a mount, which CI may not allow."""
     config = _disk_project(tmp_path / "project", demo_corpus)
     run_dir = tmp_path / "project" / "ck" / "disk"
-    stopped = _limited_cli(config, 300, 512 * 1024)  # the database of 300 samples is ~900 KiB
+    stopped = _limited_cli(zygote, config, 300, 512 * 1024)  # the database of 300 samples is ~900 KiB
     assert stopped.returncode == EXIT_ERROR and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     message = stopped.stderr
     assert "answered HTTP 507 Insufficient Storage: the server cannot write its database" in message, message
@@ -269,15 +264,15 @@ def test_a_full_disk_mid_run_is_a_507_that_names_the_disk_and_the_run_resumes_ex
     assert all(e.valid for e in entries) and entries[-1].reason == "error" and "507" in entries[-1].checkpoint.error
     assert entries[-1].position.raw_offset < 300
 
-    resumed = _limited_cli(config, 300, None)
+    resumed = _limited_cli(zygote, config, 300, None)
     assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
     assert "-> 300 (resumed)" in resumed.stdout
     reference = _disk_project(tmp_path / "reference", demo_corpus)
-    assert _limited_cli(reference, 300, None).returncode == EXIT_OK
+    assert _limited_cli(zygote, reference, 300, None).returncode == EXIT_OK
     assert _kb(config) == _kb(reference)
 
 
-def test_a_server_that_cannot_start_on_a_full_disk_says_why(demo_corpus, tmp_path):
+def test_a_server_that_cannot_start_on_a_full_disk_says_why(demo_corpus, tmp_path, zygote):
     """Resumed on a disk with no room for the database's shared-memory file: the trainer's message carries the
     server's own reason (its log) and the disk; when even the log cannot take that reason, the server's exit status
     still tells, and the trainer describes the disk itself. No traceback, no 'empty log' riddle.
@@ -286,10 +281,10 @@ def test_a_server_that_cannot_start_on_a_full_disk_says_why(demo_corpus, tmp_pat
     32 KiB -shm file of a WAL database)."""
     config = _disk_project(tmp_path / "project", demo_corpus)
     run_dir = tmp_path / "project" / "ck" / "disk"
-    assert _limited_cli(config, 20, None).returncode == EXIT_OK
+    assert _limited_cli(zygote, config, 20, None).returncode == EXIT_OK
     db = run_dir / "kb.sqlite3"
 
-    refused = _limited_cli(config, 40, 16 * 1024)
+    refused = _limited_cli(zygote, config, 40, 16 * 1024)
     assert refused.returncode == EXIT_ERROR and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     message = refused.stderr
     assert f"embedded server could not start: it cannot write its database {db} (the disk mounted at /" in message
@@ -297,13 +292,13 @@ def test_a_server_that_cannot_start_on_a_full_disk_says_why(demo_corpus, tmp_pat
     assert f"error: the server cannot write its database {db}: a write to its disk failed" in message  # its log
 
     (run_dir / "server.log").write_bytes(b"an old line\n" * 2000)  # a log past the limit: the reason is lost
-    refused = _limited_cli(config, 40, 16 * 1024)
+    refused = _limited_cli(zygote, config, 40, 16 * 1024)
     assert refused.returncode == EXIT_ERROR and "Traceback" not in refused.stderr
     assert f"embedded server could not start: it cannot write its database {db}" in refused.stderr
     assert "an old line" in refused.stderr and "error: the server cannot" not in refused.stderr
 
     (run_dir / "server.log").unlink()
-    assert _limited_cli(config, 40, None).returncode == EXIT_OK
+    assert _limited_cli(zygote, config, 40, None).returncode == EXIT_OK
     assert CheckpointStore(run_dir).latest().position.raw_offset == 40
 
 
@@ -374,7 +369,7 @@ def test_the_trainers_own_writes_name_the_disk_and_the_run_resumes_exactly(
     import importlib
 
     cfg = make_config(tmp_path, demo_corpus, f"own-writes-{module}", server.url,
-                      client=ClientConfig(retry_total_seconds=5, samples_per_request=4))
+                      client=ClientConfig(outage_seconds=5, samples_per_request=4))
     config = tmp_path / "run.json"
     config.write_text(cfg.model_dump_json())
     target = importlib.import_module(f"streamtrain.{module}")
@@ -441,7 +436,7 @@ def _let_time_pass(run_dir: Path, db: Path, seconds: int) -> None:
 
 
 def _doubt_config(tmp_path: Path, corpus: Path, name: str):
-    return make_config(tmp_path, corpus, name, None, client=ClientConfig(retry_total_seconds=2, samples_per_request=4))
+    return make_config(tmp_path, corpus, name, None, client=ClientConfig(outage_seconds=2, samples_per_request=4))
 
 
 def test_the_runs_own_server_keeps_its_keys_for_a_weekend_and_resumes_exactly(demo_corpus, tmp_path, reference,

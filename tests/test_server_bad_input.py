@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from fastapi.testclient import TestClient
 
 from streamtrain.errors import ServerUnavailable

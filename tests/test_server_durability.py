@@ -9,7 +9,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from soak import SOAK  # noqa: E402
+from soak import SOAK
 
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer
@@ -25,6 +25,7 @@ def frequencies(c: httpx.Client, node: str) -> dict[str, int]:
     out, offset = {}, 0
     while True:
         page = c.get(f"/nodes/{node}/patterns", params={"offset": offset, "limit": 1000}).json()
+        assert page["patterns"] or offset >= page["total"], f"an empty page at {offset} of {page['total']}"
         out.update({p["name"]: p["frequency"] for p in page["patterns"]})
         offset += len(page["patterns"])
         if offset >= page["total"]:

@@ -59,7 +59,7 @@ def test_eight_threads_one_key_apply_once(server):
     (`server`: the session-wide default server of conftest.py; this test uses its own session.)"""
     c = httpx.Client(base_url=server.url, timeout=30)
     sid = new_session(c)
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(8, timeout=30)
     answers: list[httpx.Response] = []
     lock = threading.Lock()
 
@@ -75,7 +75,8 @@ def test_eight_threads_one_key_apply_once(server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a request was not answered within 60 s"
     assert [r.status_code for r in answers] == [200] * 8
     assert len({r.content for r in answers}) == 1
     assert stm(c, sid) == [["once"]]

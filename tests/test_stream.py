@@ -62,7 +62,7 @@ def read_with_interruptions(cfg: DatasetConfig, cuts: list[int], use_state: list
     """Read a few samples, "crash", resume from the checkpointed position; repeat; then read to the end."""
     seen: list[tuple[int, str]] = []
     start, state = 0, None
-    for take, exact in zip(cuts, use_state):
+    for take, exact in zip(cuts, use_state, strict=False):  # use_state is as long as the longest cuts
         with DatasetStream(cfg, start=start, state_dict=state) as stream:
             assert stream.resumed_by == ("start" if start == 0 and state is None else "state_dict" if state else "skip")
             for _ in range(take):

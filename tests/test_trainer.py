@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from runs import SAMPLES, kb_by_level, make_config
+from runs import SAMPLES, kb_by_level, make_config, train_command
 from soak import SOAK
 from zygote import ForkedProcess, Zygote
 
@@ -24,8 +23,6 @@ from streamtrain.config import ClientConfig, LayerConfig, RunConfig
 from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
-
-CHILD = Path(__file__).with_name("train_child.py")
 
 
 def test_uninterrupted_run_accounts_for_every_record(server, demo_corpus, tmp_path, reference):
@@ -83,10 +80,11 @@ def test_parallel_equals_sequential(server, demo_corpus, tmp_path, reference, wo
 
 
 def _start_child(processes: Zygote, cfg: RunConfig, tmp_path: Path, log: Path) -> ForkedProcess:
-    """`python train_child.py CONFIG.json`, its output appended to ``log`` (forked by conftest's zygote)."""
+    """`python -m streamtrain train --config CONFIG.json --no-progress`, its output appended to ``log`` (forked by
+    conftest's zygote)."""
     path = tmp_path / f"{cfg.run_name}-{cfg.num_workers}.json"
     path.write_text(cfg.model_dump_json())
-    return processes.spawn([sys.executable, str(CHILD), str(path)], log)
+    return processes.spawn(train_command(path), log)
 
 
 def _journal_size(cfg: RunConfig) -> int:
@@ -121,7 +119,7 @@ def _stop_and_resume(processes: Zygote, cfg: RunConfig, tmp_path: Path, bursts: 
                 time.sleep(rng.uniform(0, 0.01))
             proc.send_signal(sig)
         code = proc.wait(timeout=60)
-        # 130 after a stop; a burst's later signals may come as the process exits and end it (a shell says 130)
+        # the CLI's 130 after a stop; a burst's later signals may come as the process exits and end it
         expected = {0, 130} | {-int(sig) for sig in burst[1:]} | {-int(sig) for sig in burst if sig == signal.SIGKILL}
         assert code in expected, log_path.read_text()[-3000:]
         stopped += code != 0
@@ -425,25 +423,22 @@ def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_
     assert kb_by_level(server.url, cfg) == reference
 
 
-def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path):
+def test_journal_write_failure_stops_the_run_with_a_clear_error(server, demo_corpus, tmp_path, zygote):
     """A journal that cannot be appended to (a full disk: here the kernel's file-size limit on the trainer's
     process) stops the run with a CheckpointError saying what to do, instead of hanging or training unjournaled;
     once there is room, the same run finishes with exactly the knowledge base of a run that never stopped."""
-    import resource
-
     samples = 300
     cfg = make_config(tmp_path, demo_corpus, "journal-full", server.url, num_workers=2, max_samples=samples,
                       checkpoint_every=10_000)
     path = tmp_path / "run.json"
     path.write_text(cfg.model_dump_json())
 
-    def limit_file_size() -> None:  # in the child: writes past 16 KB fail (EFBIG) instead of killing it
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
-
-    done = subprocess.run([sys.executable, str(CHILD), str(path)], capture_output=True, text=True, timeout=240,
-                          preexec_fn=limit_file_size)
-    assert done.returncode != 0 and "cannot append to the journal" in done.stderr, done.stderr[-2000:]
+    # in the child: writes past 16 KB fail (EFBIG) instead of killing it; its own output stays far below that
+    out, err = tmp_path / "child.out", tmp_path / "child.err"
+    code = zygote.spawn(train_command(path), out, err, fsize_limit=16_000).wait(timeout=240)
+    stderr = err.read_text()
+    assert code == 1 and "cannot append to the journal" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
     ckpt = CheckpointStore(cfg.run_dir).latest()
     assert ckpt.reason == "error" and "journal" in ckpt.error and ckpt.position.raw_offset < samples
     assert train(cfg, progress=False).final_position == samples

@@ -1,6 +1,6 @@
 """Test scripts' processes without the interpreter's start-up, for the tests that kill or signal one many times.
 
-`python zygote.py` imports what tests/train_child.py and tests/checkpoint_writer.py import (the trainer,
+`python zygote.py` imports what `python -m streamtrain train` and tests/checkpoint_writer.py import (the trainer,
 `datasets`...) once, then forks one process per request; each child runs its script with `runpy.run_path(script,
 run_name="__main__")`, as `python SCRIPT ARGS...` runs it, or the command (`python -m streamtrain ARGS...`) with
 `runpy.run_module("streamtrain", run_name="__main__", alter_sys=True)`, as `-m` does. A child may start a session of
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"train_child.py", "checkpoint_writer.py"}  # what the zygote has imported for; it forks only these
+SCRIPTS = {"checkpoint_writer.py"}  # what the zygote has imported for; it forks only these
 MODULES = {"streamtrain"}  # ... and `python -m` of these
 
 
@@ -94,9 +94,9 @@ def _zygote_main() -> None:
     import checkpoint_writer  # noqa: F401
     import datasets  # noqa: F401  (what the trainer imports on opening a dataset: most of a trainer's start-up)
     import httpcore  # noqa: F401
-    import train_child  # noqa: F401
 
-    import streamtrain.cli  # noqa: F401
+    import streamtrain.cli
+    import streamtrain.trainer  # noqa: F401
 
     sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
     sys.stdout.flush()
