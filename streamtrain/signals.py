@@ -20,10 +20,16 @@ class StopSignals:
     dispatched any more, each worker finishes the one it holds, and an 'interrupt' checkpoint is written. The
     second stops waiting for the workers (their samples stay unfinished; the next run replays them from the
     journal). The third raises KeyboardInterrupt at once and no checkpoint is written: the last checkpoint and the
-    journal still resume exactly, as after a crash. A third signal that lands inside a logging call is raised at
-    the dispatcher's next check (``raise_if_pending``) or when the run's signals are uninstalled: CPython's
-    ``Handler.handle`` takes the handler's lock before its ``try``, so an exception raised there leaves the lock
-    held, and the workers of the process's next run block forever on their first log line.
+    journal still resume exactly, as after a crash.
+
+    A third signal that lands inside a library that guards its state with locks of its own (``LOCKING_LIBRARIES``:
+    logging, httpx/httpcore, tqdm, datasets...) is raised at the dispatcher's next check (``raise_if_pending``, at
+    most 0.2 s later while it dispatches) or when the run's signals are uninstalled. Such locks are taken in Python
+    code before a ``try`` (CPython 3.11's ``logging.Handler.handle``; httpcore's ``ThreadLock.__enter__``), so an
+    exception raised there leaves the lock held: the workers of the process's next run blocked forever on their
+    first log line, and closing the run's HTTP client blocked on its connection pool. A fourth signal raises at once
+    wherever it lands (for a main thread stuck in a library call): a library's lock may then stay held, so a
+    notebook's kernel should be restarted before it trains again.
 
     ``stop`` is the caller's event when given (``train(..., stop=event)``): setting it is one Ctrl-C, from any thread,
     also where no signal handler can be installed (a call in a background thread); a first signal sets it too.
@@ -35,7 +41,7 @@ class StopSignals:
         self.received = 0
         self.stop = stop if stop is not None else threading.Event()
         self.abandon = threading.Event()
-        self.pending = False  # a third signal that came inside a logging call: KeyboardInterrupt owed
+        self.pending = False  # a third signal that came inside a locking library: KeyboardInterrupt owed
 
     def _handle(self, signum: int, frame: Any) -> None:
         # no logging here: the handler may run inside a logging call of the same thread
@@ -44,7 +50,7 @@ class StopSignals:
             self.stop.set()
         elif self.received == 2:
             self.abandon.set()
-        elif _in_logging(frame):
+        elif self.received == 3 and _in_locking_library(frame):
             self.pending = True
         else:
             raise KeyboardInterrupt
@@ -69,11 +75,19 @@ class StopSignals:
         self.raise_if_pending()
 
 
-def _in_logging(frame: FrameType | None) -> bool:
-    """Whether the interrupted code runs inside the logging package (a handler's lock may be held)."""
+# Top-level packages whose Python code takes locks before a ``try`` that would release them: a KeyboardInterrupt raised
+# inside them can leave a lock held for the rest of the process.
+LOCKING_LIBRARIES = frozenset({
+    "logging", "httpx", "httpcore", "h11", "anyio", "tqdm", "datasets", "fsspec", "pyarrow", "huggingface_hub",
+    "filelock", "tokenizers", "tiktoken",
+})
+
+
+def _in_locking_library(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside one of LOCKING_LIBRARIES (one of its locks may be held)."""
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name == "logging" or name.startswith("logging."):
+        if name.partition(".")[0] in LOCKING_LIBRARIES:
             return True
         frame = frame.f_back
     return False

@@ -424,7 +424,7 @@ class _Run:
 
     def _receive(self, block: bool) -> None:
         """Take finished samples; raise on a fatal worker error or too many failures."""
-        self.signals.raise_if_pending()  # a third Ctrl-C that came inside a logging call
+        self.signals.raise_if_pending()  # a third Ctrl-C that came inside a library holding a lock
         self.outage.check()  # aborted: the run's embedded server is lost for good
         try:
             outcome = self.outbox.get(timeout=0.2) if block else self.outbox.get_nowait()

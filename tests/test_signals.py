@@ -1,4 +1,4 @@
-"""StopSignals on its own: where a third Ctrl-C may raise KeyboardInterrupt, and where it must wait."""
+"""StopSignals on its own: where a third Ctrl-C may raise KeyboardInterrupt, where it must wait, and the fourth."""
 
 from __future__ import annotations
 
@@ -57,6 +57,62 @@ def test_a_third_signal_inside_a_logging_call_is_raised_after_it():
     finally:
         log.removeHandler(handler)
         log.propagate = True
+
+
+def _signal_on_return_from_pool_lock(frame, event, arg):
+    """Sends SIGINT as httpcore's ThreadLock.__enter__ returns, its lock acquired: an exception raised there leaves
+    the lock held (the ``with`` block was never entered), and closing the client blocks on it for good."""
+    if (event == "return" and frame.f_code.co_name == "__enter__"
+            and frame.f_globals.get("__name__") == "httpcore._synchronization"):
+        sys.settrace(None)
+        os.kill(os.getpid(), signal.SIGINT)
+    return _signal_on_return_from_pool_lock
+
+
+def test_a_third_signal_inside_an_http_call_is_raised_after_it(server):
+    """The third signal lands inside httpcore, its connection pool's lock just taken: the KeyboardInterrupt is owed,
+    the call completes, and the client closes (it blocked forever on the lock the interrupt left held)."""
+    import httpx
+
+    signals = StopSignals()
+    client = httpx.Client(base_url=server.url, timeout=10)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals.installed():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                sys.settrace(_signal_on_return_from_pool_lock)
+                try:
+                    assert client.get("/health").status_code == 200
+                finally:
+                    sys.settrace(None)
+                assert signals.received == 3 and signals.pending
+        closing = threading.Thread(target=client.close, daemon=True)
+        closing.start()
+        closing.join(timeout=5)
+        assert not closing.is_alive(), "the pool's lock was left held: closing the client blocks on it forever"
+    finally:
+        sys.settrace(None)
+
+
+def test_a_fourth_signal_raises_wherever_it_lands():
+    """A third signal owed (it came inside a library), the fourth raises at once: a way out of a long library call."""
+    log = logging.getLogger("streamtrain.test-signals-4")
+    signals = StopSignals()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals.installed():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            sys.settrace(_signal_on_return_from_acquire)
+            try:
+                log.warning("the third Ctrl-C arrives while this is written")
+            finally:
+                sys.settrace(None)
+            assert signals.pending
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the fourth signal")
+    assert reached == [] and signals.received == 4
 
 
 def test_a_third_signal_elsewhere_raises_at_once():
