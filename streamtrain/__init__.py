@@ -35,7 +35,7 @@ _LAZY = {
     "DatasetStream": "stream",
     "get_tokenizer": "tokenization",
     "KatoClient": "client",
-    "NodeSession": "exactly_once",
+    "NodeSession": "client.exactly_once",
     "EmbeddedServer": "server",
 }
 
@@ -43,7 +43,7 @@ _LAZY = {
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
     from .checkpoint import Checkpoint, CheckpointStore
     from .client import KatoClient
-    from .exactly_once import NodeSession
+    from .client.exactly_once import NodeSession
     from .results import TrainResult
     from .server import EmbeddedServer
     from .stream import DatasetStream

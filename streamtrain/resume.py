@@ -116,7 +116,8 @@ def first_step(steps: int, recovery: SampleRecord | None, retry: FailedSample | 
     k, steps before k took effect and steps after it were never sent. Step k itself: phase ``observe`` means its
     learn was never sent (send it); ``keyed``, ``batch`` and ``batches`` are replayed under their idempotency key
     (the server answers from its record if it took effect); ``learn`` and ``counted`` are decided by asking the
-    server (``took_effect(k)``: the recorded session's short-term memory or observation counter, ``exactly_once.py``).
+    server (``took_effect(k)``: the recorded session's short-term memory or observation counter,
+    ``client/exactly_once.py``).
     The journal's argument in full: docs/trainer.md ("The journal")."""
     if recovery is not None and recovery.last_step is not None:
         k = recovery.last_step

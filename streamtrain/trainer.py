@@ -19,6 +19,7 @@ from typing import Any, Literal, NoReturn
 
 from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
+from .client.outage import OutageTracker
 from .clock import SYSTEM, Clock
 from .config import ClientConfig, RunConfig
 from .datafiles import dataset_size
@@ -40,7 +41,6 @@ from .kbcheck import (
     read_knowledge_base,
 )
 from .metrics import Event, MetricsLog
-from .outage import OutageTracker
 from .results import ProgressPoint, TrainResult
 from .resume import KeptCheckpoint, ResumePlan, journal_to_keep, open_stream, plan_resume
 from .rundir import RunDir

@@ -143,7 +143,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
 
     batch: one keyed learn-batch request per sample (the embedded server's fast path); keys: one keyed request
     per chunk; verify: a server without idempotency (a real KATO), one request per chunk, a lost answer decided from
-    the session's observation counter and STM (exactly_once.py, counter mode).
+    the session's observation counter and STM (client/exactly_once.py, counter mode).
     """
     srv = server if mode != "verify" else server_without_idempotency
     client = ClientConfig(outage_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))
