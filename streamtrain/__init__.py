@@ -30,8 +30,8 @@ _LAZY = {
     "train": "trainer",
     "train_parallel": "trainer",
     "TrainResult": "results",
-    "Checkpoint": "checkpoint",
-    "CheckpointStore": "checkpoint",
+    "Checkpoint": "records.checkpoint",
+    "CheckpointStore": "records.checkpoint",
     "DatasetStream": "stream",
     "get_tokenizer": "tokenization",
     "KatoClient": "client",
@@ -41,9 +41,9 @@ _LAZY = {
 
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
-    from .checkpoint import Checkpoint, CheckpointStore
     from .client import KatoClient
     from .client.exactly_once import NodeSession
+    from .records.checkpoint import Checkpoint, CheckpointStore
     from .results import TrainResult
     from .server import EmbeddedServer
     from .stream import DatasetStream

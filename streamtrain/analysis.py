@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointStore
 from .client import KatoClient
 from .config import RunConfig, leaves, resume_differences, resume_policy
 from .errors import ProtocolError
 from .patterns import PREFIX, strip_prefix
+from .records.checkpoint import Checkpoint, CheckpointStore
 from .serverconn import Connection, connect
 
 log = logging.getLogger(__name__)

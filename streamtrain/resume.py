@@ -35,13 +35,15 @@ from types import MappingProxyType
 from typing import Any
 
 from . import indoubt
-from .checkpoint import Checkpoint, Counters, FailedSample
 from .client import KatoClient
 from .config import RunConfig, check_resume
-from .datafiles import DatasetRecord, check_dataset, describe_dataset
+from .datafiles import check_dataset, describe_dataset
 from .errors import DataEndsEarly
-from .journal import JournalState, SampleRecord, read_journal
-from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, next_record, read_knowledge_base
+from .kbcheck import check_knowledge_base, next_record, read_knowledge_base
+from .records.checkpoint import Checkpoint, Counters, FailedSample
+from .records.dataset import DatasetRecord
+from .records.journal import JournalState, SampleRecord, read_journal
+from .records.knowledge_base import KnowledgeBaseRecord
 from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .stream import DatasetStream

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
 from .client.outage import OutageTracker
 from .clock import SYSTEM, Clock
@@ -32,15 +31,11 @@ from .errors import (
     StreamtrainError,
 )
 from .gcfreeze import frozen_heap
-from .journal import Journal
-from .kbcheck import (
-    KnowledgeBaseRecord,
-    Learned,
-    knowledge_base_problems,
-    next_record,
-    read_knowledge_base,
-)
-from .metrics import Event, MetricsLog
+from .kbcheck import Learned, knowledge_base_problems, next_record, read_knowledge_base
+from .records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
+from .records.journal import Journal
+from .records.knowledge_base import KnowledgeBaseRecord
+from .records.metrics import Event, MetricsLog
 from .results import ProgressPoint, TrainResult
 from .resume import KeptCheckpoint, ResumePlan, journal_to_keep, open_stream, plan_resume
 from .rundir import RunDir

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamtrain.datafiles import DataFile, DatasetRecord, dataset_changes
+from streamtrain.datafiles import dataset_changes
+from streamtrain.records.dataset import DataFile, DatasetRecord
 
 
 def local(folder: str, name: str, content: str) -> DataFile:

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from runs import train_command
 
-from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, FilterReasons, StreamPosition
 from streamtrain.cli import main
 from streamtrain.config import DatasetConfig, RunConfig
 from streamtrain.errors import DatasetError
-from streamtrain.journal import JournalState
 from streamtrain.readerror import find_bad_record
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FilterReasons, StreamPosition
+from streamtrain.records.journal import JournalState
 from streamtrain.resume import progress_of
 from streamtrain.runstate import Outcome, RunState
 from streamtrain.stream import DatasetStream

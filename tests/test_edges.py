@@ -15,7 +15,6 @@ import pytest
 from faultproxy import FaultProxy
 from runs import SAMPLES, kb_by_level, make_config
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_FAILED_SAMPLES, EXIT_OK, main
 from streamtrain.config import ClientConfig, DatasetConfig, LayerConfig
 from streamtrain.errors import (
@@ -26,6 +25,7 @@ from streamtrain.errors import (
     KnowledgeBaseMismatch,
     ServerUnavailable,
 )
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 

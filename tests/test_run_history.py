@@ -10,11 +10,11 @@ import time
 import pytest
 from runs import SAMPLES, make_config, train_command
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ServerUnavailable
-from streamtrain.metrics import read_metrics
+from streamtrain.records.checkpoint import CheckpointStore
+from streamtrain.records.metrics import read_metrics
 from streamtrain.server import EmbeddedServer
 from streamtrain.server.launcher import free_port
 from streamtrain.trainer import train

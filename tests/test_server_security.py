@@ -31,10 +31,10 @@ from fastapi.testclient import TestClient
 from health import AnnouncingServer, health_while_a_request_waits_for_the_store
 from runs import make_config, train_command
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.client import KatoClient, kato
 from streamtrain.config import SERVER_TOKEN_ENV, LayerConfig, RunConfig
 from streamtrain.errors import ProtocolError
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer, create_app
 from streamtrain.server.app import DEFAULT_MAX_BATCH_ITEMS
 from streamtrain.server.cli import TOKEN_ENV

@@ -18,9 +18,9 @@ from runs import SAMPLES, kb_by_level, make_config, train_command
 from soak import SOAK
 from zygote import ForkedProcess, Zygote
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import ClientConfig, LayerConfig, RunConfig
 from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 

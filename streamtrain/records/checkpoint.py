@@ -35,12 +35,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import RunConfig
-from .datafiles import DatasetRecord
-from .disk import RUN_REMEDY, disk_error, is_storage_error
-from .errors import CheckpointError
-from .kbcheck import KnowledgeBaseRecord
-from .version import __version__
+from ..config import RunConfig
+from ..disk import RUN_REMEDY, disk_error, is_storage_error
+from ..errors import CheckpointError
+from ..version import __version__
+from .dataset import DatasetRecord
+from .knowledge_base import KnowledgeBaseRecord
 
 logger = logging.getLogger(__name__)
 
