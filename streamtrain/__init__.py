@@ -32,8 +32,8 @@ _LAZY = {
     "TrainResult": "results",
     "Checkpoint": "records.checkpoint",
     "CheckpointStore": "records.checkpoint",
-    "DatasetStream": "stream",
-    "get_tokenizer": "tokenization",
+    "DatasetStream": "data.stream",
+    "get_tokenizer": "data.tokenization",
     "KatoClient": "client",
     "NodeSession": "client.exactly_once",
     "EmbeddedServer": "server",
@@ -43,11 +43,11 @@ _LAZY = {
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
     from .client import KatoClient
     from .client.exactly_once import NodeSession
+    from .data.stream import DatasetStream
+    from .data.tokenization import get_tokenizer
     from .records.checkpoint import Checkpoint, CheckpointStore
     from .results import TrainResult
     from .server import EmbeddedServer
-    from .stream import DatasetStream
-    from .tokenization import get_tokenizer
     from .trainer import train, train_parallel
 
 

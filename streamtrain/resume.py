@@ -37,7 +37,9 @@ from typing import Any
 from . import indoubt
 from .client import KatoClient
 from .config import RunConfig, check_resume
-from .datafiles import check_dataset, describe_dataset
+from .data.datafiles import check_dataset, describe_dataset
+from .data.stream import DatasetStream
+from .data.textfilter import Reason
 from .errors import DataEndsEarly
 from .kbcheck import check_knowledge_base, next_record, read_knowledge_base
 from .records.checkpoint import Checkpoint, Counters, FailedSample
@@ -46,8 +48,6 @@ from .records.journal import JournalState, SampleRecord, read_journal
 from .records.knowledge_base import KnowledgeBaseRecord
 from .rundir import RunDir
 from .runstate import Outcome, RunState
-from .stream import DatasetStream
-from .textfilter import Reason
 
 logger = logging.getLogger(__name__)
 

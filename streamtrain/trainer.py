@@ -21,7 +21,9 @@ from .client import KatoClient
 from .client.outage import OutageTracker
 from .clock import SYSTEM, Clock
 from .config import ClientConfig, RunConfig
-from .datafiles import dataset_size
+from .data.datafiles import dataset_size
+from .data.stream import DatasetStream
+from .data.tokenization import get_tokenizer
 from .errors import (
     CheckpointError,
     DatasetError,
@@ -42,8 +44,6 @@ from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
-from .stream import DatasetStream
-from .tokenization import get_tokenizer
 from .version import __version__
 from .worker import Job, Worker, WorkerContext, plan_ahead
 

@@ -8,16 +8,19 @@ A layer is named by a package (``streamtrain.client``: every module under it) or
    reach neither httpx, tenacity nor a web framework (fastapi, starlette, uvicorn), nor the client side nor the
    server. Reading a checkpoint must not load an HTTP stack; importing each one in a fresh interpreter checks it
    too.
-2. **No module reads a name from a package it belongs to** (``from . import __version__``): the package's
+2. **The data side reads files, not a server.** Nothing under ``streamtrain.data`` (DATA: the stream, the text
+   filter, the tokenizers, the dataset's files) reaches the client side, the server, httpx, tenacity or a web
+   framework; it may read the records (a checkpoint holds the dataset's record).
+3. **No module reads a name from a package it belongs to** (``from . import __version__``): the package's
    ``__init__`` imports its modules, so that would import back through ``__init__``. ``from . import wire`` (a
    submodule) is fine. The version lives in ``version.py`` for this reason.
-3. **The server and the client side stay apart.** Nothing under ``streamtrain.server`` imports from the rest of
+4. **The server and the client side stay apart.** Nothing under ``streamtrain.server`` imports from the rest of
    streamtrain but the shared leaves (SHARED), plus ``errors`` in ``launcher.py`` (the trainer's handle on a
    server process raises the trainer's errors); never httpx or tenacity. Nothing under ``streamtrain.client``
    reaches the server or a web framework, except through SHARED. A shared module belongs to neither side: it
    imports neither.
-4. **No module imports another module's private name** (``_name``): what two modules share is public.
-5. **No import cycle**, lazy imports included (a package's ``__init__`` importing its modules is no cycle).
+5. **No module imports another module's private name** (``_name``): what two modules share is public.
+6. **No import cycle**, lazy imports included (a package's ``__init__`` importing its modules is no cycle).
 
 The trainer's modules (``trainer``, ``worker``, ``serverconn``, ``indoubt``, ...) sit on top and may import
 either side. A rule's failure names the chain of imports that breaks it; ``test_each_rule_fails_on_a_bad_import``
@@ -42,6 +45,7 @@ PACKAGE = Path(streamtrain.__file__).parent
 
 # A layer is a package (every module under it) or a module.
 RECORDS = ["streamtrain.records", "streamtrain.config"]
+DATA = ["streamtrain.data"]
 CLIENT = ["streamtrain.client"]
 SERVER = ["streamtrain.server"]
 # Imported by both sides (or meant to be): a new module that both must read goes here, if it imports neither side.
@@ -170,6 +174,17 @@ def records_violations(graph: Graph) -> list[str]:
     return out
 
 
+def data_violations(graph: Graph) -> list[str]:
+    bad = graph.layer(HTTP + WEB + CLIENT + SERVER)
+    out = []
+    for module in sorted(graph.layer(DATA)):
+        chain = graph.chain(module, bad)
+        if chain:
+            out.append(f"{module} is on the data side, which reads files, but imports {chain[-1]}: "
+                       f"{' -> '.join(chain)}")
+    return out
+
+
 def package_root_violations(graph: Graph) -> list[str]:
     out = []
     for module, imports in graph.imports.items():
@@ -239,7 +254,7 @@ def cycle_violations(graph: Graph) -> list[str]:
     return out
 
 
-RULES = {"records": records_violations, "package root": package_root_violations,
+RULES = {"records": records_violations, "data": data_violations, "package root": package_root_violations,
          "server and client": server_client_violations, "private names": private_name_violations,
          "cycles": cycle_violations}
 
@@ -256,11 +271,11 @@ def test_the_graph_is_read():
     assert "streamtrain.wire" in graph.edges("streamtrain.client.kato")                  # from .. import wire
     assert "streamtrain.client" in graph.loads("streamtrain.client.outage")              # its package's __init__
     assert "streamtrain.server.session_config" in graph.edges("streamtrain.server.session")  # absolute, a submodule
-    assert "datasets" in graph.edges("streamtrain.datafiles")                            # a lazy import
+    assert "datasets" in graph.edges("streamtrain.data.datafiles")                       # a lazy import
     assert "streamtrain.client" not in graph.edges("streamtrain.kbcheck")                # under TYPE_CHECKING
-    assert set(RECORDS + CLIENT + SERVER + SHARED) <= graph.imports.keys()
-    assert {"streamtrain.records.journal", "streamtrain.client.outage", "streamtrain.server.app"} <= graph.layer(
-        RECORDS + CLIENT + SERVER)
+    assert set(RECORDS + DATA + CLIENT + SERVER + SHARED) <= graph.imports.keys()
+    assert {"streamtrain.records.journal", "streamtrain.data.stream", "streamtrain.client.outage",
+            "streamtrain.server.app"} <= graph.layer(RECORDS + DATA + CLIENT + SERVER)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -269,7 +284,8 @@ def test_the_package_keeps_the_rule(rule):
 
 
 @pytest.mark.parametrize("module, absent", [
-    *[(m, HTTP + WEB + ["streamtrain.client", "streamtrain.server.app"]) for m in sorted(package_graph().layer(RECORDS))],
+    *[(m, HTTP + WEB + ["streamtrain.client", "streamtrain.server.app"])
+      for m in sorted(package_graph().layer(RECORDS + DATA))],
     ("streamtrain.client", WEB + ["streamtrain.server.app", "streamtrain.server.store"]),
     ("streamtrain.server.app", HTTP + ["streamtrain.client"]),
     # what a trainer needs to start its server pays for neither FastAPI, uvicorn, numpy nor the engine
@@ -295,6 +311,8 @@ def test_the_servers_lazy_names_still_resolve():
     ("records", "records/checkpoint.py", "from ..server import store\n"),
     ("records", "records/dataset.py", "import tenacity\n"),
     ("records", "config.py", "import httpx\n"),
+    ("data", "data/datafiles.py", "def later():\n    from ..client import KatoClient\n"),
+    ("data", "data/tokenization.py", "from ..server.defaults import DEFAULT_IDEMPOTENCY_TTL\n"),
     ("package root", "records/checkpoint.py", "from .. import __version__\n"),
     ("package root", "server/store.py", "from streamtrain.server import EmbeddedServer\n"),
     ("server and client", "server/store.py", "from streamtrain.errors import StreamtrainError\n"),

@@ -4,7 +4,7 @@
 * ``journal.py``: what the trainer did since the last checkpoint, one JSON line per step.
 * ``metrics.py``: the run's history, one JSON line per event (``metrics.jsonl``).
 * ``knowledge_base.py`` and ``dataset.py``: what a checkpoint records of the knowledge base and of the dataset's
-  files, checked on resume (by ``kbcheck.py`` and ``datafiles.py``, which read the server and the files).
+  files, checked on resume (by ``kbcheck.py`` and ``data/datafiles.py``, which read the server and the files).
 
 Nothing under this package reaches httpx, tenacity, the client side or the server (``tests/test_layering.py``):
 reading a checkpoint (``streamtrain inspect``, a notebook) loads no HTTP stack.

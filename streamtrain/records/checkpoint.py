@@ -77,7 +77,7 @@ class StreamPosition(_Record):
 
 
 class FilterReasons(_Record):
-    """Why records were filtered, one count per reason (``stream.py`` decides the reason). Added to schema 2
+    """Why records were filtered, one count per reason (``data/stream.py`` decides the reason). Added to schema 2
     later: a checkpoint without them reads as all zero, and its earlier filtered records stay unitemized."""
 
     missing: int = Field(0, ge=0, description="The text field is absent from the record, or null.")

@@ -1,7 +1,7 @@
 """The dataset's record in a checkpoint: the files of the run's split, in stream order, each fingerprinted.
 
-Resolving a config's files into one of these and comparing two of them is ``datafiles.py``'s (which says what a
-resume allows to change); this module is the format only.
+Resolving a config's files into one of these and comparing two of them is ``data/datafiles.py``'s (which says what
+a resume allows to change); this module is the format only.
 """
 
 from __future__ import annotations

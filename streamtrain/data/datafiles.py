@@ -18,9 +18,9 @@ import logging
 import os
 from typing import Any
 
-from .config import DatasetConfig
-from .errors import DatasetChanged, DatasetError
-from .records.dataset import DataFile, DatasetRecord
+from ..config import DatasetConfig
+from ..errors import DatasetChanged, DatasetError
+from ..records.dataset import DataFile, DatasetRecord
 
 logger = logging.getLogger(__name__)
 
