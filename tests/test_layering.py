@@ -22,8 +22,8 @@ A layer is named by a package (``streamtrain.client``: every module under it) or
 5. **No module imports another module's private name** (``_name``): what two modules share is public.
 6. **No import cycle**, lazy imports included (a package's ``__init__`` importing its modules is no cycle).
 
-The trainer's modules (``trainer``, ``worker``, ``serverconn``, ``indoubt``, ...) sit on top and may import
-either side. A rule's failure names the chain of imports that breaks it; ``test_each_rule_fails_on_a_bad_import``
+The trainer's modules (``trainer``, ``worker``, ``serverconn``, ``indoubt``, ...) sit on top and may import any
+layer. A rule's failure names the chain of imports that breaks it; ``test_each_rule_fails_on_a_bad_import``
 plants one bad import per rule in the package's source (as read, not on disk) and checks that the rule catches it.
 """
 
