@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
 from streamtrain.config import DatasetConfig, RunConfig
 
 

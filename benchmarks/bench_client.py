@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faultproxy import KINDS, FaultProxy  # noqa: E402
 
 from streamtrain.client import KatoClient  # noqa: E402
+from streamtrain.client.exactly_once import NodeSession  # noqa: E402
 from streamtrain.config import ClientConfig  # noqa: E402
 from streamtrain.server import EmbeddedServer  # noqa: E402
-from streamtrain.exactly_once import NodeSession  # noqa: E402
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 SETTINGS = ClientConfig(connect_timeout=1.0, read_timeout=0.5, outage_seconds=60, retry_max_attempts=500,

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamtrain.config import DatasetConfig
-from streamtrain.stream import DatasetStream
+from streamtrain.data.stream import DatasetStream
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven ravens watch from an old oak".split()
 

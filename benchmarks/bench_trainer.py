@@ -49,8 +49,8 @@ from streamtrain.config import ClientConfig, DatasetConfig, RunConfig  # noqa: E
 from streamtrain.demo import build_demo_corpus  # noqa: E402
 from streamtrain.hierarchy import plan_sample  # noqa: E402
 from streamtrain.server import EmbeddedServer  # noqa: E402
-from streamtrain.stream import DatasetStream  # noqa: E402
-from streamtrain.tokenization import get_tokenizer  # noqa: E402
+from streamtrain.data.stream import DatasetStream  # noqa: E402
+from streamtrain.data.tokenization import get_tokenizer  # noqa: E402
 from streamtrain.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

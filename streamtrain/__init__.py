@@ -30,24 +30,24 @@ _LAZY = {
     "train": "trainer",
     "train_parallel": "trainer",
     "TrainResult": "results",
-    "Checkpoint": "checkpoint",
-    "CheckpointStore": "checkpoint",
-    "DatasetStream": "stream",
-    "get_tokenizer": "tokenization",
+    "Checkpoint": "records.checkpoint",
+    "CheckpointStore": "records.checkpoint",
+    "DatasetStream": "data.stream",
+    "get_tokenizer": "data.tokenization",
     "KatoClient": "client",
-    "NodeSession": "exactly_once",
+    "NodeSession": "client.exactly_once",
     "EmbeddedServer": "server",
 }
 
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors (nothing is imported at run time)
-    from .checkpoint import Checkpoint, CheckpointStore
     from .client import KatoClient
-    from .exactly_once import NodeSession
+    from .client.exactly_once import NodeSession
+    from .data.stream import DatasetStream
+    from .data.tokenization import get_tokenizer
+    from .records.checkpoint import Checkpoint, CheckpointStore
     from .results import TrainResult
     from .server import EmbeddedServer
-    from .stream import DatasetStream
-    from .tokenization import get_tokenizer
     from .trainer import train, train_parallel
 
 

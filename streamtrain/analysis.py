@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointStore
 from .client import KatoClient
 from .config import RunConfig, leaves, resume_differences, resume_policy
 from .errors import ProtocolError
 from .patterns import PREFIX, strip_prefix
+from .records.checkpoint import Checkpoint, CheckpointStore
 from .serverconn import Connection, connect
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ __all__ = [
 
 def prompt_tokens(config: RunConfig, text: str) -> list[str]:
     """``text`` cut into tokens by the run's tokenizer (the same cut as training)."""
-    from .tokenization import get_tokenizer
+    from .data.tokenization import get_tokenizer
 
     return list(get_tokenizer(config.tokenizer)(text))
 
@@ -71,7 +71,7 @@ def tokens_to_text(tokens: Sequence[str], tokenizer: Any = "words") -> str:
         return "".join(tokens)
     spec = tokenizer.get("hf") if isinstance(tokenizer, dict) else getattr(tokenizer, "hf", None)
     if isinstance(spec, str):
-        from .tokenization import hf_decode, load_hf
+        from .data.tokenization import hf_decode, load_hf
 
         return hf_decode(load_hf(spec), list(tokens))
     out: list[str] = []

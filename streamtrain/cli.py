@@ -234,8 +234,8 @@ def _reasons_line(count: int, reasons: Any) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointStore
     from .demo import DEMO_CONFIG, build_demo_corpus
+    from .records.checkpoint import CheckpointStore
 
     paths = build_demo_corpus()
     print(f"demo corpus: {len(paths)} Parquet shards in {paths[0].parent}")
@@ -269,7 +269,7 @@ def _own_command() -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointStore
+    from .records.checkpoint import CheckpointStore
 
     path: Path = args.path
     if path.is_file():
@@ -288,7 +288,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_run(run_dir: Path, as_json: bool) -> int:
-    from .checkpoint import CheckpointStore
+    from .records.checkpoint import CheckpointStore
 
     store = CheckpointStore(run_dir)
     entries = store.entries()
@@ -326,7 +326,7 @@ def _inspect_run(run_dir: Path, as_json: bool) -> int:
 
 def _describe_history(run_dir: Path) -> str:
     """One line per call of the run, from metrics.jsonl (every call, crashes included)."""
-    from .metrics import read_metrics
+    from .records.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     if not rows:

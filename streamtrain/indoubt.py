@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import StepsInDoubt
-from .journal import SampleRecord, read_journal
+from .records.journal import SampleRecord, read_journal
 from .server.defaults import DEFAULT_IDEMPOTENCY_TTL
 from .wire import ServiceInfo
 

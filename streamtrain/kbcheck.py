@@ -17,7 +17,7 @@ back when it changed: docs/trainer.md, "The knowledge base changes during a call
 Every comparison is "at least", never "equal": samples in flight at the checkpoint and other clients learning on
 the same nodes only add, so they never cause a false refusal. Reading (``read_knowledge_base``) and comparing
 (``knowledge_base_problems``, records in, problems out) are apart, so one reading serves both the comparison and the
-next record (``next_record``).
+next record (``next_record``). The record itself, as a checkpoint holds it, is ``records/knowledge_base.py``.
 """
 
 from __future__ import annotations
@@ -26,39 +26,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from .errors import KnowledgeBaseMismatch
+from .records.knowledge_base import KnowledgeBaseRecord, NodeTotals, Probe
 
-if TYPE_CHECKING:  # the record is part of the checkpoint format, which must load no HTTP (tests/test_layering.py)
+if TYPE_CHECKING:  # for the annotations only: the caller brings the client
     from .client import KatoClient
 
 logger = logging.getLogger(__name__)
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class NodeTotals(_Record):
-    node_id: str
-    patterns: int = Field(ge=0)
-    total_frequency: int = Field(ge=0)
-
-
-class Probe(_Record):
-    level: int = Field(ge=0)
-    node_id: str
-    name: str
-    frequency: int = Field(ge=1)
-
-
-class KnowledgeBaseRecord(_Record):
-    """What the run's KB held at least when a checkpoint was written."""
-
-    database_id: str | None = Field(None, description="The embedded server's id of its database file.")
-    nodes: list[NodeTotals] = Field(default_factory=list, description="Embedded server: totals per node.")
-    probes: list[Probe] = Field(default_factory=list, description="Patterns this run learned (any server).")
 
 
 class Learned(NamedTuple):

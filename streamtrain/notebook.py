@@ -152,7 +152,7 @@ def with_changes(config: RunConfig, **changes: Any) -> RunConfig:
 
 def has_run(config: RunConfig) -> bool:
     """Whether the run's folder holds at least one checkpoint file."""
-    from .checkpoint import CheckpointStore
+    from .records.checkpoint import CheckpointStore
 
     return bool(CheckpointStore(config.run_dir).paths())
 
@@ -174,7 +174,7 @@ def ensure_run(config: RunConfig, stops: Sequence[int] = (40, 80), workers: Sequ
 
 def latest_config(config: RunConfig) -> RunConfig:
     """The config the run was last trained with (from its newest valid checkpoint), or ``config`` itself."""
-    from .checkpoint import CheckpointStore
+    from .records.checkpoint import CheckpointStore
 
     found = CheckpointStore(config.run_dir).latest()
     return found.config if found is not None else config
@@ -199,7 +199,7 @@ class Interrupter:
         import signal
         import time
 
-        from .checkpoint import CheckpointStore
+        from .records.checkpoint import CheckpointStore
 
         store = CheckpointStore(self.config.run_dir)
         seen = {seq for seq, _ in store.paths()}
@@ -356,7 +356,7 @@ def plot_frequency_distribution(distribution: Sequence[Mapping[str, Any]], ax: A
 def metrics_frame(config: RunConfig) -> pd.DataFrame:
     """Every row of the run's ``metrics.jsonl``: one per interval and per event (start, resume, checkpoint,
     interrupt, error, end), across every call of the run, crashes included."""
-    from .metrics import read_metrics
+    from .records.metrics import read_metrics
 
     rows = [r.model_dump() for r in read_metrics(config.run_dir)]
     return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .checkpoint import FailedSample, FilterReasons
+from .records.checkpoint import FailedSample, FilterReasons
 
 
 class ProgressPoint(BaseModel):

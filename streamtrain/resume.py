@@ -35,17 +35,19 @@ from types import MappingProxyType
 from typing import Any
 
 from . import indoubt
-from .checkpoint import Checkpoint, Counters, FailedSample
 from .client import KatoClient
 from .config import RunConfig, check_resume
-from .datafiles import DatasetRecord, check_dataset, describe_dataset
+from .data.datafiles import check_dataset, describe_dataset
+from .data.stream import DatasetStream
+from .data.textfilter import Reason
 from .errors import DataEndsEarly
-from .journal import JournalState, SampleRecord, read_journal
-from .kbcheck import KnowledgeBaseRecord, check_knowledge_base, next_record, read_knowledge_base
+from .kbcheck import check_knowledge_base, next_record, read_knowledge_base
+from .records.checkpoint import Checkpoint, Counters, FailedSample
+from .records.dataset import DatasetRecord
+from .records.journal import JournalState, SampleRecord, read_journal
+from .records.knowledge_base import KnowledgeBaseRecord
 from .rundir import RunDir
 from .runstate import Outcome, RunState
-from .stream import DatasetStream
-from .textfilter import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,8 @@ def first_step(steps: int, recovery: SampleRecord | None, retry: FailedSample | 
     k, steps before k took effect and steps after it were never sent. Step k itself: phase ``observe`` means its
     learn was never sent (send it); ``keyed``, ``batch`` and ``batches`` are replayed under their idempotency key
     (the server answers from its record if it took effect); ``learn`` and ``counted`` are decided by asking the
-    server (``took_effect(k)``: the recorded session's short-term memory or observation counter, ``exactly_once.py``).
+    server (``took_effect(k)``: the recorded session's short-term memory or observation counter,
+    ``client/exactly_once.py``).
     The journal's argument in full: docs/trainer.md ("The journal")."""
     if recovery is not None and recovery.last_step is not None:
         k = recovery.last_step

@@ -1,7 +1,8 @@
 """The run folder's one owner: what lives in ``<checkpoint_dir>/<run_name>/`` and how it is moved aside.
 
-    ckpt-NNNNNNNN.json   checkpoints (checkpoint.py), the newest ``keep_checkpoints`` kept
-    journal.jsonl        what the trainer did since the last checkpoint (journal.py)
+    ckpt-NNNNNNNN.json   checkpoints (records/checkpoint.py), the newest ``keep_checkpoints`` kept
+    journal.jsonl        what the trainer did since the last checkpoint (records/journal.py)
+    metrics.jsonl        the run's history, one row per event (records/metrics.py)
     kb.sqlite3           the embedded server's knowledge base (with -wal/-shm while it runs)
     server.log           the embedded server's log
     .lock                held by the one process that trains the run
@@ -14,10 +15,10 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoint import CheckpointStore
 from .errors import CheckpointError, StreamtrainError
-from .journal import FILENAME as JOURNAL_FILENAME
-from .journal import read_journal
+from .records.checkpoint import CheckpointStore
+from .records.journal import FILENAME as JOURNAL_FILENAME
+from .records.journal import read_journal
 
 logger = logging.getLogger(__name__)
 

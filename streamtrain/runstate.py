@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Counters, FailedSample, StreamPosition
 from .errors import TooManyFailures
+from .records.checkpoint import Counters, FailedSample, StreamPosition
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Any
 
 from . import indoubt
 from .client import KatoClient
+from .client.outage import OutageTracker
 from .config import ClientConfig, RunConfig
 from .errors import ServerError, ServerUnavailable, StreamtrainError
-from .outage import OutageTracker
 from .wire import ServiceInfo
 
 logger = logging.getLogger(__name__)

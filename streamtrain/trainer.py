@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from .checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
 from .client import KatoClient
+from .client.outage import OutageTracker
 from .clock import SYSTEM, Clock
 from .config import ClientConfig, RunConfig
-from .datafiles import dataset_size
+from .data.datafiles import dataset_size
+from .data.stream import DatasetStream
+from .data.tokenization import get_tokenizer
 from .errors import (
     CheckpointError,
     DatasetError,
@@ -31,24 +33,17 @@ from .errors import (
     StreamtrainError,
 )
 from .gcfreeze import frozen_heap
-from .journal import Journal
-from .kbcheck import (
-    KnowledgeBaseRecord,
-    Learned,
-    knowledge_base_problems,
-    next_record,
-    read_knowledge_base,
-)
-from .metrics import Event, MetricsLog
-from .outage import OutageTracker
+from .kbcheck import Learned, knowledge_base_problems, next_record, read_knowledge_base
+from .records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, ServerInfo, StreamPosition
+from .records.journal import Journal
+from .records.knowledge_base import KnowledgeBaseRecord
+from .records.metrics import Event, MetricsLog
 from .results import ProgressPoint, TrainResult
 from .resume import KeptCheckpoint, ResumePlan, journal_to_keep, open_stream, plan_resume
 from .rundir import RunDir
 from .runstate import Outcome, RunState
 from .serverconn import run_server, token_for, wait_for_server
 from .signals import StopSignals
-from .stream import DatasetStream
-from .tokenization import get_tokenizer
 from .version import __version__
 from .worker import Job, Worker, WorkerContext, plan_ahead
 

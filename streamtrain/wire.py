@@ -1,7 +1,7 @@
 """What goes over the wire: every request body and answer of KATO's API and of the embedded server's extensions.
 
-The client (``client.py``, ``extensions.py``) and the embedded server (``server/``) both import this module; it
-holds pydantic models and plain functions, no HTTP library. What a request may carry is in ``limits.py``.
+The client side (``client/``) and the embedded server (``server/``) both import this module; it holds pydantic
+models and plain functions, no HTTP library. What a request may carry is in ``limits.py``.
 
 * **Request bodies** are pydantic models (``LearnBatches``, ``ObservationSequence``, ...). The embedded server
   validates every body with them; the client builds the same body as plain dicts with the function next to each

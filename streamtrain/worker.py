@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from .checkpoint import FailedSample
 from .client import KatoClient
+from .client.exactly_once import NodeSession, unit_took_effect
+from .client.outage import OutageTracker
 from .config import LayerConfig, RunConfig
 from .errors import ProtocolError
-from .exactly_once import NodeSession, unit_took_effect
 from .hierarchy import Step, part_key, plan_sample, sample_key, step_key
 from .indoubt import SESSION_TTL_SECONDS
-from .journal import Journal, SampleRecord
 from .limits import TRAINER_MAX_BYTES, TRAINER_MAX_ITEMS
-from .outage import OutageTracker
+from .records.checkpoint import FailedSample
+from .records.journal import Journal, SampleRecord
 from .resume import first_step
 from .runstate import Outcome
 

@@ -11,8 +11,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
 from streamtrain.config import DatasetConfig, RunConfig
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
 
 
 def main() -> None:

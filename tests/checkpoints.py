@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from streamtrain.checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
 from streamtrain.config import DatasetConfig, RunConfig
+from streamtrain.records.checkpoint import Checkpoint, Counters, FailedSample, StreamPosition
 
 
 def make_ckpt(seq: int, run_name: str = "run1", **kw) -> Checkpoint:

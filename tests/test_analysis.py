@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from streamtrain import analysis
-from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, StreamPosition
 from streamtrain.client import KatoClient
 from streamtrain.config import DatasetConfig, LayerConfig, RunConfig
 from streamtrain.errors import ServerUnavailable
 from streamtrain.patterns import pattern_name
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, StreamPosition
 from streamtrain.server import EmbeddedServer
 
 SENTENCES = [

@@ -18,11 +18,11 @@ import pytest
 from soak import SOAK
 
 from checkpoints import make_ckpt
-from streamtrain.checkpoint import (
+from streamtrain.errors import CheckpointError
+from streamtrain.records.checkpoint import (
     CheckpointStore,
     FailedSample,
 )
-from streamtrain.errors import CheckpointError
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_corrupt_newest_falls_back_with_warning(store: CheckpointStore, caplog: 
     store.save(make_ckpt(2))
     newest = store.save(make_ckpt(3))
     newest.write_bytes(newest.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="streamtrain.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="streamtrain.records.checkpoint"):
         ckpt, path = store.latest_with_path()
     assert ckpt.sequence == 2 and path.name == "ckpt-00000002.json"
     assert str(newest) in caplog.text
@@ -201,7 +201,7 @@ def test_write_past_the_file_size_limit_leaves_previous_checkpoint(store: Checkp
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
         from pathlib import Path
-        from streamtrain.checkpoint import Checkpoint, CheckpointStore
+        from streamtrain.records.checkpoint import Checkpoint, CheckpointStore
         from streamtrain.errors import CheckpointError
         ckpt = Checkpoint.model_validate_json(Path({str(payload)!r}).read_text())
         store = CheckpointStore({str(store.run_dir)!r}, keep=3)
@@ -280,7 +280,7 @@ def test_second_writer_is_refused(store: CheckpointStore, tmp_path: Path) -> Non
             with CheckpointStore(store.run_dir).lock():
                 pass
         code = (
-            "import sys\nfrom streamtrain.checkpoint import CheckpointStore\n"
+            "import sys\nfrom streamtrain.records.checkpoint import CheckpointStore\n"
             "try:\n    CheckpointStore(sys.argv[1]).lock().__enter__()\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n"
         )

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from checkpoints import make_ckpt  # tests/ is on sys.path (rootdir conftest)
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import main
+from streamtrain.records.checkpoint import CheckpointStore
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

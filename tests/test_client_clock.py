@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from streamtrain.client import KatoClient
+from streamtrain.client.outage import OutageTracker
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ServerUnavailable
-from streamtrain.outage import OutageTracker
 
 
 class Clock:

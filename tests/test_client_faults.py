@@ -22,8 +22,8 @@ from faultproxy import KINDS, FaultProxy
 from soak import SOAK
 
 from streamtrain.client import KatoClient
+from streamtrain.client.exactly_once import NodeSession, unit_took_effect
 from streamtrain.errors import ConfigRejected, ServerUnavailable
-from streamtrain.exactly_once import NodeSession, unit_took_effect
 from streamtrain.patterns import pattern_name
 from streamtrain.server import EmbeddedServer, create_app
 

@@ -14,13 +14,13 @@ from budgets import FAST
 from fastapi.testclient import TestClient
 
 from streamtrain.client import KatoClient
+from streamtrain.client.exactly_once import NodeSession
 from streamtrain.errors import (
     ConfigError,
     KeyAlreadyUsed,
     ProtocolError,
     SessionNotFound,
 )
-from streamtrain.exactly_once import NodeSession
 from streamtrain.patterns import pattern_name
 from streamtrain.server import create_app
 

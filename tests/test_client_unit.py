@@ -16,6 +16,9 @@ import pytest
 from budgets import FAST
 
 from streamtrain.client import KatoClient
+from streamtrain.client.exactly_once import NodeSession, unit_took_effect
+from streamtrain.client.outage import OutageTracker
+from streamtrain.client.retry import Transient, is_retryable, parse_retry_after
 from streamtrain.config import ClientConfig
 from streamtrain.errors import (
     AmbiguousEffect,
@@ -28,10 +31,7 @@ from streamtrain.errors import (
     SessionLost,
     SessionNotFound,
 )
-from streamtrain.exactly_once import NodeSession, unit_took_effect
-from streamtrain.outage import OutageTracker
 from streamtrain.patterns import pattern_hash, pattern_name
-from streamtrain.retry import Transient, is_retryable, parse_retry_after
 
 URL = "http://kato.test"
 UNIT = [["the"], ["quick"], ["brown"], ["fox"]]

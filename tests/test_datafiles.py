@@ -1,4 +1,4 @@
-"""The dataset's identity (streamtrain/datafiles.py), pure: ``dataset_changes`` compares two descriptions of a run's
+"""The dataset's identity (streamtrain/data/datafiles.py), pure: ``dataset_changes`` compares two descriptions of a run's
 files. Allowed: new files after every file the run has seen, and a folder moved as a whole. Refused, each change
 named: a file added before or between the old ones, removed, changed, or the same files in another order."""
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamtrain.datafiles import DataFile, DatasetRecord, dataset_changes
+from streamtrain.data.datafiles import dataset_changes
+from streamtrain.records.dataset import DataFile, DatasetRecord
 
 
 def local(folder: str, name: str, content: str) -> DataFile:
@@ -31,7 +32,7 @@ def test_the_same_files_resume():
 
 def test_files_after_the_old_ones_resume_and_are_logged(caplog):
     new = record("/data", [("a.parquet", "A"), ("b.parquet", "B"), ("c.parquet", "C"), ("d.parquet", "D")])
-    with caplog.at_level(logging.INFO, logger="streamtrain.datafiles"):
+    with caplog.at_level(logging.INFO, logger="streamtrain.data.datafiles"):
         assert dataset_changes(OLD, new) == []
     assert "1 new file(s) after the ones the run has seen: ['/data/d.parquet']" in caplog.text
 

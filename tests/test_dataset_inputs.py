@@ -19,16 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 from runs import train_command
 
-from streamtrain.checkpoint import Checkpoint, CheckpointStore, Counters, FilterReasons, StreamPosition
 from streamtrain.cli import main
 from streamtrain.config import DatasetConfig, RunConfig
+from streamtrain.data.readerror import find_bad_record
+from streamtrain.data.stream import DatasetStream
+from streamtrain.data.textfilter import FIRST_RECORDS, FirstRecords, TextFilter, decode_bytes, field_value
 from streamtrain.errors import DatasetError
-from streamtrain.journal import JournalState
-from streamtrain.readerror import find_bad_record
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FilterReasons, StreamPosition
+from streamtrain.records.journal import JournalState
 from streamtrain.resume import progress_of
 from streamtrain.runstate import Outcome, RunState
-from streamtrain.stream import DatasetStream
-from streamtrain.textfilter import FIRST_RECORDS, FirstRecords, TextFilter, decode_bytes, field_value
 
 LAYERS = [{"chunk_size": 4}, {"chunk_size": 2}]
 

@@ -15,7 +15,6 @@ import pytest
 from faultproxy import FaultProxy
 from runs import SAMPLES, kb_by_level, make_config
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_FAILED_SAMPLES, EXIT_OK, main
 from streamtrain.config import ClientConfig, DatasetConfig, LayerConfig
 from streamtrain.errors import (
@@ -26,6 +25,7 @@ from streamtrain.errors import (
     KnowledgeBaseMismatch,
     ServerUnavailable,
 )
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 
@@ -296,8 +296,8 @@ def test_a_record_bigger_than_the_request_limit_is_split(limit, tmp_path):
     """A record far over what the server takes in one request (items, or bytes): sent in keyed parts that each
     fit, so the server refuses none of them (its access log shows no 413: a part cut by halving after a refusal
     would show one), and learned whole. (A 14.4 MB record measured the same way peaks at 781 MiB: README.)"""
+    from streamtrain.data.tokenization import get_tokenizer
     from streamtrain.hierarchy import plan_sample
-    from streamtrain.tokenization import get_tokenizer
 
     layers, server_limit = BIG_RECORD_LIMITS[limit]
     text = " ".join(f"w{i % 5000}x{i % 7}" for i in range(120_000))

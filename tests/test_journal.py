@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamtrain.errors import JournalDamaged
-from streamtrain.journal import FILENAME, Journal, read_journal
+from streamtrain.records.journal import FILENAME, Journal, read_journal
 
 HEADER = {"run_name": "r", "config": {"run_name": "r"}}
 
@@ -119,7 +119,7 @@ def test_a_write_that_fails_halfway_leaves_only_whole_lines(tmp_path: Path) -> N
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
         from streamtrain.errors import CheckpointError
-        from streamtrain.journal import Journal
+        from streamtrain.records.journal import Journal
         j = Journal({str(tmp_path)!r}, {HEADER!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
         try:

@@ -22,11 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from runs import kb_by_level, make_config, train_command
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
 from streamtrain.config import ClientConfig, RunConfig
-from streamtrain.journal import FILENAME, Journal, read_journal
-from streamtrain.kbcheck import KnowledgeBaseRecord, Learned, NodeTotals, Probe, knowledge_base_problems, next_record
+from streamtrain.kbcheck import Learned, knowledge_base_problems, next_record
+from streamtrain.records.checkpoint import CheckpointStore
+from streamtrain.records.journal import FILENAME, Journal, read_journal
+from streamtrain.records.knowledge_base import KnowledgeBaseRecord, NodeTotals, Probe
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train
 

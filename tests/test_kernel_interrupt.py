@@ -17,7 +17,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 from runs import SAMPLES
 
-from streamtrain.checkpoint import CheckpointStore
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 
 TESTS = Path(__file__).resolve().parent

@@ -1,24 +1,29 @@
 """The package's layers, read from its imports: ``ast`` over ``streamtrain/``, where an import inside a function (a
-lazy one) counts and one under ``if TYPE_CHECKING:`` does not (it loads nothing). The rules:
+lazy one) counts and one under ``if TYPE_CHECKING:`` does not (it loads nothing). Importing a module of a
+subpackage runs the subpackage's ``__init__`` first, so a module loads what its packages' ``__init__`` import too.
+A layer is named by a package (``streamtrain.client``: every module under it) or by a module. The rules:
 
-1. **Persisted records import no HTTP.** The modules whose models are written to disk (RECORDS: ``checkpoint``,
-   ``journal``, ``metrics``, ``kbcheck``: the knowledge base's record, ``datafiles``: the dataset's record,
-   ``config``: the run config a checkpoint holds), and everything they import, reach neither httpx, tenacity nor a
-   web framework (fastapi, starlette, uvicorn), nor the client side nor the server. Reading a checkpoint must not
-   load an HTTP stack; importing each one in a fresh interpreter checks it too.
-2. **No module reads a name from a package it belongs to** (``from . import __version__``): the package's
+1. **Persisted records import no HTTP.** The formats written to disk that a resume reads (RECORDS: everything
+   under ``streamtrain.records``, and ``config``: the run config a checkpoint holds), and everything they import,
+   reach neither httpx, tenacity nor a web framework (fastapi, starlette, uvicorn), nor the client side nor the
+   server. Reading a checkpoint must not load an HTTP stack; importing each one in a fresh interpreter checks it
+   too.
+2. **The data side reads files, not a server.** Nothing under ``streamtrain.data`` (DATA: the stream, the text
+   filter, the tokenizers, the dataset's files) reaches the client side, the server, httpx, tenacity or a web
+   framework; it may read the records (a checkpoint holds the dataset's record).
+3. **No module reads a name from a package it belongs to** (``from . import __version__``): the package's
    ``__init__`` imports its modules, so that would import back through ``__init__``. ``from . import wire`` (a
    submodule) is fine. The version lives in ``version.py`` for this reason.
-3. **The server and the client side stay apart.** The embedded server (``streamtrain/server/``) imports from the
-   rest of streamtrain only the shared leaves (SHARED), plus ``errors`` in ``launcher.py`` (the trainer's handle on
-   a server process raises the trainer's errors); never httpx or tenacity. The client side (CLIENT: the modules
-   that talk to a server) imports nothing of the server and no web framework, except through SHARED. A shared
-   module belongs to neither side: it imports neither.
-4. **No module imports another module's private name** (``_name``): what two modules share is public.
-5. **No import cycle**, lazy imports included.
+4. **The server and the client side stay apart.** Nothing under ``streamtrain.server`` imports from the rest of
+   streamtrain but the shared leaves (SHARED), plus ``errors`` in ``launcher.py`` (the trainer's handle on a
+   server process raises the trainer's errors); never httpx or tenacity. Nothing under ``streamtrain.client``
+   reaches the server or a web framework, except through SHARED. A shared module belongs to neither side: it
+   imports neither.
+5. **No module imports another module's private name** (``_name``): what two modules share is public.
+6. **No import cycle**, lazy imports included (a package's ``__init__`` importing its modules is no cycle).
 
-The trainer's modules (``trainer``, ``worker``, ``serverconn``, ``indoubt``, ...) sit on top and may import
-either side. A rule's failure names the chain of imports that breaks it; ``test_each_rule_fails_on_a_bad_import``
+The trainer's modules (``trainer``, ``worker``, ``serverconn``, ``indoubt``, ...) sit on top and may import any
+layer. A rule's failure names the chain of imports that breaks it; ``test_each_rule_fails_on_a_bad_import``
 plants one bad import per rule in the package's source (as read, not on disk) and checks that the rule catches it.
 """
 
@@ -38,10 +43,11 @@ import streamtrain
 
 PACKAGE = Path(streamtrain.__file__).parent
 
-RECORDS = ["streamtrain.checkpoint", "streamtrain.journal", "streamtrain.metrics", "streamtrain.kbcheck",
-           "streamtrain.datafiles", "streamtrain.config"]
-CLIENT = ["streamtrain.client", "streamtrain.extensions", "streamtrain.retry", "streamtrain.tls",
-          "streamtrain.exactly_once"]
+# A layer is a package (every module under it) or a module.
+RECORDS = ["streamtrain.records", "streamtrain.config"]
+DATA = ["streamtrain.data"]
+CLIENT = ["streamtrain.client"]
+SERVER = ["streamtrain.server"]
 # Imported by both sides (or meant to be): a new module that both must read goes here, if it imports neither side.
 SHARED = ["streamtrain.disk", "streamtrain.jsonbytes", "streamtrain.limits", "streamtrain.patterns", "streamtrain.wire"]
 SERVER_ALSO = {"streamtrain.server.launcher": ["streamtrain.errors"]}
@@ -69,8 +75,20 @@ class Graph:
             out.update(f"{imp.target}.{n}" for n in imp.names if f"{imp.target}.{n}" in self.imports)
         return out - {module}
 
+    def loads(self, module: str) -> set[str]:
+        """What importing ``module`` loads first: its imports and the packages it is in (their ``__init__`` runs
+        before it)."""
+        parts = module.split(".")
+        return self.edges(module) | {".".join(parts[:i]) for i in range(1, len(parts))} & self.packages
+
+    def layer(self, names: list[str]) -> set[str]:
+        """The modules ``names`` name: each a module, a package and every module under it, or a third party's
+        top-level name."""
+        return set(names) | {m for m in self.imports if any(within(m, n) for n in names)}
+
     def chain(self, start: str, bad: set[str]) -> list[str] | None:
-        """The shortest chain of imports from ``start`` to a module (or top-level name) in ``bad``, else None."""
+        """The shortest chain of loads (``loads``) from ``start`` to a module (or top-level name) in ``bad``, else
+        None."""
         came: dict[str, str | None] = {start: None}
         todo = deque([start])
         while todo:
@@ -80,7 +98,7 @@ class Graph:
                 while (prev := came[path[-1]]) is not None:
                     path.append(prev)
                 return path[::-1]
-            for nxt in sorted(self.edges(node)):
+            for nxt in sorted(self.loads(node)):
                 if nxt not in came:
                     came[nxt] = node
                     todo.append(nxt)
@@ -139,19 +157,31 @@ def package_graph() -> Graph:
     return read_graph(PACKAGE)
 
 
-def _server(module: str) -> bool:
-    return module == "streamtrain.server" or module.startswith("streamtrain.server.")
+def within(module: str, name: str) -> bool:
+    """``module`` is ``name`` or is under the package ``name``."""
+    return module == name or module.startswith(name + ".")
 
 
 # -- the rules: each returns its violations, one line each ------------------------------------------------------------
 
 def records_violations(graph: Graph) -> list[str]:
-    bad = set(HTTP + WEB + CLIENT) | {m for m in graph.imports if _server(m)}
+    bad = graph.layer(HTTP + WEB + CLIENT + SERVER)
     out = []
-    for record in RECORDS:
+    for record in sorted(graph.layer(RECORDS)):
         chain = graph.chain(record, bad)
         if chain:
             out.append(f"{record} is a persisted record but imports {chain[-1]}: {' -> '.join(chain)}")
+    return out
+
+
+def data_violations(graph: Graph) -> list[str]:
+    bad = graph.layer(HTTP + WEB + CLIENT + SERVER)
+    out = []
+    for module in sorted(graph.layer(DATA)):
+        chain = graph.chain(module, bad)
+        if chain:
+            out.append(f"{module} is on the data side, which reads files, but imports {chain[-1]}: "
+                       f"{' -> '.join(chain)}")
     return out
 
 
@@ -172,25 +202,24 @@ def package_root_violations(graph: Graph) -> list[str]:
 
 def server_client_violations(graph: Graph) -> list[str]:
     out = []
-    for module, imports in graph.imports.items():
-        if not _server(module):
-            continue
+    server = graph.layer(SERVER)
+    for module in sorted(server):
         allowed = set(SHARED) | set(SERVER_ALSO.get(module, []))
-        for imp in imports:
-            if imp.target in HTTP or (imp.target.startswith("streamtrain") and not _server(imp.target)
+        for imp in graph.imports[module]:
+            if imp.target in HTTP or (within(imp.target, "streamtrain") and imp.target not in server
                                       and imp.target != "streamtrain" and imp.target not in allowed):
                 out.append(f"the server's {module} (line {imp.line}) imports {imp.target}: the server imports only "
                            f"the shared leaves of the rest ({', '.join(SHARED)}) and no HTTP client")
             elif imp.target == "streamtrain" and not all(f"streamtrain.{n}" in allowed for n in imp.names):
                 out.append(f"the server's {module} (line {imp.line}) imports {', '.join(imp.names)} of streamtrain: "
                            f"the server imports only the shared leaves of the rest ({', '.join(SHARED)})")
-    server_and_web = {m for m in graph.imports if _server(m)} | set(WEB)
-    for module in CLIENT:
+    server_and_web = server | set(WEB)
+    for module in sorted(graph.layer(CLIENT)):
         chain = graph.chain(module, server_and_web - set(SHARED))
         if chain:
             out.append(f"the client side's {module} imports {chain[-1]}: {' -> '.join(chain)} (only SHARED modules "
                        "are both sides')")
-    either = server_and_web | set(CLIENT) | set(HTTP)
+    either = server_and_web | graph.layer(CLIENT) | set(HTTP)
     for module in SHARED:
         chain = graph.chain(module, either)
         if chain:
@@ -225,7 +254,7 @@ def cycle_violations(graph: Graph) -> list[str]:
     return out
 
 
-RULES = {"records": records_violations, "package root": package_root_violations,
+RULES = {"records": records_violations, "data": data_violations, "package root": package_root_violations,
          "server and client": server_client_violations, "private names": private_name_violations,
          "cycles": cycle_violations}
 
@@ -236,13 +265,17 @@ def test_the_graph_is_read():
     """The rules below pass on something real: known imports of each kind are in the graph, and a type-only one
     is not."""
     graph = package_graph()
-    assert {"streamtrain.config", "streamtrain.kbcheck", "pydantic"} <= graph.edges("streamtrain.checkpoint")
-    assert "httpx" in graph.edges("streamtrain.client")                                  # another package
-    assert "streamtrain.wire" in graph.edges("streamtrain.client")                       # from . import wire
+    assert {"streamtrain.config", "streamtrain.records.knowledge_base", "pydantic"} <= graph.edges(
+        "streamtrain.records.checkpoint")
+    assert "httpx" in graph.edges("streamtrain.client.kato")                             # another package
+    assert "streamtrain.wire" in graph.edges("streamtrain.client.kato")                  # from .. import wire
+    assert "streamtrain.client" in graph.loads("streamtrain.client.outage")              # its package's __init__
     assert "streamtrain.server.session_config" in graph.edges("streamtrain.server.session")  # absolute, a submodule
-    assert "datasets" in graph.edges("streamtrain.datafiles")                            # a lazy import
+    assert "datasets" in graph.edges("streamtrain.data.datafiles")                       # a lazy import
     assert "streamtrain.client" not in graph.edges("streamtrain.kbcheck")                # under TYPE_CHECKING
-    assert set(RECORDS + CLIENT + SHARED) <= graph.imports.keys() and "streamtrain.server.app" in graph.imports
+    assert set(RECORDS + DATA + CLIENT + SERVER + SHARED) <= graph.imports.keys()
+    assert {"streamtrain.records.journal", "streamtrain.data.stream", "streamtrain.client.outage",
+            "streamtrain.server.app"} <= graph.layer(RECORDS + DATA + CLIENT + SERVER)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -251,7 +284,8 @@ def test_the_package_keeps_the_rule(rule):
 
 
 @pytest.mark.parametrize("module, absent", [
-    *[(m, HTTP + WEB + ["streamtrain.client", "streamtrain.server.app"]) for m in RECORDS],
+    *[(m, HTTP + WEB + ["streamtrain.client", "streamtrain.server.app"])
+      for m in sorted(package_graph().layer(RECORDS + DATA))],
     ("streamtrain.client", WEB + ["streamtrain.server.app", "streamtrain.server.store"]),
     ("streamtrain.server.app", HTTP + ["streamtrain.client"]),
     # what a trainer needs to start its server pays for neither FastAPI, uvicorn, numpy nor the engine
@@ -273,18 +307,22 @@ def test_the_servers_lazy_names_still_resolve():
 # -- and each rule can fail --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rule, file, bad", [
-    ("records", "journal.py", "def later():\n    from .client import KatoClient\n"),                # lazy counts
-    ("records", "checkpoint.py", "from .server import store\n"),
-    ("records", "datafiles.py", "import tenacity\n"),
-    ("package root", "checkpoint.py", "from . import __version__\n"),
+    ("records", "records/journal.py", "def later():\n    from ..client import KatoClient\n"),     # lazy counts
+    ("records", "records/checkpoint.py", "from ..server import store\n"),
+    ("records", "records/dataset.py", "import tenacity\n"),
+    ("records", "config.py", "import httpx\n"),
+    ("data", "data/datafiles.py", "def later():\n    from ..client import KatoClient\n"),
+    ("data", "data/tokenization.py", "from ..server.defaults import DEFAULT_IDEMPOTENCY_TTL\n"),
+    ("package root", "records/checkpoint.py", "from .. import __version__\n"),
     ("package root", "server/store.py", "from streamtrain.server import EmbeddedServer\n"),
     ("server and client", "server/store.py", "from streamtrain.errors import StreamtrainError\n"),
     ("server and client", "server/engine.py", "import httpx\n"),
     ("server and client", "server/app.py", "from streamtrain import trainer\n"),
-    ("server and client", "client.py", "from .server.defaults import DEFAULT_IDEMPOTENCY_TTL\n"),
+    ("server and client", "client/kato.py", "from ..server.defaults import DEFAULT_IDEMPOTENCY_TTL\n"),
+    ("server and client", "client/outage.py", "from streamtrain.server import launcher\n"),  # any module under it
     ("server and client", "patterns.py", "from . import client\n"),
     ("private names", "server/app.py", "from streamtrain.server.store import _STORAGE_CODES\n"),
-    ("cycles", "config.py", "def later():\n    from . import checkpoint\n"),
+    ("cycles", "config.py", "def later():\n    from .records import checkpoint\n"),
 ])
 def test_each_rule_fails_on_a_bad_import(rule, file, bad):
     assert (PACKAGE / file).is_file()
@@ -293,6 +331,18 @@ def test_each_rule_fails_on_a_bad_import(rule, file, bad):
     assert found and all(module in line for line in found), found
 
 
+@pytest.mark.parametrize("rule, file, bad, chain", [
+    ("server and client", "client/__init__.py", "from ..server import launcher\n",
+     "streamtrain.client.outage -> streamtrain.client -> streamtrain.server"),
+    ("records", "records/__init__.py", "import httpx\n", "streamtrain.records.journal -> streamtrain.records -> httpx"),
+])
+def test_a_packages_init_is_loaded_with_its_modules(rule, file, bad, chain):
+    """Importing ``streamtrain.client.outage`` runs ``streamtrain/client/__init__.py`` first: what that imports
+    counts for every module of the package."""
+    found = RULES[rule](read_graph(PACKAGE, {file: bad}))
+    assert any(chain in line for line in found), found
+
+
 def test_a_type_only_import_is_no_dependency():
-    planted = {"checkpoint.py": "if TYPE_CHECKING:\n    from .client import KatoClient\n"}
+    planted = {"records/checkpoint.py": "if TYPE_CHECKING:\n    from ..client import KatoClient\n"}
     assert records_violations(read_graph(PACKAGE, planted)) == []

@@ -1,4 +1,4 @@
-"""The outage tracker (streamtrain/outage.py) on an injected clock, and what a client reports to it.
+"""The outage tracker (streamtrain/client/outage.py) on an injected clock, and what a client reports to it.
 
 No test here waits for a wall-clock window: the clock moves when the test (or a client's wait) moves it.
 """
@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from streamtrain.client import KatoClient
+from streamtrain.client.outage import OutageTracker
 from streamtrain.config import ClientConfig
 from streamtrain.errors import MaybeApplied, ServerUnavailable
-from streamtrain.outage import OutageTracker
 
 WALL = datetime(2026, 3, 4, 5, 6, 7).timestamp()  # shown as 05:06:07
 

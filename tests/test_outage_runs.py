@@ -16,10 +16,10 @@ import pytest
 from faultproxy import FaultProxy
 from runs import SAMPLES, kb_by_level, make_config
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
 from streamtrain.config import ClientConfig
 from streamtrain.errors import CheckpointError
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.trainer import train
 
 # learn-batches: the embedded server's default (keyed, several samples per request); keys: one keyed request per

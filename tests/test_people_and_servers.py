@@ -21,8 +21,8 @@ import pytest
 from runs import SAMPLES, kb_by_level, make_config
 from zygote import ForkedProcess, Zygote
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import ClientConfig, RunConfig
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 

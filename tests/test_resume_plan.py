@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamtrain.checkpoint import Checkpoint, Counters, FailedSample, FilterReasons
 from streamtrain.config import DatasetConfig, RunConfig
-from streamtrain.journal import FinLine, JournalState, SampleRecord, StepLine
+from streamtrain.records.checkpoint import Checkpoint, Counters, FailedSample, FilterReasons
+from streamtrain.records.journal import FinLine, JournalState, SampleRecord, StepLine
 from streamtrain.resume import KeptCheckpoint, Progress, first_step, journal_to_keep, progress_of
 from streamtrain.runstate import Outcome, RunState
 

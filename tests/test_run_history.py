@@ -10,11 +10,11 @@ import time
 import pytest
 from runs import SAMPLES, make_config, train_command
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from streamtrain.config import ClientConfig
 from streamtrain.errors import ServerUnavailable
-from streamtrain.metrics import read_metrics
+from streamtrain.records.checkpoint import CheckpointStore
+from streamtrain.records.metrics import read_metrics
 from streamtrain.server import EmbeddedServer
 from streamtrain.server.launcher import free_port
 from streamtrain.trainer import train
@@ -44,7 +44,7 @@ def test_metrics_cover_every_call_and_inspect_shows_them(server, demo_corpus, tm
 def test_a_finished_runs_bar_reaches_100_percent_and_shows_the_size(server, demo_corpus, tmp_path, capsys):
     """With max_samples the total is known; without, the Parquet files' metadata gives it; a stream that ends
     before max_samples still ends at 100%."""
-    from streamtrain.datafiles import dataset_size, describe_dataset
+    from streamtrain.data.datafiles import dataset_size, describe_dataset
 
     cfg = make_config(tmp_path, demo_corpus, "bar", server.url, max_samples=SAMPLES)
     config = tmp_path / "run.json"

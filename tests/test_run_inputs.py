@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_tokenizer import CORPUS, build_tokenizer_json  # tests/ is on sys.path (rootdir conftest)
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import DatasetConfig, HFTokenizer, LayerConfig, RunConfig
 from streamtrain.errors import DatasetError
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.trainer import train
 
 LATIN1_LINES = ["Café crème brûlée, s'il vous plaît.", "Naïve façade: où est la pâtisserie?", "Ça va très bien."] * 4

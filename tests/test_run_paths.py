@@ -22,11 +22,11 @@ from runs import SAMPLES, kb_by_level, make_config, train_command
 from tiny_tokenizer import build_tokenizer_json
 from zygote import Zygote
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.cli import EXIT_ERROR, EXIT_OK, main
 from streamtrain.config import ClientConfig, load_config
-from streamtrain.journal import read_journal
-from streamtrain.metrics import MetricsLog, read_metrics
+from streamtrain.records.checkpoint import CheckpointStore
+from streamtrain.records.journal import read_journal
+from streamtrain.records.metrics import MetricsLog, read_metrics
 from streamtrain.server import EmbeddedServer
 
 # -- a project folder moved as a whole ---------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_the_trainers_own_writes_name_the_disk_and_the_run_resumes_exactly(
                       client=ClientConfig(outage_seconds=5, samples_per_request=4))
     config = tmp_path / "run.json"
     config.write_text(cfg.model_dump_json())
-    target = importlib.import_module(f"streamtrain.{module}")
+    target = importlib.import_module(f"streamtrain.records.{module}")
     monkeypatch.setattr(target, "os", _FailingWrites(error, after=6))
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--no-progress"]) == EXIT_ERROR
@@ -518,7 +518,7 @@ def test_what_decides_a_doubt_and_how_old_it_is(tmp_path, caplog):
     (a real KATO) are said when their sessions have expired, not refused (the knowledge base decides them)."""
     from streamtrain import indoubt
     from streamtrain.errors import StepsInDoubt
-    from streamtrain.journal import SampleRecord
+    from streamtrain.records.journal import SampleRecord
     from streamtrain.wire import ServiceInfo
 
     journal = tmp_path / "journal.jsonl"

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from soak import SOAK
 
-from streamtrain.checkpoint import Counters, FailedSample, FilterReasons, StreamPosition
 from streamtrain.errors import TooManyFailures
+from streamtrain.records.checkpoint import Counters, FailedSample, FilterReasons, StreamPosition
 from streamtrain.runstate import Outcome, RunState
 
 LEVELS = 2

@@ -31,11 +31,10 @@ from fastapi.testclient import TestClient
 from health import AnnouncingServer, health_while_a_request_waits_for_the_store
 from runs import make_config, train_command
 
-from streamtrain import client as client_module
-from streamtrain.checkpoint import CheckpointStore
-from streamtrain.client import KatoClient
+from streamtrain.client import KatoClient, kato
 from streamtrain.config import SERVER_TOKEN_ENV, LayerConfig, RunConfig
 from streamtrain.errors import ProtocolError
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer, create_app
 from streamtrain.server.app import DEFAULT_MAX_BATCH_ITEMS
 from streamtrain.server.cli import TOKEN_ENV
@@ -325,7 +324,7 @@ def test_health_answers_while_a_maximal_batch_waits_for_the_store(tmp_path):
 def test_client_splits_a_huge_batch_into_keyed_parts(app_client, monkeypatch):
     """A sample with more learns than one request may carry goes in parts, each keyed: sent again (a resume
     after a crash), nothing is applied twice."""
-    monkeypatch.setattr(client_module, "LEARN_BATCH_PART", 4)
+    monkeypatch.setattr(kato, "LEARN_BATCH_PART", 4)
     items = [(f"split-L{i % 2}", [[f"a{i}"], [f"b{i}"]]) for i in range(10)]
     http = app_client(max_batch_items=5)                # the app as `--max-batch-items 5` serves it
     with KatoClient(str(http.base_url), http=http) as client:

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from soak import SOAK
 
 from streamtrain.config import DatasetConfig
+from streamtrain.data.stream import DatasetStream
+from streamtrain.data.textfilter import FIRST_RECORDS
 from streamtrain.errors import DatasetError
-from streamtrain.stream import DatasetStream
-from streamtrain.textfilter import FIRST_RECORDS
 
 # -- writing small local datasets in the three formats -----------------------------------------------------
 
@@ -193,7 +193,7 @@ def test_a_damaged_shard_fails_with_its_position(tmp_path: Path) -> None:
 def test_stop_bounds_the_raw_records_read(tmp_path):
     """With stop=n nothing at or past raw index n is read, so position ends exactly at n and its state is exact."""
     from streamtrain.config import DatasetConfig
-    from streamtrain.stream import DatasetStream
+    from streamtrain.data.stream import DatasetStream
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(f'{{"text": "{"x" * (i % 3)}"}}\n' for i in range(30)))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import tiktoken
 
+from streamtrain.data.tokenization import encoding_tokenizer, get_tokenizer
 from streamtrain.errors import TokenizerUnavailable
-from streamtrain.tokenization import encoding_tokenizer, get_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_hf_hub_name_from_the_hub_cache(tmp_path: Path) -> None:
 
     path = build_tokenizer_json(tmp_path / "tokenizer.json")
     install_in_hub_cache(tmp_path / "hub", "someorg/tiny-tok", path)
-    code = "from streamtrain.tokenization import get_tokenizer; print(get_tokenizer({'hf': 'someorg/tiny-tok'})('to be or not'))"
+    code = "from streamtrain.data.tokenization import get_tokenizer; print(get_tokenizer({'hf': 'someorg/tiny-tok'})('to be or not'))"
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -18,9 +18,9 @@ from runs import SAMPLES, kb_by_level, make_config, train_command
 from soak import SOAK
 from zygote import ForkedProcess, Zygote
 
-from streamtrain.checkpoint import CheckpointStore
 from streamtrain.config import ClientConfig, LayerConfig, RunConfig
 from streamtrain.errors import CheckpointError, ResumeMismatch, ServerUnavailable
+from streamtrain.records.checkpoint import CheckpointStore
 from streamtrain.server import EmbeddedServer
 from streamtrain.trainer import train, train_parallel
 
@@ -143,7 +143,7 @@ def test_crash_equivalence(mode, server, server_without_idempotency, demo_corpus
 
     batch: one keyed learn-batch request per sample (the embedded server's fast path); keys: one keyed request
     per chunk; verify: a server without idempotency (a real KATO), one request per chunk, a lost answer decided from
-    the session's observation counter and STM (exactly_once.py, counter mode).
+    the session's observation counter and STM (client/exactly_once.py, counter mode).
     """
     srv = server if mode != "verify" else server_without_idempotency
     client = ClientConfig(outage_seconds=30, read_timeout=10, learn_batch=(mode == "batch"))

@@ -35,12 +35,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import RunConfig
-from .datafiles import DatasetRecord
-from .disk import RUN_REMEDY, disk_error, is_storage_error
-from .errors import CheckpointError
-from .kbcheck import KnowledgeBaseRecord
-from .version import __version__
+from ..config import RunConfig
+from ..disk import RUN_REMEDY, disk_error, is_storage_error
+from ..errors import CheckpointError
+from ..version import __version__
+from .dataset import DatasetRecord
+from .knowledge_base import KnowledgeBaseRecord
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class StreamPosition(_Record):
 
 
 class FilterReasons(_Record):
-    """Why records were filtered, one count per reason (``stream.py`` decides the reason). Added to schema 2
+    """Why records were filtered, one count per reason (``data/stream.py`` decides the reason). Added to schema 2
     later: a checkpoint without them reads as all zero, and its earlier filtered records stay unitemized."""
 
     missing: int = Field(0, ge=0, description="The text field is absent from the record, or null.")

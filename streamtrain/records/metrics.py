@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .clock import SYSTEM, Clock
-from .disk import is_storage_error, storage_message
+from ..clock import SYSTEM, Clock
+from ..disk import is_storage_error, storage_message
 
 logger = logging.getLogger(__name__)
 

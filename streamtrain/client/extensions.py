@@ -2,7 +2,7 @@
 
 ``/learn-batches`` (several keyed samples per request), the ``/nodes`` listings and statistics, and the whole
 knowledge base for tests and notebooks. ``supports_*`` read the server's advertised extensions (``GET /``).
-``/learn-batch`` stays in ``client.py`` with its part size. The request bodies and answers are ``wire.py``'s.
+``/learn-batch`` stays in ``kato.py`` with its part size. The request bodies and answers are ``wire.py``'s.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel
 
-from . import wire
-from .errors import ProtocolError
-from .patterns import strip_prefix
+from .. import wire
+from ..errors import ProtocolError
+from ..patterns import strip_prefix
 from .retry import short
 
 M = TypeVar("M", bound=BaseModel)

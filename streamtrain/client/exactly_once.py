@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from .errors import (
+from ..errors import (
     AmbiguousEffect,
     ConfigError,
     KeyAlreadyUsed,
@@ -24,10 +24,10 @@ from .errors import (
     SessionLost,
     SessionNotFound,
 )
-from .patterns import pattern_name, sort_event, strip_prefix
+from ..patterns import pattern_name, sort_event, strip_prefix
 
 if TYPE_CHECKING:
-    from .client import KatoClient
+    from .kato import KatoClient
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DatasetConfig
+from ..config import DatasetConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import TokenizerUnavailable
+from ..errors import TokenizerUnavailable
 
 Tokenizer = Callable[[str], list[str]]
 

@@ -7,7 +7,8 @@ last 64 KiB); ``dataset_changes`` compares two descriptions. Allowed: new files 
 run has seen (the stream's prefix is unchanged), and a folder moved as a whole (same files, same order). Anything
 else (a file added before or between the old ones, removed, reordered or changed) shifts raw positions and is
 refused on resume. ``split_files`` (what a split resolves to) and ``open_failure_message`` (why a dataset cannot be
-opened, and what to do) serve the stream and the diagnosis of a read error too.
+opened, and what to do) serve the stream and the diagnosis of a read error too. The description, as a checkpoint
+holds it, is ``records/dataset.py``.
 """
 
 from __future__ import annotations
@@ -17,36 +18,15 @@ import logging
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from .config import DatasetConfig
-from .errors import DatasetChanged, DatasetError
+from ..config import DatasetConfig
+from ..errors import DatasetChanged, DatasetError
+from ..records.dataset import DataFile, DatasetRecord
 
 logger = logging.getLogger(__name__)
 
 _EDGE = 64 * 1024
 # datasets' builders of local files: a failure to open through one of them gets advice about data_files, not the hub
 _BUILDERS = {"parquet", "json", "csv", "text", "arrow", "webdataset", "imagefolder", "audiofolder"}
-
-
-class DataFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="As resolved by datasets (absolute local path, or a URL pinned to a revision).")
-    size: int | None = Field(None, description="Bytes, for a local file.")
-    fingerprint: str | None = Field(None, description="sha256 of size, first and last 64 KiB, for a local file.")
-
-    @property
-    def identity(self) -> str:
-        return self.fingerprint or self.path
-
-
-class DatasetRecord(BaseModel):
-    """The files of the run's split, in stream order."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    files: list[DataFile] = Field(default_factory=list)
 
 
 def _fingerprint(path: str) -> tuple[int, str] | None:

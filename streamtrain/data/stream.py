@@ -23,15 +23,15 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
-from .config import DatasetConfig
+from ..config import DatasetConfig
+from ..errors import DataEndsEarly, DatasetError
 from .datafiles import open_failure_message
-from .errors import DataEndsEarly, DatasetError
 from .readerror import describe_read_error
 from .textfilter import FirstRecords, Reason, TextFilter
 
 logger = logging.getLogger(__name__)
 
-_STATE_FORMAT = "streamtrain.stream/1"
+_STATE_FORMAT = "streamtrain.stream/1"  # a tag inside checkpoints, not this module's path: it stays as saved
 
 
 def _open(cfg: DatasetConfig) -> Any:

@@ -44,9 +44,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .disk import disk_error, is_storage_error
-from .errors import CheckpointError, JournalDamaged
-from .jsonbytes import compact_json
+from ..disk import disk_error, is_storage_error
+from ..errors import CheckpointError, JournalDamaged
+from ..jsonbytes import compact_json
 
 logger = logging.getLogger(__name__)
 

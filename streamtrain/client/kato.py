@@ -7,8 +7,8 @@ calls; an unkeyed observe, observe-sequence or learn raises :class:`~streamtrain
 an answer (2xx parsed into a model of ``wire.py``; anything else a :class:`~streamtrain.errors.ProtocolError`
 carrying ``status_code`` and the body's ``error_code``). This is the only module that catches httpx errors. The
 request bodies are ``wire.py``'s too, and its clock is the outage tracker's (``outage.now()``).
-Every failure and success is reported to an :class:`~streamtrain.outage.OutageTracker` (the run's, shared by its
-clients, or the client's own): retries go on until the server has been failing for ``client.outage_seconds``.
+Every failure and success is reported to an :class:`~streamtrain.client.outage.OutageTracker` (the run's, shared by
+its clients, or the client's own): retries go on until the server has been failing for ``client.outage_seconds``.
 
 The network is one constructor argument: ``http=`` takes any ``httpx.Client`` (e.g. starlette's
 ``TestClient(create_app(...))`` for an in-process server), ``transport=`` an httpx transport. Nothing is sent
@@ -30,9 +30,9 @@ import httpx
 import tenacity
 from pydantic import BaseModel, ValidationError
 
-from . import wire
-from .config import ClientConfig
-from .errors import (
+from .. import wire
+from ..config import ClientConfig
+from ..errors import (
     ConfigError,
     ConfigRejected,
     KeyAlreadyUsed,
@@ -41,10 +41,10 @@ from .errors import (
     ServerUnavailable,
     SessionNotFound,
 )
+from ..limits import LEARN_BATCH_PART
+from ..patterns import strip_prefix
 from .extensions import EmbeddedExtensions
-from .limits import LEARN_BATCH_PART
 from .outage import OutageTracker
-from .patterns import strip_prefix
 from .retry import (
     AMBIGUOUS_STATUS,
     SAFE_STATUS,

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .config import DatasetConfig
-from .errors import DatasetError
+from ..config import DatasetConfig
+from ..errors import DatasetError
 
 Reason = Literal["missing", "wrong_type", "too_short", "undecodable"]
 
