@@ -142,7 +142,7 @@ def main() -> int:
     labels = {
         "floor": "floor: write+fsync+replace+folder fsync",
         "store": "store: next_sequence() + save()",
-        "before": "before issue 12: same, listing the folder",
+        "before": "former code: 3 folder listings per save",
         "nofsync": "store without fsync (not durable)",
     }
     writers = {
