@@ -69,7 +69,8 @@ def test_hub_files_are_known_by_their_pinned_paths():
     assert dataset_changes(pinned, grown) == []
     other_commit = DatasetRecord(files=[DataFile(path="hf://datasets/o/d@def/train-0.parquet"),
                                         DataFile(path="hf://datasets/o/d@def/train-1.parquet")])
-    assert len(dataset_changes(pinned, other_commit)) == 2
+    changes = dataset_changes(pinned, other_commit)
+    assert len(changes) == 2 and all("content differs" in c and "bytes" not in c for c in changes), changes
 
 
 # -- any files, any change ----------------------------------------------------------------------------------------

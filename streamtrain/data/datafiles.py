@@ -123,7 +123,9 @@ def dataset_changes(old: DatasetRecord, new: DatasetRecord) -> list[str]:
         if g is not None:
             paired.add(g.path)
             moved = f", moved from {f.path}" if g.path != f.path else ""
-            problems.append(f"changed: {g.path} (was {f.size} bytes, now {g.size} bytes; content differs{moved})")
+            sizes = (f"was {f.size} bytes, now {g.size} bytes; " if f.size is not None and g.size is not None
+                     else "")  # a hub file carries no size: its path names the commit it is pinned to
+            problems.append(f"changed: {g.path} ({sizes}content differs{moved})")
         else:
             problems.append(f"removed: {f.path}")
     old_id_set = set(old_ids)
