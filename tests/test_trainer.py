@@ -413,7 +413,10 @@ def test_several_samples_per_request_through_lost_answers_is_exact(server, demo_
     learned exactly once."""
     from faultproxy import FaultProxy
 
-    client = ClientConfig(read_timeout=2, outage_seconds=30, backoff_initial=0.01, backoff_max=0.1)
+    # up to 4 samples per request: some 25 requests, so that about half of them lose their answer whatever the
+    # timing (with up to 128, a fast dispatcher filled 2-4 requests in all, and the seeded faults could miss them)
+    client = ClientConfig(read_timeout=2, outage_seconds=30, backoff_initial=0.01, backoff_max=0.1,
+                          samples_per_request=4)
     with FaultProxy(server.url, fault_rate=0.5, seed=5, kinds=("drop_after",),
                     match=lambda method, path: path == "/learn-batches") as proxy:
         cfg = make_config(tmp_path, demo_corpus, "faults-batches", proxy.url, client=client, num_workers=2)
