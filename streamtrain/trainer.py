@@ -269,13 +269,16 @@ class _Run:
             found = read_knowledge_base(self.kb_client, self.node_ids, self.kb_record, learned)
         except StreamtrainError as exc:
             self.kb_read_failed = True
+            # a few tries only (KB_READ_ATTEMPTS, not a setting of the user's): say the server's failure, not the cap
+            why = getattr(exc, "last_cause", None) or exc
             if reason == "end":
                 raise ServerUnavailable(
                     f"could not read the knowledge base at {self.kb_where} to check it before the end checkpoint "
-                    f"({exc}); the run stops unchecked instead of ending. Run the same command again once the server "
+                    f"({why}); the run stops unchecked instead of ending. Run the same command again once the server "
                     "answers: it checks the knowledge base and ends from the last good checkpoint and the journal"
                 ) from exc
-            logger.warning("could not read the knowledge base to check it for the %s checkpoint (%s)", reason, exc)
+            logger.warning("could not read the knowledge base at %s to check it for the %s checkpoint (%s); the "
+                           "next checkpoint tries again", self.kb_where, reason, why)
             return None
         self.kb_read_failed = False
         problems = knowledge_base_problems(self.kb_record, found, learned)
