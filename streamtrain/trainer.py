@@ -541,8 +541,11 @@ class _Run:
                     self.stop.set()
                 if self.signals.stop.is_set() and not announced:  # only when somebody pressed Ctrl-C
                     announced = True
-                    logger.warning("waiting for the workers to finish their current sample (Ctrl-C again: stop "
-                                   "without waiting; the next run replays those samples from the journal)")
+                    # in an outage the samples in flight wait for the server, for as long as its budget allows
+                    failing = self.outage.status(blips=True)
+                    logger.warning("waiting for the workers to finish their current sample%s (Ctrl-C again: stop "
+                                   "without waiting; the next run replays those samples from the journal)",
+                                   f", which waits for the {failing}" if failing else "")
                 if self.signals.abandon.is_set():
                     logger.warning("not waiting for the in-flight samples: the next run replays them from the journal")
                     self._drain_quietly()

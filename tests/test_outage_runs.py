@@ -146,10 +146,11 @@ def test_past_the_budget_the_run_stops_and_the_same_command_finishes_it(
     assert kb_by_level(srv.url, cfg) == reference
 
 
-def test_two_ctrl_c_in_an_outage_leave_no_worker_waiting(server, demo_corpus, tmp_path, reference):
-    """Ctrl-C twice while every POST is answered 500: the call returns 'interrupt' and its workers left behind stop
-    waiting for the server at once (not for the rest of the budget, holding the run's lock); once the server is
-    back, the next call finishes the run exactly."""
+def test_two_ctrl_c_in_an_outage_leave_no_worker_waiting(server, demo_corpus, tmp_path, reference, caplog):
+    """Ctrl-C twice while every POST is answered 500: the first says that the samples in flight wait for the failing
+    server; the call returns 'interrupt' and its workers left behind stop waiting for the server at once (not for
+    the rest of the budget, holding the run's lock); once the server is back, the next call finishes the run
+    exactly."""
     with FaultProxy(server.url, fault_rate=0.0) as proxy:
         proxy.outage(3600.0, "500", after=POSTS_BEFORE["learn-batches"], match=Posts())
         cfg = make_config(tmp_path, demo_corpus, "two-ctrl-c", proxy.url, client=_client("learn-batches"),
@@ -165,8 +166,11 @@ def test_two_ctrl_c_in_an_outage_leave_no_worker_waiting(server, demo_corpus, tm
             os.kill(os.getpid(), signal.SIGINT)
 
         threading.Thread(target=ctrl_c_twice, daemon=True).start()
-        result = train(cfg, progress=False)
+        with caplog.at_level(logging.WARNING, logger="streamtrain"):
+            result = train(cfg, progress=False)
         assert result.reason == "interrupt" and result.final_position < SAMPLES
+        assert re.search(r"finish their current sample, which waits for the server answering 500 since "
+                         r"\d\d:\d\d:\d\d, retrying \(\d+ s left\) \(Ctrl-C again", caplog.text), caplog.text
         deadline = time.monotonic() + 10
         while not _lock_is_free(cfg.run_dir):  # held until the workers left behind have stopped
             assert time.monotonic() < deadline, "a worker kept waiting for the server after its call ended"
