@@ -318,10 +318,45 @@ def _inspect_run(run_dir: Path, as_json: bool) -> int:
         return EXIT_ERROR
     print()
     print(_describe_checkpoint(newest.checkpoint, newest.path))
-    history = _describe_history(run_dir)
-    if history:
-        print(history)
+    for more in (_describe_doubts(run_dir), _describe_history(run_dir)):
+        if more:
+            print(more)
     return EXIT_OK
+
+
+def _describe_doubts(run_dir: Path) -> str:
+    """The samples in flight when the run's last trainer stopped, from its journal: their last request may or may
+    not have taken effect, and how long ago it was sent matters (indoubt.py: the server's key and session
+    lifetimes)."""
+    import time
+
+    from .indoubt import doubts, journal_time
+    from .records.journal import FILENAME, read_journal
+
+    path = run_dir / FILENAME
+    if not path.exists():
+        return ""
+    try:
+        found = doubts(read_journal(path).samples, journal_time(path))
+    except CheckpointError as exc:  # a damaged journal: train says the same, with what to do
+        return f"  in doubt:    the journal cannot be read: {exc}"
+    if not found:
+        return ""
+    oldest = time.time() - min(d.at for d in found)
+    listed = ", ".join(str(d.raw_index) for d in found[:10]) + (", ..." if len(found) > 10 else "")
+    return (f"  in doubt:    {len(found)} sample(s) in flight when the last trainer stopped (raw {listed}); the oldest "
+            f"request was sent {_ago(oldest)} ago. The next call decides each from the server (its idempotency keys, "
+            "or the session's state on a real KATO) and refuses, naming them, if the server may have forgotten")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _describe_history(run_dir: Path) -> str:

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,18 @@ def test_inspect_folder_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     assert main(["inspect", str(tmp_path / "run1" / "ckpt-00000003.json")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+    # samples in flight when the last trainer stopped: inspect names them and how long ago their request went
+    from streamtrain.records.journal import Journal
+
+    journal = Journal(tmp_path / "run1", {"run_name": "run1", "config": make_ckpt(1).config.model_dump(mode="json")})
+    journal.batches_sent([(21, 4), (24, 6)])
+    journal.finished(21, trained=1, tokens=3, learns=[2, 1])
+    journal.close()
+    assert main(["inspect", str(tmp_path / "run1")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"in doubt: +1 sample\(s\) in flight when the last trainer stopped \(raw 24\); the oldest "
+                     r"request was sent \d+ s ago", out), out
 
     empty = tmp_path / "empty"
     empty.mkdir()
