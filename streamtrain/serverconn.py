@@ -77,8 +77,10 @@ class ServerKeeper:
     """
 
     def __init__(self, server: Any, on_lost: Callable[[StreamtrainError], None],
-                 max_restarts: int = MAX_SERVER_RESTARTS) -> None:
+                 max_restarts: int = MAX_SERVER_RESTARTS, *, owner: str = "the run's",
+                 scope: str = "this call") -> None:
         self.server, self.on_lost, self.max_restarts = server, on_lost, max_restarts
+        self.owner, self.scope = owner, scope  # for messages: whose server, and over what the restarts count
         self.restarts = 0
         self._closed = False
         self._lock = threading.Lock()  # a restart and close() never overlap: close() stops the server restarted last
@@ -105,22 +107,22 @@ class ServerKeeper:
         from .server.launcher import describe_exit
 
         server, how = self.server, describe_exit(code)
-        logger.error("the run's embedded server (pid %d, %s) exited unexpectedly (%s); its log: %s",
-                     pid, server.url, how, server.log_path)
+        logger.error("%s embedded server (pid %d, %s) exited unexpectedly (%s); its log: %s",
+                     self.owner, pid, server.url, how, server.log_path)
         if self.restarts >= self.max_restarts:
             return ServerUnavailable(
-                f"the run's embedded server exited unexpectedly ({how}) after {self.restarts} restart(s) in this "
-                f"call: not restarting it again. Its log {server.log_path} ends with:\n{server.log_tail()}")
+                f"{self.owner} embedded server exited unexpectedly ({how}) after {self.restarts} restart(s) in "
+                f"{self.scope}: not restarting it again. Its log {server.log_path} ends with:\n{server.log_tail()}")
         self.restarts += 1
-        logger.warning("restarting the embedded server on %s, port %d (restart %d of at most %d in this call)",
-                       server.db_path, server.port, self.restarts, self.max_restarts)
+        logger.warning("restarting the embedded server on %s, port %d (restart %d of at most %d in %s)",
+                       server.db_path, server.port, self.restarts, self.max_restarts, self.scope)
         try:
             server.start()
         except ServerUnavailable as exc:  # the run stops with this message: not logged twice
             return ServerUnavailable(
-                f"the run's embedded server exited unexpectedly ({how}) and could not be restarted on "
+                f"{self.owner} embedded server exited unexpectedly ({how}) and could not be restarted on "
                 f"{server.db_path}: {exc}")
-        logger.warning("embedded server restarted at %s (pid %s); the run goes on", server.url, server.pid)
+        logger.warning("embedded server restarted at %s (pid %s); %s goes on", server.url, server.pid, self.scope)
         return None
 
     def close(self) -> None:
@@ -177,6 +179,7 @@ class Connection:
     client: KatoClient
     server: Any = None  # streamtrain.server.EmbeddedServer when started here
     db_path: Path | None = None
+    keeper: ServerKeeper | None = None  # restarts that server when it dies (a notebook outlives many such events)
 
     @property
     def embedded(self) -> bool:
@@ -184,9 +187,12 @@ class Connection:
 
     def close(self) -> None:
         self.client.close()
-        if self.server is not None:
+        if self.keeper is not None:
+            self.keeper.close()  # stops the server too
+            self.keeper = None
+        elif self.server is not None:
             self.server.stop()
-            self.server = None
+        self.server = None
 
     def __enter__(self) -> Connection:
         return self
@@ -229,7 +235,11 @@ def connect(
         db_path.parent.mkdir(parents=True, exist_ok=True)
         token = token or secrets.token_urlsafe(32)   # no other local process may use the server we start
         server = EmbeddedServer(db_path, token=token).start()
-        return Connection(server.url, KatoClient(server.url, token=token, settings=settings), server, db_path)
+        # the notebook's server outlives cells: one that dies (OOM, a kill) is restarted on the same database and
+        # port, as a trainer's is; one that cannot be restarted is said, and the next call says it is gone
+        keeper = ServerKeeper(server, lambda exc: logger.error("%s", exc), owner="the notebook connection's",
+                              scope="this connection")
+        return Connection(server.url, KatoClient(server.url, token=token, settings=settings), server, db_path, keeper)
 
     url = url.rstrip("/")
     if token is None:  # an embedded server this process started (a notebook's other connection, a trainer's)

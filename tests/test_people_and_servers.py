@@ -217,3 +217,26 @@ def test_a_call_in_a_background_thread_stops_on_its_event_and_resumes_exactly(se
     resumed = train_parallel(cfg, 2, progress=False, stop=threading.Event())
     assert resumed.reason == "end" and resumed.start_position == stopped.final_position
     assert kb_by_level(server.url, cfg) == reference
+
+
+# -- a notebook's own server dies ----------------------------------------------------------------------------------
+
+
+def test_a_notebook_connections_server_killed_is_restarted_under_the_same_url(tmp_path, caplog):
+    """``connect(None, db)`` (what training.ipynb does): the notebook's server outlives cells, so one that dies
+    (an OOM kill) is said and restarted on the same database, port and token; the connection's client, and the
+    trainers given its URL, go on. Closing the connection stops it."""
+    from streamtrain.serverconn import connect
+
+    db = tmp_path / "kb.sqlite3"
+    with caplog.at_level("INFO", logger="streamtrain"), connect(None, db) as conn:
+        first = conn.server.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while conn.server.pid in (None, first):
+            assert time.monotonic() < deadline, "the connection's server was not restarted"
+            time.sleep(0.05)
+        assert conn.client.health().status == "healthy"
+        assert re.search(rf"the notebook connection's embedded server \(pid {first}, .*\) exited unexpectedly "
+                         r"\(killed by signal SIGKILL\)", caplog.text), caplog.text
+    assert _servers_on(db) == []
