@@ -330,7 +330,7 @@ def _describe_doubts(run_dir: Path) -> str:
     lifetimes)."""
     import time
 
-    from .indoubt import doubts, journal_time
+    from .indoubt import doubts, journal_time, span
     from .records.journal import FILENAME, read_journal
 
     path = run_dir / FILENAME
@@ -345,18 +345,8 @@ def _describe_doubts(run_dir: Path) -> str:
     oldest = time.time() - min(d.at for d in found)
     listed = ", ".join(str(d.raw_index) for d in found[:10]) + (", ..." if len(found) > 10 else "")
     return (f"  in doubt:    {len(found)} sample(s) in flight when the last trainer stopped (raw {listed}); the oldest "
-            f"request was sent {_ago(oldest)} ago. The next call decides each from the server (its idempotency keys, "
+            f"request was sent {span(oldest)} ago. The next call decides each from the server (its idempotency keys, "
             "or the session's state on a real KATO) and refuses, naming them, if the server may have forgotten")
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{max(seconds, 0):.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def _describe_history(run_dir: Path) -> str:

@@ -86,8 +86,8 @@ def embedded_server_args(journal_path: Path, now: float | None = None) -> list[s
     if age <= 0:
         return []
     lifetime = math.ceil(age + DEFAULT_IDEMPOTENCY_TTL)
-    logger.info("steps in doubt since %s ago: the embedded server keeps idempotency keys for %s", _span(age),
-                _span(lifetime))
+    logger.info("steps in doubt since %s ago: the embedded server keeps idempotency keys for %s", span(age),
+                span(lifetime))
     return ["--idempotency-ttl", str(lifetime)]
 
 
@@ -101,7 +101,7 @@ def check(records: Mapping[int, SampleRecord], info: ServiceInfo | None, *, run_
     now = time.time() if now is None else now
     oldest = now - min(d.at for d in found)
     logger.info("run %s: the last requests of %d sample(s) in doubt were sent up to %s ago", run_name, len(found),
-                _span(oldest))
+                span(oldest))
     keyed = [d for d in found if d.phase in KEYED_PHASES]
     stated = info.idempotency_ttl_seconds if info is not None else None
     lifetime = stated or DEFAULT_IDEMPOTENCY_TTL
@@ -121,14 +121,14 @@ def check(records: Mapping[int, SampleRecord], info: ServiceInfo | None, *, run_
         logger.warning("run %s: %d sample(s) in flight for %s, longer than training sessions live (%s): raw records "
                        "%s are decided from the knowledge base (a missing pattern is sent again; a present one stops "
                        "the run with AmbiguousEffect, never a silent second learn)", run_name, len(stale),
-                       _span(now - min(d.at for d in stale)), _span(SESSION_TTL_SECONDS), _list(stale))
+                       span(now - min(d.at for d in stale)), span(SESSION_TTL_SECONDS), _list(stale))
 
 
 def _refusal(gone: list[Doubt], now: float, lifetime: float, stated: bool, since: float | None, run_name: str,
              journal_path: Path, embedded: bool) -> str:
     age = now - min(d.at for d in gone)
     swept = since is not None and min(d.at for d in gone) - MARGIN_SECONDS < since
-    keeps = (f"keeps keys for {_span(lifetime)}" + ("" if stated else " (assumed: its GET / does not say)")
+    keeps = (f"keeps keys for {span(lifetime)}" + ("" if stated else " (assumed: its GET / does not say)")
              + (f", and has removed those older than {_when(since)}" if swept and since is not None else ""))
     ways = []
     if not swept and not embedded:
@@ -139,7 +139,7 @@ def _refusal(gone: list[Doubt], now: float, lifetime: float, stated: bool, since
                 "--resend-in-doubt (train(..., resend_in_doubt=True))")
     ways.append("or start the run over: streamtrain train --fresh --move-aside")
     return (f"cannot resume run '{run_name}' exactly: {len(gone)} sample(s) were in flight when its last trainer "
-            f"stopped, their last requests sent {_span(age)} ago (raw records {_list(gone)}; journal {journal_path}), "
+            f"stopped, their last requests sent {span(age)} ago (raw records {_list(gone)}; journal {journal_path}), "
             "and they may have taken effect without an answer. The server decides such a request by its idempotency "
             f"key, but it {keeps}, so it may no longer know them: sending these samples again could learn them twice."
             "\nWays out:\n  - " + "\n  - ".join(ways))
@@ -154,8 +154,9 @@ def _when(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def _span(seconds: float) -> str:
-    """"3 d 2 h", "26 h", "5 h 10 min", "40 min", "12 s"."""
+def span(seconds: float) -> str:
+    """A time span for people, in the units a lifetime is thought in: "3 d 2 h", "26 h", "5 h 10 min", "40 min",
+    "12 s"."""
     s = max(0, int(seconds))
     days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
     if days >= 2:
